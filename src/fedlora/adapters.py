@@ -1,0 +1,125 @@
+"""The one shared PEFT model of a process and the adapter slots clients take turns in.
+
+A client never owns a model: its state is a ``TensorDict`` keyed exactly like PEFT's adapter
+state dict (``base_model.model.<module>.lora_A.weight``, ``...classifier.weight``), which is also
+the wire format. Switching clients is copying those tensors into the slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import PreTrainedModel
+
+from fedlora.config import ConfigError, LoraConfig
+from fedlora.models import ModelSpec
+
+TensorDict = dict[str, torch.Tensor]
+
+ADAPTER = "default"
+
+
+def wire_name(parameter_name: str) -> str:
+    """PEFT parameter name -> PEFT state-dict key (adapter name and wrapper level removed)."""
+    return parameter_name.replace(f".modules_to_save.{ADAPTER}.", ".").replace(f".{ADAPTER}.", ".")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear map: W (d_out x d_in) + s * B (d_out x r) @ A (r x d_in)."""
+
+    key: str  # wire-name prefix, e.g. base_model.model.bert.encoder.layer.0.attention.self.query
+    d_out: int
+    d_in: int
+    rank: int
+    scale: float
+
+    @property
+    def a(self) -> str:
+        return f"{self.key}.lora_A.weight"
+
+    @property
+    def b(self) -> str:
+        return f"{self.key}.lora_B.weight"
+
+
+class AdapterSlots:
+    """The PEFT-wrapped shared base and typed access to its trainable tensors."""
+
+    def __init__(self, base: PreTrainedModel, spec: ModelSpec, config: LoraConfig, init_seed: int):
+        targets = list(config.target_modules or spec.default_targets)
+        head = [spec.head] if (spec.head and config.train_head) else None
+        peft_config = PeftLoraConfig(
+            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            target_modules=targets, modules_to_save=head,
+            task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
+        )
+        torch.manual_seed(init_seed)  # the common A init every client shares
+        try:
+            self.model: PeftModel = get_peft_model(base, peft_config)
+        except ValueError as error:
+            raise ConfigError(f"lora.target_modules {targets}: {error}") from None
+        self.task = spec.task
+        self._params: dict[str, torch.nn.Parameter] = {
+            wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
+        }
+        self.modules: list[LoraModule] = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                a = module.lora_A[ADAPTER].weight
+                b = module.lora_B[ADAPTER].weight
+                self.modules.append(
+                    LoraModule(wire_name(name), b.shape[0], a.shape[1], a.shape[0],
+                               float(module.scaling[ADAPTER]))
+                )
+        logging.getLogger(__name__).debug("%d adapted modules", len(self.modules))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self._params.items()}
+
+    def read(self) -> TensorDict:
+        return {name: p.detach().clone() for name, p in self._params.items()}
+
+    def load(self, state: TensorDict) -> None:
+        missing = set(self._params) - set(state)
+        extra = set(state) - set(self._params)
+        if missing or extra:
+            raise ValueError(
+                f"adapter state does not fit the model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(extra)[:3]}"
+            )
+        with torch.no_grad():
+            for name, p in self._params.items():
+                p.copy_(state[name])
+
+    def parameters(self, include: Callable[[str], bool]) -> list[tuple[str, torch.nn.Parameter]]:
+        """Trainable parameters the predicate selects; the others are frozen for this step."""
+        chosen = []
+        for name, p in self._params.items():
+            keep = include(name)
+            p.requires_grad_(keep)
+            if keep:
+                chosen.append((name, p))
+        return chosen
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        """Per-module LoRA scale s (methods with per-client ranks compensate s, §1.1)."""
+        by_key = {wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        for key, scale in scales.items():
+            by_key[key].scaling[ADAPTER] = scale
+
+    def export(self, state: TensorDict, directory: Path) -> None:
+        """Write ``state`` as a standard PEFT adapter (``PeftModel.from_pretrained`` loads it)."""
+        self.load(state)
+        self.model.save_pretrained(directory)

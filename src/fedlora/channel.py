@@ -1,0 +1,121 @@
+"""The one place tensors cross between parties: serialise, count, decode, validate.
+
+In simulation the bytes are real too, so the ledger holds the number a deployment would see.
+Messages are safetensors bytes, never pickle. Compression codecs plug in here as ``Codec``s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class MessageError(ValueError):
+    """A message from another party that is malformed or does not fit what was expected."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    round: int
+    sender: str
+    receiver: str
+    bytes: int
+    tensors: int
+
+
+class Ledger:
+    """Bytes actually sent, per round, sender and receiver."""
+
+    def __init__(self, records: list[Transfer] | None = None) -> None:
+        self.records: list[Transfer] = list(records or [])
+
+    def add(self, record: Transfer) -> None:
+        self.records.append(record)
+
+    def total(self, direction: str | None = None) -> int:
+        """All bytes; ``up`` = sent to the server, ``down`` = sent by it."""
+        if direction == "up":
+            return sum(r.bytes for r in self.records if r.receiver == "server")
+        if direction == "down":
+            return sum(r.bytes for r in self.records if r.sender == "server")
+        return sum(r.bytes for r in self.records)
+
+    def through_round(self, round_index: int) -> int:
+        return sum(r.bytes for r in self.records if r.round <= round_index)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+    @classmethod
+    def from_json(cls, rows: list[dict]) -> Ledger:
+        return cls([Transfer(**row) for row in rows])
+
+    def write_jsonl(self, path: Path) -> None:
+        path.write_text("".join(json.dumps(row) + "\n" for row in self.to_json()))
+
+
+def encode(tensors: TensorDict) -> bytes:
+    return save_bytes({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+def decode(payload: bytes, expect: dict[str, tuple[int, ...]] | None = None) -> TensorDict:
+    """Bytes -> tensors, refusing anything that is not a well-formed float message of the
+    expected keys and shapes."""
+    try:
+        tensors = load_bytes(payload)
+    except (SafetensorError, ValueError) as error:
+        raise MessageError(f"message is not valid safetensors: {error}") from None
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected a float tensor")
+        if not torch.isfinite(tensor).all():
+            raise MessageError(f"tensor {name!r} contains NaN or infinite values")
+    if expect is not None:
+        missing = sorted(set(expect) - set(tensors))
+        extra = sorted(set(tensors) - set(expect))
+        if missing or extra:
+            raise MessageError(f"message keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, shape in expect.items():
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise MessageError(
+                    f"tensor {name!r} has shape {list(tensors[name].shape)}; expected {list(shape)}"
+                )
+    return tensors
+
+
+class Channel:
+    """Carries tensor dicts between named parties and records every transfer in the ledger."""
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self.ledger = ledger or Ledger()
+
+    def send(
+        self,
+        tensors: TensorDict,
+        sender: str,
+        receiver: str,
+        round_index: int,
+        expect: dict[str, tuple[int, ...]] | None = None,
+    ) -> TensorDict:
+        if not tensors:
+            return {}
+        payload = encode(tensors)
+        self.ledger.add(Transfer(round_index, sender, receiver, len(payload), len(tensors)))
+        return decode(payload, expect)
+
+
+def human_bytes(count: float) -> str:
+    if count <= 0:
+        return "0 B"
+    units = ["B", "KB", "MB", "GB", "TB"]
+    power = min(int(math.log(count, 1000)), len(units) - 1)
+    return f"{count / 1000**power:.3g} {units[power]}"

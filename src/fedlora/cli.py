@@ -1,0 +1,74 @@
+"""The ``fedlora`` command: run, report, methods."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from fedlora.config import ConfigError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.")
+console = Console()
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config_file: Annotated[Path, typer.Argument(help="experiment config (TOML)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<experiment.name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last completed round")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Run an experiment from a config file."""
+    from fedlora.session import run_experiment
+
+    try:
+        run_experiment(config_file, set_ or [], out, resume, console, show_progress=not quiet)
+    except ConfigError as error:
+        fail(str(error))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories")],
+    out: Annotated[Path, typer.Option(help="where the table and plots go")] = Path("report"),
+) -> None:
+    """Put several runs side by side: a Markdown table and plots."""
+    from fedlora.report import compare
+
+    try:
+        table = compare(runs, out)
+    except FileNotFoundError as error:
+        fail(str(error))
+    console.print(table, highlight=False)
+    console.print(f"written: {out}/comparison.md and plots")
+
+
+@app.command()
+def methods() -> None:
+    """List the available methods."""
+    from fedlora.methods import registry
+
+    table = Table("method", "what it does")
+    for name, cls in registry().items():
+        table.add_row(name, cls.summary)
+    console.print(table)
+
+
+def main() -> None:
+    app()

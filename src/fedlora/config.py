@@ -1,0 +1,200 @@
+"""One schema for every experiment: TOML in, validated pydantic model out.
+
+Every section forbids unknown keys, so a typo stops the run before any training with a message
+that names the key. Method-specific options live in ``[method]`` next to ``name`` and are
+validated by the chosen method's own ``Options`` model (see ``fedlora.methods``), so adding a
+method never touches this file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: shown as one message, never a traceback."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(10, ge=1)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "minilm-l6",
+        description="minilm-l6, smollm2-135m, tiny-bert, tiny-llama, or a local HF directory",
+    )
+    max_length: int = Field(128, ge=8, le=4096)
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: the model's default")
+    train_head: bool = Field(True, description="train and communicate the classifier head")
+    init_seed: int | None = Field(None, description="seed of the common A init; None: the run seed")
+
+
+PartitionKind = Literal[
+    "iid", "dirichlet", "fslora_dirichlet", "shards", "proportions", "quantity", "natural"
+]
+
+
+class DataConfig(Section):
+    dataset: str = Field("bbc-news", description="bbc-news, chatterbot, or a .jsonl/.csv path")
+    text_column: str = "text"
+    label_column: str = "label"
+    answer_column: str = "answer"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_test_examples: int | None = Field(None, ge=1)
+    split_seed: int = 1234
+
+
+class PartitionConfig(Section):
+    kind: PartitionKind = "dirichlet"
+    num_clients: int = Field(10, ge=1)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration")
+    min_client_size: int = Field(2, ge=0, description="dirichlet: resample until every client has this many")
+    shards_per_client: int = Field(2, ge=1, description="shards: classes (shards) per client")
+    proportions: list[list[float]] | None = Field(
+        None, description="proportions: one row of class proportions per client"
+    )
+    quantity: Literal["linear", "square", "exponential"] = "linear"
+    column: str | None = Field(None, description="natural: the column that names the client")
+
+
+class FederationConfig(Section):
+    clients_per_round: int | None = Field(None, ge=1, description="None: all clients")
+    fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
+    weighting: Literal["size", "uniform"] = "size"
+
+    @model_validator(mode="after")
+    def _one_sampling_rule(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set either clients_per_round or fraction, not both")
+        return self
+
+
+class TrainConfig(Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    local_steps: int | None = Field(8, ge=1)
+    local_epochs: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    keep_optimizer_state: bool | None = Field(
+        None, description="None: the method's default (reset each round unless it keeps state)"
+    )
+    max_grad_norm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_work_unit(self) -> TrainConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs")
+        return self
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
+    batch_size: int = Field(64, ge=1)
+    max_generate: int = Field(16, ge=0, description="causal LM: answers generated for ROUGE-L")
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class MethodConfig(BaseModel):
+    """``name`` plus the method's own options, validated later by the method's schema."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "fedit"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(Section):
+    experiment: ExperimentConfig = ExperimentConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    method: MethodConfig = MethodConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML when it
+    parses (numbers, booleans, lists) and as a plain string otherwise."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    path = [part.strip() for part in dotted.split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"override {text!r}: the key must be section.key, got {dotted!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {key!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's report into lines of ``section.key: what is wrong``."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "literal_error":
+            message = f"not allowed; {item['msg'].lower()}"
+        lines.append(f"{where}: {message}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,180 @@
+"""All clients in one process, sharing one frozen base model: the default engine.
+
+The engine owns the round loop and the bookkeeping (sampling, weights, channel, evaluation,
+metrics, checkpoints); the method decides what moves and how it is combined. The engine never
+branches on which method it runs, only on the method's declared traits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedlora.adapters import TensorDict
+from fedlora.channel import Channel, Ledger
+from fedlora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlora.experiment import Experiment
+from fedlora.lora import normalized
+from fedlora.training import derived_seed
+
+SERVER = "server"
+
+
+def client_name(client: int) -> str:
+    return f"client{client}"
+
+
+def sample_clients(num_clients: int, per_round: int | None, fraction: float | None, seed: int, round_index: int) -> list[int]:
+    """The clients of one round: all, a count, or a fraction, drawn without replacement."""
+    if per_round is None and fraction is None:
+        return list(range(num_clients))
+    count = per_round if per_round is not None else max(1, round(fraction * num_clients))
+    count = min(count, num_clients)
+    rng = np.random.default_rng(derived_seed(seed, round_index, 0xC1))
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def summarize_clients(per_client: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and spread of per-client metrics (methods that evaluate each client's own model)."""
+    summary: dict[str, float] = {}
+    for key in per_client[0]:
+        values = np.asarray([m[key] for m in per_client])
+        summary[key] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std())
+        summary[f"{key}_min"] = float(values.min())
+    return summary
+
+
+@dataclass
+class RunResult:
+    metrics: list[dict]
+    ledger: Ledger
+    stores: dict[int, TensorDict]
+
+
+class SimulationEngine:
+    def __init__(self, experiment: Experiment, run_dir: Path, console: Console | None = None):
+        self.exp = experiment
+        self.run_dir = run_dir
+        self.console = console or Console()
+        self.channel = Channel()
+        self.stores: dict[int, TensorDict] = {c: {} for c in range(len(experiment.clients))}
+        self.optimizers: dict[int, TensorDict] = {}
+        self.metrics: list[dict] = []
+
+    # -- one hop through the channel -------------------------------------------------------
+    def _transfer(self, tensors: TensorDict, sender: str, receiver: str, round_index: int) -> TensorDict:
+        if not self.exp.method.communicates:
+            return tensors
+        return self.channel.send(tensors, sender, receiver, round_index)
+
+    def _keeps_optimizer(self) -> bool:
+        configured = self.exp.config.train.keep_optimizer_state
+        return self.exp.method.keeps_optimizer_state if configured is None else configured
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        method, evaluator = self.exp.method, self.exp.evaluator
+        if method.per_client_eval:
+            per_client = []
+            for client in range(len(self.exp.clients)):
+                own = method.client_model(client, self.stores[client])
+                per_client.append(evaluator.evaluate(own if own is not None else method.context.initial))
+            return summarize_clients(per_client)
+        state = method.global_state()
+        return evaluator.evaluate(state) if state is not None else {}
+
+    # -- the loop --------------------------------------------------------------------------
+    def resume(self) -> int:
+        checkpoint = load_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return 0
+        self.exp.method.load_state_dict(checkpoint.method)
+        self.stores.update(checkpoint.stores)
+        self.optimizers = checkpoint.optimizers
+        self.metrics = checkpoint.metrics
+        self.channel.ledger = Ledger.from_json(checkpoint.ledger)
+        return checkpoint.completed_rounds
+
+    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
+        config = self.exp.config
+        rounds = config.experiment.rounds
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+            console=self.console, disable=not show_progress,
+        ) as progress:
+            for round_index in range(start_round, rounds):
+                record = self.run_round(round_index, progress)
+                self.metrics.append(record)
+                self._write_round_files()
+                save_checkpoint(self.run_dir, Checkpoint(
+                    round_index + 1, self.exp.method.state_dict(), self.stores, self.optimizers,
+                    self.metrics, self.channel.ledger.to_json(),
+                ))
+        return RunResult(self.metrics, self.channel.ledger, self.stores)
+
+    def run_round(self, round_index: int, progress: Progress) -> dict:
+        exp, config = self.exp, self.exp.config
+        method = exp.method
+        began = time.perf_counter()
+        sampled = sample_clients(
+            len(exp.clients), config.federation.clients_per_round, config.federation.fraction,
+            config.experiment.seed, round_index,
+        )
+        sizes = [len(exp.clients[c]) for c in sampled]
+        raw = sizes if config.federation.weighting == "size" else [1] * len(sampled)
+        weights = dict(zip(sampled, normalized(raw), strict=True))
+        task = progress.add_task(
+            f"round {round_index + 1}/{config.experiment.rounds}", total=len(sampled), status=""
+        )
+        replies: dict[int, TensorDict] = {}
+        losses, steps, examples = [], 0, 0
+        for client in sampled:
+            message = self._transfer(method.server_message(client, round_index), SERVER, client_name(client), round_index)
+            start = method.client_start(client, message, self.stores[client])
+            keep = self._keeps_optimizer()
+            result = exp.trainer.train(
+                start, exp.clients[client], round_index, client, method.trainable,
+                self.optimizers.get(client) if keep else None,
+            )
+            if keep:
+                self.optimizers[client] = result.optimizer_state
+            reply = method.client_reply(client, result.state, message, self.stores[client])
+            replies[client] = self._transfer(reply, client_name(client), SERVER, round_index)
+            losses.append(result.loss)
+            steps += result.steps
+            examples += result.examples
+            progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
+        method.aggregate(round_index, replies, weights)
+        train_seconds = time.perf_counter() - began
+        ledger = self.channel.ledger
+        record: dict = {
+            "round": round_index + 1,
+            "clients": sampled,
+            "train_loss": float(np.mean(losses)),
+            "steps": steps,
+            "examples": examples,
+            "bytes_up": sum(r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER),
+            "bytes_down": sum(r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER),
+            "cumulative_bytes": ledger.through_round(round_index),
+        }
+        last = round_index + 1 == config.experiment.rounds
+        if last or (round_index + 1) % config.eval.every == 0:
+            metrics = self.evaluate()
+            # "loss" alone would be ambiguous next to train_loss.
+            record.update({("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()})
+            progress.update(task, status=", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_" not in k))
+        record["train_seconds"] = train_seconds
+        record["seconds"] = time.perf_counter() - began
+        return record
+
+    def _write_round_files(self) -> None:
+        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        self.channel.ledger.write_jsonl(self.run_dir / "ledger.jsonl")

@@ -1,0 +1,85 @@
+"""Test-set metrics of an adapter state: accuracy and macro-F1 for classification; loss,
+perplexity and ROUGE-L of generated answers for causal language models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+from sklearn.metrics import f1_score
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.adapters import AdapterSlots, TensorDict
+from fedlora.config import EvalConfig
+from fedlora.data.tokenized import IGNORE, TokenizedSet
+
+
+class Evaluator:
+    def __init__(self, slots: AdapterSlots, test: TokenizedSet, tokenizer: PreTrainedTokenizerBase,
+                 config: EvalConfig):
+        self.slots = slots
+        self.test = test
+        self.tokenizer = tokenizer
+        self.batch_size = config.batch_size
+        self.max_generate = config.max_generate
+        self.max_new_tokens = config.max_new_tokens
+        self._rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+    def _chunks(self, count: int) -> list[list[int]]:
+        rows = list(range(count))
+        return [rows[i : i + self.batch_size] for i in range(0, count, self.batch_size)]
+
+    @torch.no_grad()
+    def evaluate(self, state: TensorDict) -> dict[str, float]:
+        self.slots.load(state)
+        model = self.slots.model
+        model.eval()
+        if not self.test.causal:
+            predictions, labels, losses = [], [], []
+            for rows in self._chunks(len(self.test)):
+                batch = self.test.batch(rows)
+                out = model(**batch)
+                losses.append(float(out.loss) * len(rows))
+                predictions.extend(out.logits.argmax(-1).tolist())
+                labels.extend(batch["labels"].tolist())
+            return {
+                "accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels))),
+                "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+                "loss": sum(losses) / len(labels),
+            }
+        total_loss, total_tokens = 0.0, 0
+        for rows in self._chunks(len(self.test)):
+            batch = self.test.batch(rows)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                ignore_index=IGNORE, reduction="sum",
+            )
+            total_loss += float(loss)
+            total_tokens += int((targets != IGNORE).sum())
+        mean_loss = total_loss / max(1, total_tokens)
+        metrics = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
+        if self.max_generate > 0:
+            metrics["rouge_l"] = self._rouge_l(model)
+        return metrics
+
+    def _rouge_l(self, model: torch.nn.Module) -> float:
+        """ROUGE-L F1 of greedy generations against the reference answers (true generation,
+        not teacher-forced argmax)."""
+        assert self.test.answers is not None
+        count = min(self.max_generate, len(self.test))
+        scores = []
+        for rows in self._chunks(count):
+            batch = self.test.prompt_batch(rows)
+            generated = model.generate(
+                **batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for row, text in zip(rows, texts, strict=True):
+                scores.append(self._rouge.score(self.test.answers[row], text)["rougeL"].fmeasure)
+        return float(np.mean(scores))

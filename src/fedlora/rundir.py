@@ -1,0 +1,90 @@
+"""The run directory: what a finished run leaves behind.
+
+    config.toml            the resolved config (defaults filled in)
+    metrics.jsonl          one line per round
+    ledger.jsonl           one line per transfer: round, sender, receiver, bytes
+    checkpoint.safetensors the state after the last completed round (for --resume)
+    adapter/               the final global adapter in PEFT format (if the method has one)
+    adapters/client_<i>/   per-client adapters (methods whose clients keep their own model)
+    summary.md             tables: final metrics, bytes, client label histograms
+    *_vs_round.png, *_vs_bytes.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomli_w
+
+from fedlora.channel import human_bytes
+from fedlora.checkpoint import FILE as CHECKPOINT
+from fedlora.config import Config, ConfigError
+from fedlora.engines.simulation import RunResult
+from fedlora.experiment import Experiment
+from fedlora.report import RunView, markdown_table, plot_runs
+
+
+def prepare(out: Path, config: Config, resume: bool) -> None:
+    has_checkpoint = (out / CHECKPOINT).is_file()
+    if resume and not has_checkpoint:
+        raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")
+    if not resume and has_checkpoint:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume:
+        saved = (out / "config.toml").read_text()
+        if saved != tomli_w.dumps(config.model_dump(exclude_none=True)):
+            raise ConfigError(f"--resume: the config differs from the one saved in {out}/config.toml")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+
+
+def export_adapters(experiment: Experiment, result: RunResult, out: Path) -> list[Path]:
+    method, slots = experiment.method, experiment.slots
+    written = []
+    state = method.global_state()
+    if state is not None:
+        slots.export(state, out / "adapter")
+        written.append(out / "adapter")
+    if method.per_client_eval:
+        for client, store in result.stores.items():
+            own = method.client_model(client, store)
+            if own is not None:
+                slots.export(own, out / "adapters" / f"client_{client}")
+                written.append(out / "adapters" / f"client_{client}")
+    return written
+
+
+def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> str:
+    config = experiment.config
+    names = experiment.split.label_names
+    ledger = result.ledger
+    lines = [
+        f"# {config.experiment.name}",
+        "",
+        f"method `{config.method.name}`, model `{config.model.name}`, data `{config.data.dataset}`, "
+        f"{len(experiment.clients)} clients ({config.partition.kind}), {config.experiment.rounds} rounds, "
+        f"seed {config.experiment.seed}",
+        "",
+        "## Results",
+        "",
+        markdown_table([RunView(out, config.method.name, result.metrics)]),
+        "",
+        "## Communication",
+        "",
+        f"up (to the server) {human_bytes(ledger.total('up'))}, down {human_bytes(ledger.total('down'))}, "
+        f"total {human_bytes(ledger.total())} ({ledger.total()} bytes measured on the serialized messages)",
+        "",
+        "## Client data (training examples per label)",
+        "",
+        "| client | " + " | ".join(names) + " | total |",
+        "|" + "---|" * (len(names) + 2),
+    ]
+    for client, row in enumerate(experiment.histograms):
+        lines.append(f"| {client} | " + " | ".join(str(x) for x in row) + f" | {sum(row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def finish(experiment: Experiment, result: RunResult, out: Path) -> None:
+    export_adapters(experiment, result, out)
+    plot_runs([RunView(out, experiment.config.method.name, result.metrics)], out)
+    (out / "summary.md").write_text(summary_markdown(experiment, result, out))

@@ -1,0 +1,65 @@
+"""One ``fedlora run``: config -> experiment -> engine -> run directory, with a final table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedlora import experiment as experiments
+from fedlora import rundir
+from fedlora.config import load_config
+from fedlora.engines.simulation import RunResult, SimulationEngine
+
+
+def configure_runtime() -> None:
+    """Deterministic CPU kernels and quiet libraries: same config and seed, same numbers."""
+    torch.use_deterministic_algorithms(True)
+    for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+
+
+def final_table(result: RunResult) -> Table:
+    evaluated = [m for m in result.metrics if any(k in m for k in ("accuracy", "test_loss"))]
+    keys = [k for k in ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss") if evaluated and k in evaluated[-1]]
+    table = Table("round", "train loss", *keys, "bytes (cum.)", "seconds", title="results")
+    for m in result.metrics:
+        table.add_row(
+            str(m["round"]), f"{m['train_loss']:.4f}",
+            *[f"{m[k]:.4f}" if k in m else "" for k in keys],
+            f"{m['cumulative_bytes']:,}", f"{m['seconds']:.1f}",
+        )
+    return table
+
+
+def run_experiment(
+    config_file: Path, overrides: list[str], out: Path | None, resume: bool,
+    console: Console, show_progress: bool = True,
+) -> RunResult:
+    configure_runtime()
+    config = load_config(config_file, overrides)
+    experiments.validate(config)
+    out = out or Path("runs") / config.experiment.name
+    rundir.prepare(out, config, resume)
+    console.print(f"[bold]{config.experiment.name}[/]: method {config.method.name}, model "
+                  f"{config.model.name}, data {config.data.dataset} -> {out}", highlight=False)
+    experiment = experiments.build(config)
+    engine = SimulationEngine(experiment, out, console)
+    start = engine.resume() if resume else 0
+    if start:
+        console.print(f"resuming after round {start}")
+    result = engine.run(start, show_progress=show_progress)
+    rundir.finish(experiment, result, out)
+    console.print(final_table(result))
+    console.print(f"run directory: {out}")
+    return result

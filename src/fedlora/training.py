@@ -1,0 +1,147 @@
+"""Local training of the adapter slots on one client's rows.
+
+Randomness (batch order, dropout) is drawn from generators seeded by (run seed, round, client),
+so a round replays identically after a resume without any saved RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedlora.adapters import AdapterSlots, TensorDict
+from fedlora.config import TrainConfig
+from fedlora.data.tokenized import TokenizedSet
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; different tuples give independent streams."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def batch_stream(rows: list[int], batch_size: int, seed: int):
+    """Endless batches over ``rows``: a fresh seeded permutation per pass, batches may span passes."""
+    rng = np.random.default_rng(seed)
+    size = min(batch_size, len(rows))
+    order: list[int] = []
+    while True:
+        while len(order) < size:
+            order.extend(int(rows[i]) for i in rng.permutation(len(rows)))
+        yield order[:size]
+        order = order[size:]
+
+
+def steps_per_round(config: TrainConfig, num_rows: int) -> int:
+    if config.local_steps is not None:
+        return config.local_steps
+    per_step = min(config.batch_size, num_rows) * config.grad_accum
+    return max(1, math.ceil(config.local_epochs * num_rows / per_step))
+
+
+def learning_rate(config: TrainConfig, step: int, total: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    if config.scheduler == "linear":
+        return config.lr * max(0.0, 1.0 - progress)
+    if config.scheduler == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr
+
+
+OptimizerFactory = Callable[[list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer]
+
+
+def standard_optimizer(params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
+    tensors = [p for _, p in params]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(tensors, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(tensors, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> TensorDict:
+    """The optimizer's per-parameter state as a flat tensor dict (checkpointable as safetensors)."""
+    flat: TensorDict = {}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(float(value))
+            flat[f"{index}.{key}"] = tensor.detach().clone()
+    return flat
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, flat: TensorDict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor.clone()
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+@dataclass
+class LocalResult:
+    state: TensorDict
+    optimizer_state: TensorDict
+    steps: int
+    loss: float
+    examples: int
+
+
+class LocalTrainer:
+    """Runs a client's local steps on the shared model's adapter slots."""
+
+    def __init__(self, slots: AdapterSlots, data: TokenizedSet, config: TrainConfig, seed: int, rounds: int):
+        self.slots = slots
+        self.data = data
+        self.config = config
+        self.seed = seed
+        self.rounds = rounds
+
+    def train(
+        self,
+        start: TensorDict,
+        rows: list[int],
+        round_index: int,
+        client: int,
+        trainable: Callable[[str], bool],
+        optimizer_state: TensorDict | None = None,
+        make_optimizer: OptimizerFactory = standard_optimizer,
+    ) -> LocalResult:
+        config = self.config
+        self.slots.load(start)
+        params = self.slots.parameters(trainable)
+        optimizer = make_optimizer(params, config)
+        if optimizer_state:
+            restore_optimizer(optimizer, optimizer_state)
+        model = self.slots.model
+        model.train()
+        steps = steps_per_round(config, len(rows))
+        total = steps * self.rounds
+        torch.manual_seed(derived_seed(self.seed, round_index, client, 1))  # dropout
+        batches = batch_stream(rows, config.batch_size, derived_seed(self.seed, round_index, client, 2))
+        losses = []
+        examples = 0
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, round_index * steps + step, total)
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(config.grad_accum):
+                batch_rows = next(batches)
+                loss = model(**self.data.batch(batch_rows)).loss / config.grad_accum
+                loss.backward()
+                losses.append(loss.item() * config.grad_accum)
+                examples += len(batch_rows)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
+            optimizer.step()
+        model.eval()
+        return LocalResult(
+            state=self.slots.read(),
+            optimizer_state=optimizer_tensors(optimizer),
+            steps=steps,
+            loss=float(np.mean(losses)) if losses else float("nan"),
+            examples=examples,
+        )
