@@ -10,11 +10,15 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
+
+if TYPE_CHECKING:
+    from fedlora.codecs import Codec
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -67,13 +71,17 @@ def encode(tensors: TensorDict) -> bytes:
     return save_bytes({k: v.detach().contiguous() for k, v in tensors.items()})
 
 
-def decode(payload: bytes, expect: dict[str, tuple[int, ...]] | None = None) -> TensorDict:
+def decode(
+    payload: bytes, expect: dict[str, tuple[int, ...]] | None = None, codec: Codec | None = None
+) -> TensorDict:
     """Bytes -> tensors, refusing anything that is not a well-formed float message of the
     expected keys and shapes."""
     try:
         tensors = load_bytes(payload)
     except (SafetensorError, ValueError) as error:
         raise MessageError(f"message is not valid safetensors: {error}") from None
+    if codec is not None:
+        tensors = codec.decode(tensors)
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected a float tensor")
@@ -95,8 +103,9 @@ def decode(payload: bytes, expect: dict[str, tuple[int, ...]] | None = None) -> 
 class Channel:
     """Carries tensor dicts between named parties and records every transfer in the ledger."""
 
-    def __init__(self, ledger: Ledger | None = None) -> None:
+    def __init__(self, ledger: Ledger | None = None, codec: Codec | None = None) -> None:
         self.ledger = ledger or Ledger()
+        self.codec = codec  # None: exact float messages; else compressed before counting
 
     def send(
         self,
@@ -108,9 +117,10 @@ class Channel:
     ) -> TensorDict:
         if not tensors:
             return {}
-        payload = encode(tensors)
+        wire = tensors if self.codec is None else self.codec.encode(tensors, round_index, sender)
+        payload = encode(wire)
         self.ledger.add(Transfer(round_index, sender, receiver, len(payload), len(tensors)))
-        return decode(payload, expect)
+        return decode(payload, expect, self.codec)
 
 
 def human_bytes(count: float) -> str:

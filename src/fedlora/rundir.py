@@ -81,7 +81,7 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
     ]
     for client, row in enumerate(experiment.histograms):
         lines.append(f"| {client} | " + " | ".join(str(x) for x in row) + f" | {sum(row)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *result.notes]) + "\n"
 
 
 def finish(experiment: Experiment, result: RunResult, out: Path) -> None:

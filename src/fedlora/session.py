@@ -12,7 +12,10 @@ from rich.table import Table
 from fedlora import experiment as experiments
 from fedlora import rundir
 from fedlora.config import load_config
+from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
+
+ENGINES = {"simulation": SimulationEngine, "gossip": GossipEngine}  # by ``Method.engine``
 
 
 def configure_runtime() -> None:
@@ -54,7 +57,7 @@ def run_experiment(
     console.print(f"[bold]{config.experiment.name}[/]: method {config.method.name}, model "
                   f"{config.model.name}, data {config.data.dataset} -> {out}", highlight=False)
     experiment = experiments.build(config)
-    engine = SimulationEngine(experiment, out, console)
+    engine = ENGINES[experiment.method.engine](experiment, out, console)
     start = engine.resume() if resume else 0
     if start:
         console.print(f"resuming after round {start}")

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from fedlora.adapters import TensorDict
 from fedlora.channel import Channel, Ledger
@@ -56,6 +63,7 @@ class RunResult:
     metrics: list[dict]
     ledger: Ledger
     stores: dict[int, TensorDict]
+    notes: list[str] = field(default_factory=list)  # engine-specific Markdown for summary.md
 
 
 class SimulationEngine:
@@ -165,15 +173,22 @@ class SimulationEngine:
             "bytes_down": sum(r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER),
             "cumulative_bytes": ledger.through_round(round_index),
         }
+        self._evaluate_into(record, round_index, progress, task)
+        record["train_seconds"] = train_seconds
+        record["seconds"] = time.perf_counter() - began
+        return record
+
+    def _evaluate_into(
+        self, record: dict, round_index: int, progress: Progress, task: TaskID
+    ) -> None:
+        """Add test metrics to ``record`` on evaluation rounds (every ``eval.every``, the last)."""
+        config = self.exp.config
         last = round_index + 1 == config.experiment.rounds
         if last or (round_index + 1) % config.eval.every == 0:
             metrics = self.evaluate()
             # "loss" alone would be ambiguous next to train_loss.
             record.update({("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()})
             progress.update(task, status=", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_" not in k))
-        record["train_seconds"] = train_seconds
-        record["seconds"] = time.perf_counter() - began
-        return record
 
     def _write_round_files(self) -> None:
         (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))

@@ -49,6 +49,7 @@ class Method(ABC):
     communicates: ClassVar[bool] = True  # False: nothing crosses a party boundary
     keeps_optimizer_state: ClassVar[bool] = False  # default for train.keep_optimizer_state
     per_client_eval: ClassVar[bool] = False  # evaluate each client's own model
+    engine: ClassVar[str] = "simulation"  # "simulation": server rounds; "gossip": peers over a graph
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         self.context = context

@@ -1,0 +1,234 @@
+"""Decentralized rounds in one process: every node trains, sends to its graph neighbours through
+the channel, and mixes (methods with ``engine = "gossip"``, e.g. Dec-LoRA).
+
+A round is exchange, weighted sum, record:
+
+1. each node runs its local steps from its own model (``PeerMethod.client_start``);
+2. each node's message goes through the channel once per neighbour (real bytes in the ledger,
+   quantized by the ``topology.quantize_bits`` codec if set); a node's own term stays exact;
+3. each node mixes with that round's mixing row ``w_i·``;
+4. the observer evaluates the network-averaged model and records the consensus distance.
+
+With ``topology.error_feedback`` the exchange is CHOCO-gossip (Koloskova et al. 2019; ours here):
+each node keeps public estimates x̂_j of itself and its neighbours, sends only the quantized
+difference q_j = Q(x_j − x̂_j), everyone holding x̂_j adds q_j, and a node moves by
+x_i ← x_i + γ (Σ_j w_ij x̂_j − x̂_i). Quantization error is then not lost but carried over.
+
+The loop, checkpointing, metrics files and evaluation are the simulation engine's (subclassed);
+only the round differs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from fedlora.adapters import TensorDict
+from fedlora.channel import Channel
+from fedlora.codecs import make_codec
+from fedlora.engines.simulation import RunResult, SimulationEngine
+from fedlora.experiment import Experiment
+from fedlora.methods.peer import PeerMethod, store_under, stored
+from fedlora.topology import RoundGraph, Topology, draw
+from fedlora.training import derived_seed
+
+GRAPH_FILE = "graph.png"
+
+
+def node_name(node: int) -> str:
+    return f"node{node}"
+
+
+def hat_prefix(node: int) -> str:
+    """Store prefix of a node's copy of node ``node``'s public CHOCO estimate."""
+    return f"hat.{node}."
+
+
+def consensus_distance(states: list[TensorDict], names: list[str]) -> float:
+    """(1/N) Σ_i Σ_names ||X_i − X̄||²  (names: the LoRA factors A and B, §1.5)."""
+    total = 0.0
+    for name in names:
+        stack = torch.stack([s[name].to(torch.float64) for s in states])
+        total += float(((stack - stack.mean(dim=0)) ** 2).sum())
+    return total / len(states)
+
+
+class GossipEngine(SimulationEngine):
+    def __init__(self, experiment: Experiment, run_dir: Path, console: Console | None = None):
+        super().__init__(experiment, run_dir, console)
+        if not isinstance(experiment.method, PeerMethod):
+            raise TypeError(
+                f"the gossip engine runs peer methods, not {type(experiment.method).__name__}"
+            )
+        self.method: PeerMethod = experiment.method
+        config = experiment.config
+        self.topology = Topology(config.topology, len(experiment.clients), config.experiment.seed)
+        self.codec = make_codec(
+            config.topology.quantize_bits, derived_seed(config.experiment.seed, 0xC0DE)
+        )
+        self.channel = Channel(codec=self.codec)
+        self.shapes = experiment.slots.shapes()
+        self.factors = [name for m in experiment.slots.modules for name in (m.a, m.b)]
+        draw(
+            self.topology.at(0),
+            run_dir / GRAPH_FILE,
+            f"{config.topology.kind}, {len(experiment.clients)} nodes",
+        )
+
+    def states(self) -> list[TensorDict]:
+        method = self.method
+        return [
+            method.client_start(node, {}, self.stores[node])
+            for node in range(len(self.exp.clients))
+        ]
+
+    # -- evaluation: the network-averaged model, and optionally each node's own ---------------
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.exp.evaluator.evaluate(self.method.network_model(self.states()))
+        if self.exp.config.topology.per_node_eval:
+            metrics.update({f"node_{k}": v for k, v in super().evaluate().items()})
+        return metrics
+
+    # -- exchange -----------------------------------------------------------------------------
+    def _exchange(
+        self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
+    ) -> dict[int, dict[int, TensorDict]]:
+        """received[i][j]: node j's message as node i decoded it, for each edge (j → i)."""
+        return {
+            i: {
+                j: self.channel.send(
+                    messages[j], node_name(j), node_name(i), round_index, self.shapes
+                )
+                for j in graph.neighbours(i)
+            }
+            for i in messages
+        }
+
+    def _gossip(
+        self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
+    ) -> dict[int, TensorDict]:
+        received = self._exchange(messages, graph, round_index)
+        return {
+            i: self.method.mix(i, {i: messages[i], **received[i]}, self._row(graph, i))
+            for i in messages
+        }
+
+    def _choco(
+        self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
+    ) -> dict[int, TensorDict]:
+        gamma = self.exp.config.topology.consensus_step
+        initial = self.method.context.initial
+        hats = {i: stored(self.stores[i], hat_prefix(i)) or dict(initial) for i in messages}
+        deltas = {i: {k: messages[i][k] - hats[i][k] for k in messages[i]} for i in messages}
+        received = self._exchange(deltas, graph, round_index)
+        mixed = {}
+        for i in messages:
+            own_q = (
+                deltas[i]
+                if self.codec is None
+                else self.codec.decode(self.codec.encode(deltas[i], round_index, node_name(i)))
+            )
+            estimates = {i: own_q, **received[i]}
+            for j, q in estimates.items():
+                hat = stored(self.stores[i], hat_prefix(j)) or dict(initial)
+                estimates[j] = {k: hat[k] + q[k] for k in hat}
+                store_under(self.stores[i], hat_prefix(j), estimates[j])
+            target = self.method.mix(i, estimates, self._row(graph, i))
+            mixed[i] = {
+                k: messages[i][k] + gamma * (target[k] - estimates[i][k]) for k in messages[i]
+            }
+        return mixed
+
+    @staticmethod
+    def _row(graph: RoundGraph, node: int) -> dict[int, float]:
+        return {j: float(graph.weights[node, j]) for j in [node, *graph.neighbours(node)]}
+
+    # -- one round ----------------------------------------------------------------------------
+    def run_round(self, round_index: int, progress: Progress) -> dict:
+        exp, method = self.exp, self.method
+        began = time.perf_counter()
+        nodes = list(range(len(exp.clients)))
+        graph = self.topology.at(round_index)
+        task = progress.add_task(
+            f"round {round_index + 1}/{exp.config.experiment.rounds}", total=len(nodes), status=""
+        )
+        keep = self._keeps_optimizer()
+        messages: dict[int, TensorDict] = {}
+        losses, steps, examples = [], 0, 0
+        for node in nodes:
+            start = method.client_start(node, {}, self.stores[node])
+            result = exp.trainer.train(
+                start,
+                exp.clients[node],
+                round_index,
+                node,
+                method.trainable,
+                self.optimizers.get(node) if keep else None,
+            )
+            if keep:
+                self.optimizers[node] = result.optimizer_state
+            messages[node] = method.client_reply(node, result.state, {}, self.stores[node])
+            losses.append(result.loss)
+            steps += result.steps
+            examples += result.examples
+            progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
+        before = consensus_distance(list(messages.values()), self.factors)
+        exchange = self._choco if exp.config.topology.error_feedback else self._gossip
+        for node, state in exchange(messages, graph, round_index).items():
+            method.keep(self.stores[node], state)
+        ledger = self.channel.ledger
+        record: dict = {
+            "round": round_index + 1,
+            "clients": nodes,
+            "train_loss": float(np.mean(losses)),
+            "steps": steps,
+            "examples": examples,
+            "bytes": sum(r.bytes for r in ledger.records if r.round == round_index),
+            "cumulative_bytes": ledger.through_round(round_index),
+            "lambda2": graph.lambda2,
+            "edges": graph.graph.number_of_edges(),
+            "consensus_before_mix": before,
+            "consensus_distance": consensus_distance(self.states(), self.factors),
+        }
+        train_seconds = time.perf_counter() - began
+        self._evaluate_into(record, round_index, progress, task)
+        record["train_seconds"] = train_seconds
+        record["seconds"] = time.perf_counter() - began
+        return record
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
+        result = super().run(start_round, show_progress)
+        result.notes.extend(self.summary_lines())
+        return result
+
+    def summary_lines(self) -> list[str]:
+        config = self.exp.config.topology
+        sent: dict[str, int] = {}
+        for record in self.channel.ledger.records:
+            sent[record.sender] = sent.get(record.sender, 0) + record.bytes
+        codec = (
+            "exact float32"
+            if config.quantize_bits == 32
+            else f"{config.quantize_bits}-bit stochastic quantization (ours)"
+        )
+        return [
+            "",
+            "## Decentralized gossip",
+            "",
+            self.topology.describe() + ".",
+            "",
+            f"Messages: {codec}{', CHOCO error feedback' if config.error_feedback else ''}; "
+            f"mixing in {config.mix_space} space; "
+            f"evaluated model: network average of {config.average_model}. "
+            f"Bytes sent per node (all rounds): "
+            + ", ".join(f"{name} {sent[name]:,}" for name in sorted(sent, key=lambda n: int(n[4:])))
+            + ".",
+            "",
+            f"![graph]({GRAPH_FILE})",
+        ]
