@@ -14,8 +14,10 @@ from fedlora import rundir
 from fedlora.config import load_config
 from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
+from fedlora.engines.split import SplitEngine
 
-ENGINES = {"simulation": SimulationEngine, "gossip": GossipEngine}  # by ``Method.engine``
+# by ``Method.engine``
+ENGINES = {"simulation": SimulationEngine, "gossip": GossipEngine, "split": SplitEngine}
 
 
 def configure_runtime() -> None:

@@ -1,0 +1,422 @@
+"""Step-based split execution (methods with ``engine = "split"``: DLoRA, algorithms.md §3).
+
+Users share one cloud (the frozen base, loaded once) and each trains its own adapter on its
+own device, step by step, through ``fedlora.dlora.split``. Kill-and-Revive decides each step's
+active modules. A round is a block of ``train.local_steps`` steps per user, so the simulation
+engine's loop, checkpoints, resume, metrics and evaluation carry over (subclassed); each
+user's device state, Kill-and-Revive state, schedule and per-step accounting live in its
+``store`` and so are checkpointed with it.
+
+Besides the usual run files this engine writes ``schedule.json`` and ``schedule_client<i>.png``
+(active modules per step), ``steps.csv`` (per step: loss, active modules, traffic, device
+FLOPs and their all-modules-active reference), ``traffic.csv`` (per step and module: floats
+and bytes each way) and ``accounting.json`` (totals and reductions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from fedlora.adapters import TensorDict
+from fedlora.channel import Channel, Transfer, human_bytes
+from fedlora.dlora.flops import lora_backward_flops, lora_forward_flops
+from fedlora.dlora.kill_revive import KillRevive
+from fedlora.dlora.schedule import plot_schedule, write_schedule
+from fedlora.dlora.split import CloudEdgeLink, CloudModel, split_step
+from fedlora.engines.simulation import (
+    SERVER,
+    RunResult,
+    SimulationEngine,
+    client_name,
+    summarize_clients,
+)
+from fedlora.experiment import Experiment
+from fedlora.methods.dlora import EDGE, DLoRA
+from fedlora.training import (
+    batch_stream,
+    derived_seed,
+    learning_rate,
+    optimizer_tensors,
+    restore_optimizer,
+    standard_optimizer,
+    steps_per_round,
+)
+
+KR = "kr."
+SCHEDULE = "schedule"  # store key: steps x modules active mask
+ACCOUNT = "account"  # store key: steps x len(FIELDS) accounting rows
+FIELDS = (
+    "step",
+    "round",
+    "loss",
+    "active",
+    "bytes_up",
+    "bytes_down",
+    "module_values",
+    "module_values_all_active",
+    "module_bytes",
+    "factor_bytes",
+    "module_flops",
+    "module_flops_all_active",
+    "head_flops",
+)
+TRAFFIC_FIELDS = (
+    "client",
+    "round",
+    "step",
+    "module",
+    "values_down",
+    "values_up",
+    "bytes_down",
+    "bytes_up",
+)
+
+
+@dataclass
+class _User:
+    index: int
+    rows: list[int]
+    link: CloudEdgeLink
+    kr: KillRevive
+    optimizer: torch.optim.Optimizer
+    schedule: list[torch.Tensor] = field(default_factory=list)
+    account: list[list[float]] = field(default_factory=list)
+
+
+class SplitEngine(SimulationEngine):
+    def __init__(self, experiment: Experiment, run_dir: Path, console: Console | None = None):
+        super().__init__(experiment, run_dir, console)
+        if not isinstance(experiment.method, DLoRA):
+            raise TypeError(f"the split engine runs DLoRA, not {type(experiment.method).__name__}")
+        self.method: DLoRA = experiment.method
+        slots = experiment.slots
+        self.cloud = CloudModel(
+            slots.model.get_base_model(),
+            experiment.spec,
+            slots.modules,
+            plain=slots.model.disable_adapter,
+        )
+        self.keys = [m.key for m in slots.modules]
+        self.wire = Channel()  # per-message ledger of the current round, folded into self.channel
+        self.traffic_rows: list[list] = []
+        self.users = [self._new_user(u) for u in range(self.method.user_count)]
+
+    def _new_user(self, index: int) -> _User:
+        opts = self.method.opts
+        edge = self.cloud.edge(self.method.context.initial, self.exp.config.lora.dropout)
+        link = CloudEdgeLink(client_name(index), edge, self.wire, opts.killed_forward)
+        kr = KillRevive(len(self.keys), self.method.rule(index))
+        kr.start([edge.flat(k) for k in self.keys])
+        optimizer = standard_optimizer(list(edge.params.items()), self.exp.config.train)
+        return _User(index, self.exp.clients[index], link, kr, optimizer)
+
+    # -- state in the stores (checkpointed by the simulation engine) --------------------------
+    def _save_user(self, user: _User) -> None:
+        store: TensorDict = {EDGE + k: v for k, v in user.link.edge.state().items()}
+        store.update({KR + k: v for k, v in user.kr.state_dict().items()})
+        store[SCHEDULE] = torch.stack(user.schedule).to(torch.uint8)
+        store[ACCOUNT] = torch.tensor(user.account, dtype=torch.float64)
+        self.stores[user.index] = store
+        self.optimizers[user.index] = optimizer_tensors(user.optimizer)
+
+    def resume(self) -> int:
+        start = super().resume()
+        for user in self.users if start else []:
+            store = self.stores[user.index]
+            user.link.edge.load({k[len(EDGE) :]: v for k, v in store.items() if k.startswith(EDGE)})
+            user.kr.load_state_dict({k[len(KR) :]: v for k, v in store.items() if k.startswith(KR)})
+            user.link.restore({self.keys[i] for i in user.kr.active_indices()})
+            restore_optimizer(user.optimizer, self.optimizers[user.index])
+            user.schedule = list(store[SCHEDULE].to(torch.bool))
+            user.account = store[ACCOUNT].tolist()
+        traffic = self.run_dir / "traffic.csv"
+        if start and traffic.is_file():  # drop rows of a round that did not complete
+            with traffic.open() as handle:
+                rows = list(csv.reader(handle))[1:]
+            self.traffic_rows = []
+            self._write_traffic([r for r in rows if int(r[1]) < start], mode="w")
+        return start
+
+    # -- evaluation: each user's own adapter ---------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        evaluate = self.exp.evaluator.evaluate
+        return summarize_clients(
+            [evaluate(self.method.client_model(u.index, self.stores[u.index])) for u in self.users]
+        )
+
+    # -- one block of steps per user -----------------------------------------------------------
+    def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:
+        config = self.exp.config
+        train, seed, rounds = config.train, config.experiment.seed, config.experiment.rounds
+        link, kr, edge = user.link, user.kr, user.link.edge
+        modules = self.exp.slots.modules
+        steps = steps_per_round(train, len(user.rows))
+        torch.manual_seed(derived_seed(seed, round_index, user.index, 1))  # dropout
+        batches = batch_stream(
+            user.rows, train.batch_size, derived_seed(seed, round_index, user.index, 2)
+        )
+        model = self.cloud.model
+        model.train()
+        losses, examples = [], 0
+        for s in range(steps):
+            step = round_index * steps + s + 1
+            link.begin_step(step, round_index)
+            for group in user.optimizer.param_groups:
+                group["lr"] = learning_rate(train, step - 1, steps * rounds)
+            user.optimizer.zero_grad(set_to_none=True)
+            mask = kr.active.clone()
+            tokens, step_losses = 0, []
+            for _ in range(train.grad_accum):
+                batch = self.exp.train_set.batch(next(batches))
+                step_losses.append(
+                    split_step(
+                        self.cloud, link, batch, self.method.opts.head_on, 1 / train.grad_accum
+                    )
+                )
+                tokens += batch["input_ids"].numel()
+                examples += len(batch["input_ids"])
+            if train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(edge.params.values()), train.max_grad_norm)
+            user.optimizer.step()
+            if kr.due(step):
+                decision = kr.check(step, [edge.flat(k) for k in self.keys])
+                for i in decision.killed:
+                    link.kill(self.keys[i])
+                for i in decision.revived:
+                    link.revive(self.keys[i])
+            all_flops = sum(
+                lora_forward_flops(m, tokens) + lora_backward_flops(m, tokens) for m in modules
+            )
+            all_values = tokens * sum(2 * (m.d_in + m.d_out) for m in modules)
+            user.account.append(
+                self._account(
+                    user,
+                    step,
+                    round_index,
+                    mask,
+                    float(np.mean(step_losses)),
+                    all_values,
+                    all_flops,
+                )
+            )
+            user.schedule.append(mask)
+            losses.extend(step_losses)
+            link.log.clear()
+        model.eval()
+        return losses, steps, examples
+
+    def _account(
+        self,
+        user: _User,
+        step: int,
+        round_index: int,
+        mask: torch.Tensor,
+        loss: float,
+        all_values: int,
+        all_flops: int,
+    ) -> list[float]:
+        """One step's row of FIELDS from the link's log, and its (step, module) traffic rows."""
+        log, flops = user.link.log, user.link.flops
+        per_module: dict[str, list[int]] = {}
+        for t in log:
+            if t.module and t.kind != "factors":
+                row = per_module.setdefault(t.module, [0, 0, 0, 0])
+                up = t.direction == "up"
+                row[int(up)] += t.values
+                row[2 + int(up)] += t.bytes
+        self.traffic_rows.extend(
+            [user.index, round_index, step, module, *row] for module, row in per_module.items()
+        )
+        return [
+            step,
+            round_index,
+            loss,
+            int(mask.sum()),
+            sum(t.bytes for t in log if t.direction == "up"),
+            sum(t.bytes for t in log if t.direction == "down"),
+            sum(r[0] + r[1] for r in per_module.values()),
+            all_values,
+            sum(r[2] + r[3] for r in per_module.values()),
+            sum(t.bytes for t in log if t.kind == "factors"),
+            flops["modules"],
+            all_flops,
+            flops["head"],
+        ]
+
+    def _fold_ledger(self, round_index: int) -> None:
+        """The round's messages into the run ledger, one row per (sender, receiver): a DLoRA
+        round has hundreds of messages per step; per-message detail is in traffic.csv."""
+        totals: dict[tuple[str, str], list[int]] = {}
+        for r in self.wire.ledger.records:
+            entry = totals.setdefault((r.sender, r.receiver), [0, 0])
+            entry[0] += r.bytes
+            entry[1] += r.tensors
+        for (sender, receiver), (count, tensors) in sorted(totals.items()):
+            self.channel.ledger.add(Transfer(round_index, sender, receiver, count, tensors))
+        self.wire.ledger.records.clear()
+
+    def run_round(self, round_index: int, progress: Progress) -> dict:
+        began = time.perf_counter()
+        task = progress.add_task(
+            f"round {round_index + 1}/{self.exp.config.experiment.rounds}",
+            total=len(self.users),
+            status="",
+        )
+        losses, steps, examples = [], 0, 0
+        for user in self.users:
+            user_losses, user_steps, user_examples = self._train_block(user, round_index)
+            losses += user_losses
+            steps += user_steps
+            examples += user_examples
+            self._save_user(user)
+            progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
+        self._fold_ledger(round_index)
+        ledger = self.channel.ledger
+        rows = [r for u in self.users for r in u.account if int(r[1]) == round_index]
+        column = {name: i for i, name in enumerate(FIELDS)}
+
+        def total(name: str) -> float:
+            return float(sum(r[column[name]] for r in rows))
+
+        record: dict = {
+            "round": round_index + 1,
+            "clients": [u.index for u in self.users],
+            "train_loss": float(np.mean(losses)),
+            "steps": steps,
+            "examples": examples,
+            "bytes_up": sum(
+                r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER
+            ),
+            "bytes_down": sum(
+                r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER
+            ),
+            "cumulative_bytes": ledger.through_round(round_index),
+            "active_fraction": total("active") / (len(rows) * len(self.keys)),
+            "module_values": total("module_values"),
+            "module_values_all_active": total("module_values_all_active"),
+            "device_flops": total("module_flops") + total("head_flops"),
+            "device_flops_all_active": total("module_flops_all_active") + total("head_flops"),
+        }
+        train_seconds = time.perf_counter() - began
+        self._evaluate_into(record, round_index, progress, task)
+        record["train_seconds"] = train_seconds
+        record["seconds"] = time.perf_counter() - began
+        return record
+
+    # -- files ---------------------------------------------------------------------------------
+    def _write_traffic(self, rows: list[list], mode: str = "a") -> None:
+        path = self.run_dir / "traffic.csv"
+        fresh = mode == "w" or not path.is_file()
+        with path.open("w" if fresh else "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if fresh:
+                writer.writerow(TRAFFIC_FIELDS)
+            writer.writerows(rows)
+
+    def _write_round_files(self) -> None:
+        super()._write_round_files()
+        self._write_traffic(self.traffic_rows)
+        self.traffic_rows = []
+        with (self.run_dir / "steps.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("client", *FIELDS))
+            for user in self.users:
+                writer.writerows([user.index, *row] for row in user.account)
+        write_schedule(
+            self.run_dir / "schedule.json",
+            self.keys,
+            {u.index: torch.stack(u.schedule) for u in self.users},
+        )
+
+    def accounting(self) -> dict:
+        """Run totals and the reductions relative to every module active at every step."""
+        column = {name: i for i, name in enumerate(FIELDS)}
+        rows = [r for u in self.users for r in u.account]
+
+        def total(name: str) -> float:
+            return float(sum(r[column[name]] for r in rows))
+
+        def reduction(actual: float, reference: float) -> float:
+            return 1.0 - actual / reference if reference else 0.0
+
+        flops, flops_all = (
+            total("module_flops") + total("head_flops"),
+            total("module_flops_all_active") + total("head_flops"),
+        )
+        return {
+            "steps": len(rows),
+            "mean_active_modules": total("active") / max(1, len(rows)),
+            "modules": len(self.keys),
+            "module_traffic_values": total("module_values"),
+            "module_traffic_values_all_active": total("module_values_all_active"),
+            "module_traffic_reduction": reduction(
+                total("module_values"), total("module_values_all_active")
+            ),
+            "module_traffic_bytes_measured": total("module_bytes"),
+            "factor_upload_bytes": total("factor_bytes"),
+            "total_bytes_measured": self.channel.ledger.total(),
+            "module_flops": total("module_flops"),
+            "module_flops_all_active": total("module_flops_all_active"),
+            "module_flops_reduction": reduction(
+                total("module_flops"), total("module_flops_all_active")
+            ),
+            "device_flops": flops,
+            "device_flops_all_active": flops_all,
+            "device_flops_reduction": reduction(flops, flops_all),
+        }
+
+    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
+        result = super().run(start_round, show_progress)
+        for user in self.users:
+            plot_schedule(
+                self.run_dir / f"schedule_client{user.index}.png",
+                self.keys,
+                torch.stack(user.schedule),
+                f"user {user.index}",
+            )
+        totals = self.accounting()
+        (self.run_dir / "accounting.json").write_text(json.dumps(totals, indent=2) + "\n")
+        result.notes.extend(self.summary_lines(totals))
+        return result
+
+    def summary_lines(self, totals: dict) -> list[str]:
+        o, t = self.method.opts, totals
+        rule = f"threshold δ={o.threshold}" if o.threshold is not None else f"budget ρ={o.budget}"
+
+        def row(label: str, key: str, unit: float = 1.0) -> str:
+            return (
+                f"| {label} | {t[key] / unit:.4g} | {t[key + '_all_active'] / unit:.4g} | "
+                f"{t[key.removesuffix('_values') + '_reduction']:.1%} |"
+            )
+
+        return [
+            "",
+            "## DLoRA split execution and Kill-and-Revive",
+            "",
+            f"{len(self.users)} user(s) sharing one cloud model; {t['modules']} LoRA modules; "
+            f"KR every τ={o.tau} steps, {rule}, {o.norm} change, revive {o.revive} "
+            f"({o.revive_policy}), killed modules' forward: {o.killed_forward}; head and loss "
+            f"on the {o.head_on}. Mean active modules per step: {t['mean_active_modules']:.2f}.",
+            "",
+            "| quantity | this run | all modules active | reduction |",
+            "|---|---|---|---|",
+            row("module activation traffic (floats, §1.4)", "module_traffic_values"),
+            row("device LoRA GFLOPs", "module_flops", 1e9),
+            row("device GFLOPs incl. head", "device_flops", 1e9),
+            "",
+            f"Measured: module messages {human_bytes(t['module_traffic_bytes_measured'])}, "
+            f"factor uploads of killed modules {human_bytes(t['factor_upload_bytes'])}, all "
+            f"messages {human_bytes(t['total_bytes_measured'])} (steps.csv, traffic.csv, "
+            "accounting.json).",
+            "",
+            *[f"![schedule](schedule_client{u.index}.png)" for u in self.users],
+        ]
