@@ -87,3 +87,53 @@ def test_accounting_is_consistent(dlora_run: Path) -> None:
     assert totals["module_traffic_reduction"] == pytest.approx(expected)
     assert totals["module_flops_reduction"] == pytest.approx(expected)
     assert 0 < totals["device_flops_reduction"] < totals["module_flops_reduction"]
+
+
+def test_users_train_their_own_adapters(dlora_run: Path) -> None:
+    adapters = [
+        load_file(dlora_run / "adapters" / f"client_{u}" / "adapter_model.safetensors")
+        for u in (0, 1)
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_resume_after_an_interrupted_round_gives_the_same_run(
+    dlora_run: Path, tmp_path: Path
+) -> None:
+    """Stop after round 1 (an exception in round 2), resume from the checkpoint: adapters,
+    Kill-and-Revive schedule and accounting equal the uninterrupted run's."""
+    from fedlora import experiment as experiments
+    from fedlora import rundir
+    from fedlora.config import load_config
+    from fedlora.engines.split import SplitEngine
+
+    config = load_config(TINY / "dlora.toml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rundir.prepare(tmp_path, config, resume=False)
+        engine = SplitEngine(experiments.build(config), tmp_path)
+        first_round = engine.run_round
+
+        def stop_in_round_two(round_index: int, progress: object) -> dict:
+            if round_index == 1:
+                raise KeyboardInterrupt
+            return first_round(round_index, progress)  # type: ignore[arg-type]
+
+        engine.run_round = stop_in_round_two  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            engine.run(show_progress=False)
+        resumed = SplitEngine(experiments.build(config), tmp_path)
+        assert resumed.resume() == 1
+        result = resumed.run(1, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for user in (0, 1):
+        whole = load_file(dlora_run / "adapters" / f"client_{user}" / "adapter_model.safetensors")
+        state = resumed.method.client_model(user, result.stores[user])
+        assert state is not None
+        for key, tensor in whole.items():
+            assert torch.equal(state[key], tensor), key
+    for name in ("schedule.json", "accounting.json", "traffic.csv"):
+        assert (tmp_path / name).read_text() == (dlora_run / name).read_text(), name

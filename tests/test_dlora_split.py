@@ -89,11 +89,13 @@ class Pair:
             p.grad = None
         loss = model(**batch).loss
         loss.backward()
-        return float(loss), {name: p.grad.clone() for name, p in params}
+        return loss.item(), {name: p.grad.clone() for name, p in params}
 
-    def split(self, link: CloudEdgeLink, batch: dict[str, torch.Tensor]) -> float:
+    def split(
+        self, link: CloudEdgeLink, batch: dict[str, torch.Tensor], head_on: str = "edge"
+    ) -> float:
         self.cloud.model.eval()
-        return split_step(self.cloud, link, batch)
+        return split_step(self.cloud, link, batch, head_on)  # type: ignore[arg-type]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,14 +103,26 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    ("name", "shared"), [("tiny-bert", False), ("tiny-llama", False), ("tiny-bert", True)]
+    ("name", "shared", "head_on"),
+    [
+        ("tiny-bert", False, "edge"),
+        ("tiny-llama", False, "edge"),
+        ("tiny-llama", False, "cloud"),  # logits down, loss on the device
+        ("tiny-bert", True, "edge"),  # the engine's layout: base shared with the PEFT slots
+    ],
 )
-def test_t11_split_equals_peft_lora(name: str, shared: bool) -> None:
+def test_t11_split_equals_peft_lora(name: str, shared: bool, head_on: str) -> None:
     pair = Pair(name, shared)
     batch = make_batch(pair.spec.task, pair.vocab)
     loss_ref, grads_ref = pair.reference(batch)
     link = pair.link()
-    loss = pair.split(link, batch)
+    loss = pair.split(link, batch, head_on)
+    kinds = {t.kind for t in link.log if not t.module}
+    assert kinds == {
+        "embeddings",
+        "hidden" if head_on == "edge" else "logits",
+        "grad_hidden" if head_on == "edge" else "grad_logits",
+    }
     assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)
     params = link.edge.params
     assert set(params) == set(grads_ref)
