@@ -116,3 +116,20 @@ def test_malformed_quantized_messages_are_refused() -> None:
             codec.decode(message)
     with pytest.raises(ValueError, match="bits must be"):
         StochasticQuantizer(3, seed=0)
+
+
+def test_contractive_mode_shrinks_the_error_below_the_signal() -> None:
+    """Error feedback needs E||C(X) − X||² < ||X||²; unbiased 2-bit Q breaks it on spiky X."""
+    x = torch.cat([torch.full((1,), 10.0), 0.1 * sample(0, (200,)).reshape(-1)]).to(torch.float64)
+    draws = 2000
+    errors = {}
+    for contractive in (False, True):
+        quantizer = StochasticQuantizer(2, seed=0, contractive=contractive)
+        gen = torch.Generator().manual_seed(0)
+        total = 0.0
+        for _ in range(draws):
+            codes, scale = quantizer.quantize(x, gen)
+            total += float(((quantizer.dequantize(codes, scale).double() - x) ** 2).sum())
+        errors[contractive] = total / draws
+    signal = float((x**2).sum())
+    assert errors[False] > signal > errors[True]

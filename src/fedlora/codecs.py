@@ -37,19 +37,25 @@ class Codec(Protocol):
 
 
 class StochasticQuantizer:
-    def __init__(self, bits: int, seed: int) -> None:
+    """``contractive``: send Q(X)/(1+ω) instead of Q(X), where ω||X||² is this draw's exact
+    conditional variance Σ p(1−p)(m/L)². Biased, but E||Q/(1+ω) − X||² = ω/(1+ω)·||X||² < ||X||²:
+    the δ-contraction error feedback (CHOCO) needs; plain unbiased Q can make it diverge. The
+    factor is folded into the transmitted scale, so receivers decode it unchanged."""
+
+    def __init__(self, bits: int, seed: int, contractive: bool = False) -> None:
         if bits not in (2, 4, 8):
             raise ValueError(f"quantizer bits must be 2, 4 or 8, got {bits}")
         self.bits = bits
         self.levels = 2 ** (bits - 1) - 1  # L per sign
         self.per_byte = 8 // bits
         self.seed = seed
+        self.contractive = contractive
 
     # -- the quantizer on one tensor ----------------------------------------------------------
     def quantize(
         self, x: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (integer codes in [-L, L], scale m). Unbiased: E[m·codes/L] = x."""
+        """-> (codes in [-L, L], scale m); E[m·codes/L] = x unless ``contractive``."""
         flat = x.detach().reshape(-1).to(torch.float64)
         scale = flat.abs().max() if flat.numel() else torch.zeros((), dtype=torch.float64)
         if scale == 0:
@@ -58,6 +64,10 @@ class StochasticQuantizer:
         low = torch.floor(y)
         up = torch.rand(y.shape, generator=generator, dtype=torch.float64) < (y - low)
         codes = (low + up).clamp_(-self.levels, self.levels).to(torch.int64)
+        if self.contractive:
+            frac = y - low
+            omega = (frac * (1 - frac)).sum() * (scale / self.levels) ** 2 / (flat**2).sum()
+            scale = scale / (1 + omega)
         return codes, scale.to(torch.float32)
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -123,6 +133,6 @@ class StochasticQuantizer:
         return tensors
 
 
-def make_codec(bits: int, seed: int) -> Codec | None:
+def make_codec(bits: int, seed: int, contractive: bool = False) -> Codec | None:
     """The codec for ``topology.quantize_bits``: None (exact float32 messages) at 32 bits."""
-    return None if bits == 32 else StochasticQuantizer(bits, seed)
+    return None if bits == 32 else StochasticQuantizer(bits, seed, contractive)

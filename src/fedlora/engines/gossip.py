@@ -69,7 +69,9 @@ class GossipEngine(SimulationEngine):
         config = experiment.config
         self.topology = Topology(config.topology, len(experiment.clients), config.experiment.seed)
         self.codec = make_codec(
-            config.topology.quantize_bits, derived_seed(config.experiment.seed, 0xC0DE)
+            config.topology.quantize_bits,
+            derived_seed(config.experiment.seed, 0xC0DE),
+            contractive=config.topology.error_feedback,
         )
         self.channel = Channel(codec=self.codec)
         self.shapes = experiment.slots.shapes()
