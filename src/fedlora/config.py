@@ -124,33 +124,37 @@ class TopologyConfig(Section):
     """Decentralized methods only (engine ``gossip``): the graph, its mixing weights and how
     neighbours' messages are compressed and mixed (algorithms.md §1.3, §2)."""
 
-    kind: Literal["ring", "torus", "erdos_renyi", "complete", "star", "exponential", "matching", "file"] = "ring"
-    p: float | None = Field(None, gt=0, le=1, description="erdos_renyi: edge probability (required)")
+    kind: Literal[
+        "ring", "torus", "erdos_renyi", "complete", "star", "exponential", "matching", "file"
+    ] = "ring"
+    p: float | None = Field(None, gt=0, le=1, description="erdos_renyi: edge probability")
     edge_file: str | None = Field(None, description="file: one 'i j' edge per line")
     seed: int | None = Field(None, description="graph seed; None: the run seed")
-    time_varying: bool = Field(False, description="redraw the graph every round (erdos_renyi, matching)")
+    time_varying: bool = Field(False, description="new graph each round (erdos_renyi, matching)")
     mixing: Literal["auto", "ring", "metropolis", "laplacian", "uniform"] = Field(
-        "auto", description="auto: ring 1/3 on rings, laplacian on ER, uniform on complete, else metropolis"
+        "auto", description="auto: ring 1/3 on rings, laplacian on ER, uniform on complete, else MH"
     )
-    quantize_bits: Literal[2, 4, 8, 32] = Field(32, description="stochastic quantized gossip (ours); 32: exact")
+    quantize_bits: Literal[2, 4, 8, 32] = Field(
+        32, description="stochastic quantized gossip (ours); 32: exact"
+    )
     error_feedback: bool = Field(False, description="CHOCO-style compressed gossip (ours)")
     consensus_step: float = Field(1.0, gt=0, le=1, description="CHOCO consensus step size gamma")
     mix_space: Literal["factors", "products"] = Field(
         "factors", description="products: mix s·B·A, back to rank r by factored SVD (DeCAF-like)"
     )
     average_model: Literal["factors", "products"] = Field(
-        "factors", description="evaluated network model: mean A and mean B, or rank-r SVD of mean product"
+        "factors", description="evaluated model: mean A and B, or rank-r SVD of the mean product"
     )
     per_node_eval: bool = Field(True, description="also evaluate every node's own model")
 
     @model_validator(mode="after")
     def _consistent(self) -> TopologyConfig:
         if self.kind == "erdos_renyi" and self.p is None:
-            raise ValueError("kind 'erdos_renyi' needs p (Dec-LoRA's p is not published; choose it)")
+            raise ValueError("kind 'erdos_renyi' needs p (Dec-LoRA does not publish its p)")
         if self.kind == "file" and not self.edge_file:
             raise ValueError("kind 'file' needs edge_file")
         if self.time_varying and self.kind not in RANDOM_GRAPHS:
-            raise ValueError(f"time_varying needs a random graph kind {RANDOM_GRAPHS}, not {self.kind!r}")
+            raise ValueError(f"time_varying needs a random kind {RANDOM_GRAPHS}, not {self.kind!r}")
         if self.kind == "matching" and not self.time_varying:
             raise ValueError("a fixed matching is disconnected; set time_varying = true")
         if self.error_feedback and (self.time_varying or self.mix_space == "products"):
