@@ -8,7 +8,8 @@ the wire format. Switching clients is copying those tensors into the slots.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class AdapterSlots:
         targets = list(config.target_modules or spec.default_targets)
         head = [spec.head] if (spec.head and config.train_head) else None
         peft_config = PeftLoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.rslora,
             target_modules=targets, modules_to_save=head,
             task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
         )
@@ -67,6 +68,7 @@ class AdapterSlots:
         except ValueError as error:
             raise ConfigError(f"lora.target_modules {targets}: {error}") from None
         self.task = spec.task
+        self._pristine: TensorDict = {}  # frozen base weights before any merge_into_base
         self._params: dict[str, torch.nn.Parameter] = {
             wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
         }
@@ -118,6 +120,29 @@ class AdapterSlots:
         by_key = {wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         for key, scale in scales.items():
             by_key[key].scaling[ADAPTER] = scale
+
+    @contextmanager
+    def scaled(self, scales: dict[str, float] | None) -> Iterator[None]:
+        """Per-module scales for one client's work, then the slots' own scales again."""
+        if scales:
+            self.set_scales(scales)
+        try:
+            yield
+        finally:
+            if scales:
+                self.set_scales({m.key: m.scale for m in self.modules})
+
+    def merge_into_base(self, offsets: TensorDict) -> None:
+        """Set each named module's frozen base weight to W0 + offset (module key -> d_out x d_in).
+
+        The pristine W0 is kept on first use, so the result depends only on the offset given and
+        not on earlier calls: a resumed run rebuilds the same base bit for bit (FLoRA, §6.6)."""
+        by_key = {wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        with torch.no_grad():
+            for key, offset in offsets.items():
+                weight = by_key[key].get_base_layer().weight
+                pristine = self._pristine.setdefault(key, weight.detach().clone())
+                weight.copy_(pristine + offset.to(weight.dtype))
 
     def export(self, state: TensorDict, directory: Path) -> None:
         """Write ``state`` as a standard PEFT adapter (``PeftModel.from_pretrained`` loads it)."""

@@ -47,6 +47,7 @@ class LoraConfig(Section):
 
 
 PartitionKind = Literal[
+    rslora: bool = Field(False, description="scale s = alpha/sqrt(r) (rsLoRA) instead of alpha/r (§1.1)")
     "iid", "dirichlet", "fslora_dirichlet", "shards", "proportions", "quantity", "natural"
 ]
 
@@ -165,6 +166,19 @@ class TopologyConfig(Section):
 class MethodConfig(BaseModel):
     """``name`` plus the method's own options, validated later by the method's schema."""
 
+class RanksConfig(Section):
+    """Per-client LoRA ranks for methods with heterogeneous clients (FlexLoRA, HetLoRA, FLoRA,
+    FSLoRA budgets k_i). ``lora.rank`` is the slot (global, maximum) rank; every client rank is
+    at most it. ``homo`` gives every client ``lora.rank``; the others draw from ``values``
+    (ascending) per client, seeded: ``uniform`` (FSLoRA's {1/8,1/4,1/2}·r), ``heavy_tail`` (FlexLoRA:
+    80% the smallest, 10% the largest, the rest shared by the middle values) and ``normal``
+    (FlexLoRA: a rounded Gaussian over the value positions, mean the middle, sd 0.7·(n−1)/3)."""
+
+    profile: Literal["homo", "uniform", "heavy_tail", "normal"] = "homo"
+    values: list[int] = Field([8, 16, 32], min_length=1, description="candidate ranks, not homo")
+    seed: int | None = Field(None, description="seed of the rank draw; None: the run seed")
+
+
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = "fedit"
 
@@ -184,6 +198,7 @@ class Config(Section):
     topology: TopologyConfig = TopologyConfig()
     method: MethodConfig = MethodConfig()
 
+    ranks: RanksConfig = RanksConfig()
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value); the value is read as TOML when it

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlora.adapters import AdapterSlots
-from fedlora.config import Config
+from fedlora.config import Config, ConfigError
 from fedlora.data.partition import label_histograms, partition
 from fedlora.data.sources import SplitData, load_split
 from fedlora.data.tokenized import TokenizedSet, tokenize
@@ -14,6 +14,7 @@ from fedlora.evaluation import Evaluator
 from fedlora.methods import build_method, method_class, method_options
 from fedlora.methods.base import Method, MethodContext
 from fedlora.models import ModelSpec, load_base_model, load_tokenizer, model_spec
+from fedlora.ranks import client_ranks
 from fedlora.training import LocalTrainer, derived_seed
 
 
@@ -37,6 +38,12 @@ def validate(config: Config) -> None:
     model_spec(config.model.name)
 
 
+    if config.ranks.profile != "homo" and not method_class(config.method.name).heterogeneous_ranks:
+        raise ConfigError(
+            f"ranks.profile {config.ranks.profile!r}: method {config.method.name!r} trains every "
+            "client at lora.rank; use a heterogeneous-rank method or profile 'homo'"
+        )
+    client_ranks(config, 1)  # range check of ranks.values against lora.rank
 def build(config: Config) -> Experiment:
     validate(config)
     cls = method_class(config.method.name)
@@ -59,7 +66,7 @@ def build(config: Config) -> Experiment:
 
     context = MethodContext(
         config=config, modules=slots.modules, initial=slots.read(),
-        num_examples=[len(rows) for rows in clients],
+        num_examples=[len(rows) for rows in clients], ranks=client_ranks(config, len(clients)),
     )
     method = build_method(config.method, context)
     trainer = LocalTrainer(slots, train_set, config.train, config.experiment.seed, config.experiment.rounds)

@@ -81,6 +81,9 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
     ]
     for client, row in enumerate(experiment.histograms):
         lines.append(f"| {client} | " + " | ".join(str(x) for x in row) + f" | {sum(row)} |")
+    ranks = experiment.method.context.ranks
+    lines += ["", f"## Client LoRA ranks (profile `{config.ranks.profile}`, slot rank {config.lora.rank})", "",
+              ", ".join(f"client {c}: r={r}" for c, r in enumerate(ranks))]
     return "\n".join([*lines, *result.notes]) + "\n"
 
 

@@ -109,7 +109,10 @@ class LocalTrainer:
         trainable: Callable[[str], bool],
         optimizer_state: TensorDict | None = None,
         make_optimizer: OptimizerFactory = standard_optimizer,
+        regularizer: Callable[[dict[str, torch.nn.Parameter]], torch.Tensor] | None = None,
     ) -> LocalResult:
+        """``regularizer``, if given, is a penalty on the named trainable tensors added to the
+        loss once per optimizer step (HetLoRA's self-pruning term); the reported loss excludes it."""
         config = self.config
         self.slots.load(start)
         params = self.slots.parameters(trainable)
@@ -134,6 +137,8 @@ class LocalTrainer:
                 loss.backward()
                 losses.append(loss.item() * config.grad_accum)
                 examples += len(batch_rows)
+            if regularizer is not None:
+                regularizer(dict(params)).backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
             optimizer.step()

@@ -93,7 +93,8 @@ class SimulationEngine:
             per_client = []
             for client in range(len(self.exp.clients)):
                 own = method.client_model(client, self.stores[client])
-                per_client.append(evaluator.evaluate(own if own is not None else method.context.initial))
+                with self.exp.slots.scaled(method.client_scales(client)):
+                    per_client.append(evaluator.evaluate(own if own is not None else method.context.initial))
             return summarize_clients(per_client)
         state = method.global_state()
         return evaluator.evaluate(state) if state is not None else {}
@@ -104,12 +105,19 @@ class SimulationEngine:
         if checkpoint is None:
             return 0
         self.exp.method.load_state_dict(checkpoint.method)
+    def _sync_base(self) -> None:
+        """Bring the shared frozen base to W0 + the method's merged offset (FLoRA), if any."""
+        offset = self.exp.method.base_offset()
+        if offset is not None:
+            self.exp.slots.merge_into_base(offset)
+
         self.stores.update(checkpoint.stores)
         self.optimizers = checkpoint.optimizers
         self.metrics = checkpoint.metrics
         self.channel.ledger = Ledger.from_json(checkpoint.ledger)
         return checkpoint.completed_rounds
 
+        self._sync_base()
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         config = self.exp.config
         rounds = config.experiment.rounds
@@ -148,10 +156,12 @@ class SimulationEngine:
             message = self._transfer(method.server_message(client, round_index), SERVER, client_name(client), round_index)
             start = method.client_start(client, message, self.stores[client])
             keep = self._keeps_optimizer()
-            result = exp.trainer.train(
-                start, exp.clients[client], round_index, client, method.trainable,
-                self.optimizers.get(client) if keep else None,
-            )
+            with exp.slots.scaled(method.client_scales(client)):
+                result = exp.trainer.train(
+                    start, exp.clients[client], round_index, client, method.trainable,
+                    self.optimizers.get(client) if keep else None,
+                    regularizer=method.regularizer(client, message),
+                )
             if keep:
                 self.optimizers[client] = result.optimizer_state
             reply = method.client_reply(client, result.state, message, self.stores[client])
@@ -169,6 +179,7 @@ class SimulationEngine:
             "train_loss": float(np.mean(losses)),
             "steps": steps,
             "examples": examples,
+        self._sync_base()
             "bytes_up": sum(r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER),
             "bytes_down": sum(r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER),
             "cumulative_bytes": ledger.through_round(round_index),

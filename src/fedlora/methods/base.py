@@ -16,9 +16,11 @@ what lets the distributed engine run the two halves in different processes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedlora.adapters import LoraModule, TensorDict
@@ -37,6 +39,15 @@ class MethodContext:
     modules: list[LoraModule]
     initial: TensorDict  # the common initial adapter state every party can reproduce
     num_examples: list[int]  # per client
+    ranks: list[int] = field(default_factory=list)  # per client ([ranks]); empty: all lora.rank
+
+    def rank(self, client: int) -> int:
+        """Client ``client``'s LoRA rank (at most the slot rank ``lora.rank``)."""
+        return self.ranks[client] if self.ranks else self.config.lora.rank
+
+
+# A penalty on the named trainable tensors, added to the local loss at every optimizer step.
+Regularizer = Callable[[dict[str, torch.nn.Parameter]], torch.Tensor]
 
 
 class Method(ABC):
@@ -49,6 +60,7 @@ class Method(ABC):
     communicates: ClassVar[bool] = True  # False: nothing crosses a party boundary
     keeps_optimizer_state: ClassVar[bool] = False  # default for train.keep_optimizer_state
     per_client_eval: ClassVar[bool] = False  # evaluate each client's own model
+    heterogeneous_ranks: ClassVar[bool] = False  # reads per-client ranks from [ranks]
     engine: ClassVar[str] = "simulation"  # "simulation": server rounds; "gossip": peers over a graph
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
@@ -84,6 +96,24 @@ class Method(ABC):
     def trainable(self, name: str) -> bool:
         """Whether the adapter tensor ``name`` is trained locally."""
         return True
+
+    def client_scales(self, client: int) -> dict[str, float] | None:
+        """Per-module LoRA scale s for this client's training and evaluation, keyed by module
+        key; None keeps the slots' own. Rank-r_i clients need s(r_i) (§1.1); the engine applies
+        it around the client's work and restores the slot scales afterwards."""
+        return None
+
+    def regularizer(self, client: int, message: TensorDict) -> Regularizer | None:
+        """A term the trainer adds to this client's local loss (HetLoRA's self-pruning
+        penalty); None for the plain loss."""
+        return None
+
+    # -- the shared frozen base ----------------------------------------------------------
+    def base_offset(self) -> TensorDict | None:
+        """The cumulative update merged into the frozen base, per module key (d_out x d_in), or
+        None. The engine sets W = W0 + offset after every aggregation and after a resume, so
+        methods that merge (FLoRA) keep the offset in their checkpointed state."""
+        return None
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> TensorDict:

@@ -1,0 +1,48 @@
+"""Module-wise views of adapter states that the LoRA-family methods share.
+
+An adapter state (and a message) is a flat dict keyed by PEFT state-dict names; these helpers
+split it into per-module factor pairs (B, A) and the rest (the classifier head), and rebuild a
+slot-shaped state from factors of any rank ≤ the slot rank by zero-padding (exact, see
+``fedlora.lora.pad_factors``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.adapters import LoraModule, TensorDict
+from fedlora.config import LoraConfig
+from fedlora.lora import lora_scale, pad_factors
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key -> (B, A)
+
+
+def head_of(state: TensorDict, modules: list[LoraModule]) -> TensorDict:
+    """The tensors that are not LoRA factors (the classifier head, if trained)."""
+    factor_keys = {m.a for m in modules} | {m.b for m in modules}
+    return {k: v for k, v in state.items() if k not in factor_keys}
+
+
+def factors_of(state: TensorDict, modules: list[LoraModule], rank: int | None = None) -> Factors:
+    """(B, A) per module, truncated to the first ``rank`` components if given."""
+    return {m.key: (state[m.b][:, :rank], state[m.a][:rank]) for m in modules}
+
+
+def pack(factors: Factors, modules: list[LoraModule]) -> TensorDict:
+    """Factors back to wire names (any rank)."""
+    packed: TensorDict = {}
+    for m in modules:
+        packed[m.b], packed[m.a] = factors[m.key]
+    return packed
+
+
+def slot_state(factors: Factors, head: TensorDict, modules: list[LoraModule]) -> TensorDict:
+    """A full slot-shaped adapter state: each module's factors zero-padded to the slot rank."""
+    padded = {m.key: pad_factors(*factors[m.key], m.rank) for m in modules}
+    return {**pack(padded, modules), **head}
+
+
+def rank_scales(modules: list[LoraModule], rank: int, lora: LoraConfig) -> dict[str, float]:
+    """The scale s(r) of a rank-``rank`` client for every module (§1.1)."""
+    scale = lora_scale(lora.alpha, rank, lora.rslora)
+    return {m.key: scale for m in modules}

@@ -1,0 +1,138 @@
+"""FSLoRA: a global rank-r LoRA, each client trains a random sketch of k_i of its components
+(algorithms.md §5.1–5.2).
+
+Per round and per (client, module) the server draws I_i ⊂ {1..r}, |I_i| = k_i, uniformly without
+replacement (option ``share_across_modules``: one I_i per client); both halves derive it from
+(seed, round, client, module). The client trains the rank-k_i LoRA (B[:, I_i], A[I_i, :]) with
+scale s·r/k_i, which equals training W0 + s·B·S_i·A with S_i = (r/k_i)Σ_{j∈I_i} e_j e_jᵀ
+(E[S_i] = I, §7 T8) step for step, and uploads the changes ΔB_i, ΔA_i of those k_i(d+k)
+values. The index set rides along with the download (k_i floats per module) when k_i < r.
+
+Server: D = (1/M)·Σ_i scatter(Δ_i, I_i) over the M clients of the round (the code's rule;
+option ``normalization = "per_index_count"`` divides component j by how many clients drew it),
+then ``plain`` x ← x + D (the paper) or ``adam`` (an AdamW step on −D, the released code).
+The classifier head, trained by every client, is updated the same way.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from fedlora.adapters import TensorDict
+from fedlora.lora import sketch_factors, sketch_indices
+from fedlora.methods.base import Method, MethodContext
+from fedlora.methods.factors import factors_of, head_of, pack, slot_state
+from fedlora.server_optimizer import ServerKind, ServerOptimizer, ServerOptions
+from fedlora.training import derived_seed
+
+INDEX = ".sketch_index"  # suffix of the index-set tensor of a module in a download
+
+
+class FSLoRAOptions(ServerOptions):
+    server: ServerKind = Field(
+        "plain", description="plain: x += D (paper); adam: AdamW on -D (code)"
+    )
+    normalization: Literal["clients", "per_index_count"] = Field(
+        "clients",
+        description="clients: divide by M (the code); per_index_count: by draws of each j",
+    )
+    share_across_modules: bool = Field(
+        False, description="one index set per client for all modules"
+    )
+
+
+class FSLoRA(Method):
+    name = "fslora"
+    summary = (
+        "FSLoRA: global rank-r LoRA, clients train random k_i-of-r sketches (Fang et al. 2025)"
+    )
+    Options = FSLoRAOptions
+    heterogeneous_ranks = True
+    sketched: ClassVar[bool] = True  # False: every client trains all r components
+
+    def __init__(self, context: MethodContext, options: BaseModel) -> None:
+        super().__init__(context, options)
+        assert isinstance(options, FSLoRAOptions)
+        self.options: FSLoRAOptions = options
+        self.server = ServerOptimizer(
+            context.initial, options.server, options, context.config.train.lr
+        )
+
+    def _budget(self, client: int) -> int:
+        return self.context.rank(client) if self.sketched else self.context.config.lora.rank
+
+    def _index(self, round_index: int, client: int, position: int) -> torch.Tensor:
+        r, k = self.context.config.lora.rank, self._budget(client)
+        if k == r:
+            return torch.arange(r)
+        where = 0 if self.options.share_across_modules else position
+        seed = derived_seed(self.context.config.experiment.seed, round_index, client, where, 0x5C)
+        return sketch_indices(r, k, torch.Generator().manual_seed(seed))
+
+    def client_scales(self, client: int) -> dict[str, float] | None:
+        r, k = self.context.config.lora.rank, self._budget(client)
+        return None if k == r else {m.key: m.scale * r / k for m in self.context.modules}
+
+    def server_message(self, client: int, round_index: int) -> TensorDict:
+        modules, state = self.context.modules, self.server.values()
+        message = head_of(state, modules)
+        for position, m in enumerate(modules):
+            index = self._index(round_index, client, position)
+            message[m.b], message[m.a] = sketch_factors(state[m.b], state[m.a], index)
+            if index.numel() < m.rank:
+                message[m.key + INDEX] = index.float()
+        return message
+
+    def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
+        modules = self.context.modules
+        head = {k: v for k, v in head_of(message, modules).items() if not k.endswith(INDEX)}
+        return slot_state(factors_of(message, modules), head, modules)
+
+    def client_reply(
+        self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
+    ) -> TensorDict:
+        """ΔB_i, ΔA_i of the k_i trained components and Δ of the head."""
+        modules, k = self.context.modules, self._budget(client)
+        reply = pack(factors_of(trained, modules, k), modules)
+        reply.update(head_of(trained, modules))
+        return {name: value - message[name] for name, value in reply.items()}
+
+    def aggregate(
+        self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
+    ) -> None:
+        modules, clients, r = self.context.modules, sorted(replies), self.context.config.lora.rank
+        state = self.server.values()
+        delta = {
+            k: torch.stack([replies[c][k] for c in clients]).mean(0)
+            for k in head_of(state, modules)
+        }
+        for position, m in enumerate(modules):
+            d_b, d_a, draws = (
+                torch.zeros_like(state[m.b]),
+                torch.zeros_like(state[m.a]),
+                torch.zeros(r),
+            )
+            for c in clients:
+                index = self._index(round_index, c, position)
+                d_b.index_add_(1, index, replies[c][m.b])
+                d_a.index_add_(0, index, replies[c][m.a])
+                draws[index] += 1
+            divisor = (
+                draws.clamp(min=1)
+                if self.options.normalization == "per_index_count"
+                else torch.full((r,), float(len(clients)))
+            )
+            delta[m.b], delta[m.a] = d_b / divisor, d_a / divisor[:, None]
+        self.server.apply(delta)
+
+    def global_state(self) -> TensorDict:
+        return {k: v.clone() for k, v in self.server.values().items()}
+
+    def state_dict(self) -> TensorDict:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: TensorDict) -> None:
+        self.server.load_state_dict(state)
