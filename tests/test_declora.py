@@ -261,3 +261,55 @@ def test_topology_errors_stop_the_cli_with_one_message(tmp_path: Path) -> None:
     )
     assert code == 2 and "edges.txt:3" in output and "node ids must lie in 0..3" in output
     assert Topology(TopologyConfig(kind="ring"), 4, 0).at(0).lambda2 == pytest.approx(1 / 3)
+
+
+# -- the 4-bit NF4 base (Dec-LoRA Table 4) ---------------------------------------------------
+def test_nf4_base_trains_lora_through_quantized_layers() -> None:
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora.nf4 import quantize_nf4
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(config).eval().requires_grad_(False)
+    ids, labels = torch.randint(0, 100, (4, 12)), torch.tensor([0, 1, 2, 1])
+    reference = model(input_ids=ids).logits
+    assert quantize_nf4(model, "classifier") == 2 * 6 + 1  # q, k, v, o, up, down per layer + pooler
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+    assert type(model.classifier) is torch.nn.Linear  # the trained head stays float32
+    assert (model(input_ids=ids).logits - reference).abs().max() < 0.1
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    trainable = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-2)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = peft(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    first_a = peft.base_model.model.bert.encoder.layer[0].attention.self.query.lora_A["default"]
+    assert first_a.weight.grad is not None and first_a.weight.grad.abs().sum() > 0
+    assert losses[-1] < losses[0]
+
+
+def test_nf4_refuses_layers_the_cpu_kernel_cannot_run(tmp_path: Path) -> None:
+    code, output = run_cli(
+        "run",
+        str(TINY / "declora.toml"),
+        "--out",
+        str(tmp_path / "q"),
+        "--quiet",
+        "--set",
+        "model.quantize_4bit=true",
+    )
+    assert code == 2 and "in_features 32" in output and "multiple of 64" in output

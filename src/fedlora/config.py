@@ -35,6 +35,9 @@ class ModelConfig(Section):
         description="minilm-l6, smollm2-135m, tiny-bert, tiny-llama, or a local HF directory",
     )
     max_length: int = Field(128, ge=8, le=4096)
+    quantize_4bit: bool = Field(
+        False, description="NF4 frozen base (bitsandbytes, fp32 compute; linears need in % 64 == 0)"
+    )
 
 
 class LoraConfig(Section):

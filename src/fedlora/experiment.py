@@ -14,6 +14,7 @@ from fedlora.evaluation import Evaluator
 from fedlora.methods import build_method, method_class, method_options
 from fedlora.methods.base import Method, MethodContext
 from fedlora.models import ModelSpec, load_base_model, load_tokenizer, model_spec
+from fedlora.nf4 import quantize_nf4
 from fedlora.ranks import client_ranks
 from fedlora.training import LocalTrainer, derived_seed
 
@@ -61,6 +62,8 @@ def build(config: Config) -> Experiment:
     train_set = tokenize(split.train, tokenizer, config.model.max_length, causal)
     test_set = tokenize(split.test, tokenizer, config.model.max_length, causal)
     base = load_base_model(config.model.name, num_classes, tokenizer, seed=config.experiment.seed)
+    if config.model.quantize_4bit:
+        quantize_nf4(base, spec.head)
     init_seed = config.lora.init_seed if config.lora.init_seed is not None else config.experiment.seed
     slots = AdapterSlots(base, spec, config.lora, derived_seed(init_seed, 0xA0))
 
