@@ -39,7 +39,8 @@ def write_schedule(path: Path, keys: list[str], schedules: dict[int, torch.Tenso
 
 def plot_schedule(path: Path, keys: list[str], mask: torch.Tensor, title: str) -> None:
     steps = mask.shape[0]
-    figure, axis = plt.subplots(figsize=(min(14, 4 + steps / 40), min(12, 2 + len(keys) / 5)))
+    width = min(14.0, max(6.0, 4 + steps / 40))
+    figure, axis = plt.subplots(figsize=(width, min(12.0, 2 + len(keys) / 5)))
     axis.imshow(
         mask.T.float().numpy(),
         aspect="auto",
@@ -53,9 +54,8 @@ def plot_schedule(path: Path, keys: list[str], mask: torch.Tensor, title: str) -
     axis.set_yticks(range(0, len(keys), every))
     axis.set_yticklabels(short_names(keys)[::every], fontsize=6)
     axis.set_xlabel("training step")
-    axis.set_title(
-        f"{title}: active modules (green), {float(mask.float().mean()):.1%} of module-steps"
-    )
+    share = float(mask.float().mean())
+    axis.set_title(f"{title}: active modules (dark), {share:.1%} of module-steps", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
