@@ -15,7 +15,7 @@ from fedlora import experiment as experiments
 from fedlora.adapters import LoraModule, TensorDict
 from fedlora.config import Config, TopologyConfig, load_config
 from fedlora.engines.gossip import GossipEngine, consensus_distance, node_name
-from fedlora.lora import truncated_product_sum, weighted_average
+from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext, NoOptions
 from fedlora.methods.declora import DecLoRA
 from fedlora.topology import Topology, erdos_renyi, laplacian, ring, ring_weights
@@ -98,17 +98,6 @@ def test_product_mixing_is_the_best_rank_r_approximation_of_the_mixed_product() 
         a = mixed[0][m.a]
         assert torch.allclose(a @ a.T, torch.eye(m.rank, dtype=a.dtype), atol=1e-12)  # gauge
     assert torch.allclose(mixed[0][HEAD], sum(states[j][HEAD] for j in (5, 0, 1)) / 3, atol=1e-12)
-
-
-def test_truncated_product_sum_is_exact_when_the_sum_has_rank_r() -> None:
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 40, generator=g, dtype=torch.float64)  # a shared A: Σ w B_j A has rank 3
-    bs = [torch.randn(30, 3, generator=g, dtype=torch.float64) for _ in range(4)]
-    weights = [0.1, 0.2, 0.3, 0.4]
-    b_new, a_new = truncated_product_sum(bs, [a] * 4, weights, 3)
-    assert torch.allclose(
-        b_new @ a_new, sum(w * b for w, b in zip(weights, bs, strict=True)) @ a, atol=1e-12
-    )
 
 
 def test_network_model_in_factor_and_product_space() -> None:

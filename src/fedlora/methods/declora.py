@@ -3,9 +3,9 @@
 Each node mixes A and B *separately* with the same weights, which keeps the network averages Ā
 and B̄ exact but not the average product (§2.4, tested in T9). ``topology.mix_space = "products"``
 is the DeCAF-like variant: a node mixes its neighbours' s·B·A and re-factorises to rank r by a
-truncated SVD computed on the factors (the d×k product is never formed). All nodes share r and
-s, so mixing B·A and mixing s·B·A give the same factors. The classifier head is mixed with the
-same weights ([Recon], the paper is silent).
+truncated SVD computed on the factors (``lora.weighted_product_svd``; the d×k product is never
+formed). All nodes share r and s, so mixing B·A and mixing s·B·A give the same factors. The
+classifier head is mixed with the same weights ([Recon], the paper is silent).
 
 The optimizer (``train.optimizer``: ``sgd`` is Algorithm 1, ``adamw`` what reproductions use),
 whether its state survives a round (``train.keep_optimizer_state``; reset by default) and K
@@ -15,7 +15,7 @@ whether its state survives a round (``train.keep_optimizer_state``; reset by def
 from __future__ import annotations
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import normalized, truncated_product_sum, weighted_average
+from fedlora.lora import normalized, weighted_average, weighted_product_svd
 from fedlora.methods.peer import PeerMethod
 
 
@@ -28,12 +28,15 @@ class DecLoRA(PeerMethod):
         combined = weighted_average(states, weights)
         if space == "products":
             for module in self.context.modules:
-                combined[module.b], combined[module.a] = truncated_product_sum(
+                u, sigma, vh = weighted_product_svd(
                     [s[module.b] for s in states],
                     [s[module.a] for s in states],
                     weights,
                     module.rank,
                 )
+                # Gauge [Recon]: A = V_rᵀ (orthonormal rows, the O(1) scale of a LoRA init, and
+                # still trainable if the mixed product is 0), B = U_r Σ_r.
+                combined[module.b], combined[module.a] = u * sigma, vh
         return combined
 
     def mix(
