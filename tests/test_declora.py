@@ -302,3 +302,13 @@ def test_nf4_refuses_layers_the_cpu_kernel_cannot_run(tmp_path: Path) -> None:
         "model.quantize_4bit=true",
     )
     assert code == 2 and "in_features 32" in output and "multiple of 64" in output
+
+
+def test_k_in_epochs_can_be_chosen_from_a_config_file() -> None:
+    """§2.2's K_unit: ``local_epochs`` alone (TOML cannot write None) replaces the default steps."""
+    from fedlora.config import config_from_dict
+    from fedlora.training import steps_per_round
+
+    train = config_from_dict({"train": {"local_epochs": 1, "batch_size": 32}}).train
+    assert train.local_steps is None and steps_per_round(train, 170) == 6
+    assert config_from_dict({}).train.local_steps == 8

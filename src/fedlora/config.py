@@ -107,6 +107,16 @@ class TrainConfig(Section):
     )
     max_grad_norm: float | None = Field(None, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_default_steps(cls, data: Any) -> Any:
+        """``local_epochs`` alone means epochs: the default ``local_steps`` then steps aside
+        (otherwise a TOML file, which cannot write None, could never choose epochs)."""
+        epochs_only = isinstance(data, dict) and "local_steps" not in data
+        if epochs_only and data.get("local_epochs") is not None:
+            return {**data, "local_steps": None}
+        return data
+
     @model_validator(mode="after")
     def _one_work_unit(self) -> TrainConfig:
         if (self.local_steps is None) == (self.local_epochs is None):
