@@ -219,16 +219,20 @@ class GossipEngine(SimulationEngine):
             if config.quantize_bits == 32
             else f"{config.quantize_bits}-bit stochastic quantization (ours)"
         )
+        graph = self.topology.describe() + "."
+        if config.time_varying:
+            per_round = [m["lambda2"] for m in self.metrics]
+            graph += f" Mean λ2 over the {len(per_round)} rounds' graphs: {np.mean(per_round):.4f}."
         return [
             "",
             "## Decentralized gossip",
             "",
-            self.topology.describe() + ".",
+            graph,
             "",
             f"Messages: {codec}{', CHOCO error feedback' if config.error_feedback else ''}; "
             f"mixing in {config.mix_space} space; "
             f"evaluated model: network average of {config.average_model}. "
-            f"Bytes sent per node (all rounds): "
+            "Bytes sent per node (all rounds): "
             + ", ".join(f"{name} {sent[name]:,}" for name in sorted(sent, key=lambda n: int(n[4:])))
             + ".",
             "",
