@@ -66,11 +66,11 @@ class DLoRA(Method):
             raise ConfigError(
                 f"method.users is {options.users}, but the partition has {clients} clients"
             )
-        trains_head = any(".lora_" not in k for k in context.initial)
-        if options.head_on == "cloud" and trains_head:
+        if options.head_on == "cloud" and any(".lora_" not in k for k in context.initial):
             raise ConfigError(
-                "method.head_on = 'cloud' needs lora.train_head = false: the cloud cannot train a "
-                "head on the device's private labels"
+                "method.head_on = 'cloud' needs a model whose head is not trained (a causal LM; "
+                "PEFT always trains a classifier's head): the cloud cannot train a head on the "
+                "device's private labels"
             )
 
     @property
