@@ -114,6 +114,7 @@ class GossipEngine(SimulationEngine):
     def _gossip(
         self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
     ) -> dict[int, TensorDict]:
+        """Plain gossip: x_i ← w_ii x_i + Σ_j w_ij x̃_j, x̃_j as received (quantized or exact)."""
         received = self._exchange(messages, graph, round_index)
         return {
             i: self.method.mix(i, {i: messages[i], **received[i]}, self._row(graph, i))
@@ -123,6 +124,7 @@ class GossipEngine(SimulationEngine):
     def _choco(
         self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
     ) -> dict[int, TensorDict]:
+        """CHOCO-gossip (see the module docstring); estimates live in each node's store."""
         gamma = self.exp.config.topology.consensus_step
         initial = self.method.context.initial
         hats = {i: stored(self.stores[i], hat_prefix(i)) or dict(initial) for i in messages}
