@@ -164,6 +164,8 @@ class SplitEngine(SimulationEngine):
         batches = batch_stream(
             user.rows, train.batch_size, derived_seed(seed, round_index, user.index, 2)
         )
+        if not self._keeps_optimizer():  # train.keep_optimizer_state = false: fresh AdamW moments
+            user.optimizer.state.clear()
         model = self.cloud.model
         model.train()
         losses, examples = [], 0
