@@ -58,8 +58,12 @@ class AdapterSlots:
         targets = list(config.target_modules or spec.default_targets)
         head = [spec.head] if (spec.head and config.train_head) else None
         peft_config = PeftLoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.rslora,
-            target_modules=targets, modules_to_save=head,
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            use_rslora=config.rslora,
+            target_modules=targets,
+            modules_to_save=head,
             task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
         )
         torch.manual_seed(init_seed)  # the common A init every client shares
@@ -78,8 +82,13 @@ class AdapterSlots:
                 a = module.lora_A[ADAPTER].weight
                 b = module.lora_B[ADAPTER].weight
                 self.modules.append(
-                    LoraModule(wire_name(name), b.shape[0], a.shape[1], a.shape[0],
-                               float(module.scaling[ADAPTER]))
+                    LoraModule(
+                        wire_name(name),
+                        b.shape[0],
+                        a.shape[1],
+                        a.shape[0],
+                        float(module.scaling[ADAPTER]),
+                    )
                 )
         logging.getLogger(__name__).debug("%d adapted modules", len(self.modules))
 
@@ -117,7 +126,9 @@ class AdapterSlots:
 
     def set_scales(self, scales: dict[str, float]) -> None:
         """Per-module LoRA scale s (methods with per-client ranks compensate s, §1.1)."""
-        by_key = {wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        by_key = {
+            wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)
+        }
         for key, scale in scales.items():
             by_key[key].scaling[ADAPTER] = scale
 
@@ -137,7 +148,9 @@ class AdapterSlots:
 
         The pristine W0 is kept on first use, so the result depends only on the offset given and
         not on earlier calls: a resumed run rebuilds the same base bit for bit (FLoRA, §6.6)."""
-        by_key = {wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        by_key = {
+            wire_name(name): m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)
+        }
         with torch.no_grad():
             for key, offset in offsets.items():
                 weight = by_key[key].get_base_layer().weight

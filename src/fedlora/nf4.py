@@ -37,8 +37,12 @@ def quantize_nf4(model: torch.nn.Module, head: str | None) -> int:
             )
     for name, module in targets:
         quantized = bnb.nn.Linear4bit(
-            module.in_features, module.out_features, bias=module.bias is not None,
-            compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=torch.float32,
+            compress_statistics=True,
+            quant_type="nf4",
         )
         quantized.weight = bnb.nn.Params4bit(
             module.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"

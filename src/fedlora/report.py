@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from fedlora.channel import human_bytes  # noqa: E402
+from fedlora.channel import human_bytes
 
 QUALITY_KEYS = ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
 
@@ -85,7 +85,9 @@ def plot_runs(runs: list[RunView], directory: Path) -> list[Path]:
             figure, axis = plt.subplots(figsize=(6, 4))
             for run in runs:
                 rows = [m for m in run.evaluated if key in m]
-                axis.plot([m[x_key] for m in rows], [m[key] for m in rows], marker="o", label=run.label)
+                axis.plot(
+                    [m[x_key] for m in rows], [m[key] for m in rows], marker="o", label=run.label
+                )
             axis.set_xlabel(x_label)
             axis.set_ylabel(key)
             if x_key == "cumulative_bytes":

@@ -1,13 +1,13 @@
 """The run directory: what a finished run leaves behind.
 
-    config.toml            the resolved config (defaults filled in)
-    metrics.jsonl          one line per round
-    ledger.jsonl           one line per transfer: round, sender, receiver, bytes
-    checkpoint.safetensors the state after the last completed round (for --resume)
-    adapter/               the final global adapter in PEFT format (if the method has one)
-    adapters/client_<i>/   per-client adapters (methods whose clients keep their own model)
-    summary.md             tables: final metrics, bytes, client label histograms
-    *_vs_round.png, *_vs_bytes.png
+config.toml            the resolved config (defaults filled in)
+metrics.jsonl          one line per round
+ledger.jsonl           one line per transfer: round, sender, receiver, bytes
+checkpoint.safetensors the state after the last completed round (for --resume)
+adapter/               the final global adapter in PEFT format (if the method has one)
+adapters/client_<i>/   per-client adapters (methods whose clients keep their own model)
+summary.md             tables: final metrics, bytes, client label histograms
+*_vs_round.png, *_vs_bytes.png
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ def prepare(out: Path, config: Config, resume: bool) -> None:
     if resume and not has_checkpoint:
         raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")
     if not resume and has_checkpoint:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
     if resume:
         saved = (out / "config.toml").read_text()
         if saved != tomli_w.dumps(config.model_dump(exclude_none=True)):
-            raise ConfigError(f"--resume: the config differs from the one saved in {out}/config.toml")
+            raise ConfigError(
+                f"--resume: the config differs from the one saved in {out}/config.toml"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
 
@@ -61,8 +65,9 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
     lines = [
         f"# {config.experiment.name}",
         "",
-        f"method `{config.method.name}`, model `{config.model.name}`, data `{config.data.dataset}`, "
-        f"{len(experiment.clients)} clients ({config.partition.kind}), {config.experiment.rounds} rounds, "
+        f"method `{config.method.name}`, model `{config.model.name}`, "
+        f"data `{config.data.dataset}`, {len(experiment.clients)} clients "
+        f"({config.partition.kind}), {config.experiment.rounds} rounds, "
         f"seed {config.experiment.seed}",
         "",
         "## Results",
@@ -71,8 +76,9 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
         "",
         "## Communication",
         "",
-        f"up (to the server) {human_bytes(ledger.total('up'))}, down {human_bytes(ledger.total('down'))}, "
-        f"total {human_bytes(ledger.total())} ({ledger.total()} bytes measured on the serialized messages)",
+        f"up (to the server) {human_bytes(ledger.total('up'))}, "
+        f"down {human_bytes(ledger.total('down'))}, total {human_bytes(ledger.total())} "
+        f"({ledger.total()} bytes measured on the serialized messages)",
         "",
         "## Client data (training examples per label)",
         "",
@@ -82,8 +88,12 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
     for client, row in enumerate(experiment.histograms):
         lines.append(f"| {client} | " + " | ".join(str(x) for x in row) + f" | {sum(row)} |")
     ranks = experiment.method.context.ranks
-    lines += ["", f"## Client LoRA ranks (profile `{config.ranks.profile}`, slot rank {config.lora.rank})", "",
-              ", ".join(f"client {c}: r={r}" for c, r in enumerate(ranks))]
+    lines += [
+        "",
+        f"## Client LoRA ranks (profile `{config.ranks.profile}`, slot rank {config.lora.rank})",
+        "",
+        ", ".join(f"client {c}: r={r}" for c, r in enumerate(ranks)),
+    ]
     return "\n".join([*lines, *result.notes]) + "\n"
 
 

@@ -36,28 +36,41 @@ def configure_runtime() -> None:
 
 def final_table(result: RunResult) -> Table:
     evaluated = [m for m in result.metrics if any(k in m for k in ("accuracy", "test_loss"))]
-    keys = [k for k in ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss") if evaluated and k in evaluated[-1]]
+    keys = [
+        k
+        for k in ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
+        if evaluated and k in evaluated[-1]
+    ]
     table = Table("round", "train loss", *keys, "bytes (cum.)", "seconds", title="results")
     for m in result.metrics:
         table.add_row(
-            str(m["round"]), f"{m['train_loss']:.4f}",
+            str(m["round"]),
+            f"{m['train_loss']:.4f}",
             *[f"{m[k]:.4f}" if k in m else "" for k in keys],
-            f"{m['cumulative_bytes']:,}", f"{m['seconds']:.1f}",
+            f"{m['cumulative_bytes']:,}",
+            f"{m['seconds']:.1f}",
         )
     return table
 
 
 def run_experiment(
-    config_file: Path, overrides: list[str], out: Path | None, resume: bool,
-    console: Console, show_progress: bool = True,
+    config_file: Path,
+    overrides: list[str],
+    out: Path | None,
+    resume: bool,
+    console: Console,
+    show_progress: bool = True,
 ) -> RunResult:
     configure_runtime()
     config = load_config(config_file, overrides)
     experiments.validate(config)
     out = out or Path("runs") / config.experiment.name
     rundir.prepare(out, config, resume)
-    console.print(f"[bold]{config.experiment.name}[/]: method {config.method.name}, model "
-                  f"{config.model.name}, data {config.data.dataset} -> {out}", highlight=False)
+    console.print(
+        f"[bold]{config.experiment.name}[/]: method {config.method.name}, model "
+        f"{config.model.name}, data {config.data.dataset} -> {out}",
+        highlight=False,
+    )
     experiment = experiments.build(config)
     engine = ENGINES[experiment.method.engine](experiment, out, console)
     start = engine.resume() if resume else 0

@@ -20,11 +20,15 @@ from fedlora.data.tokenized import TokenizedSet
 
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers; different tuples give independent streams."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+        >> 1
+    )
 
 
 def batch_stream(rows: list[int], batch_size: int, seed: int):
-    """Endless batches over ``rows``: a fresh seeded permutation per pass, batches may span passes."""
+    """Endless batches over ``rows``: a fresh seeded permutation per pass; a batch may span
+    two passes."""
     rng = np.random.default_rng(seed)
     size = min(batch_size, len(rows))
     order: list[int] = []
@@ -53,13 +57,19 @@ def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     return config.lr
 
 
-OptimizerFactory = Callable[[list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer]
+OptimizerFactory = Callable[
+    [list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer
+]
 
 
-def standard_optimizer(params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
+def standard_optimizer(
+    params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
+) -> torch.optim.Optimizer:
     tensors = [p for _, p in params]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(tensors, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            tensors, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.AdamW(tensors, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -78,7 +88,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, flat: TensorDict) -> Non
     for name, tensor in flat.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = tensor.clone()
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
 
 
 @dataclass
@@ -93,7 +105,9 @@ class LocalResult:
 class LocalTrainer:
     """Runs a client's local steps on the shared model's adapter slots."""
 
-    def __init__(self, slots: AdapterSlots, data: TokenizedSet, config: TrainConfig, seed: int, rounds: int):
+    def __init__(
+        self, slots: AdapterSlots, data: TokenizedSet, config: TrainConfig, seed: int, rounds: int
+    ):
         self.slots = slots
         self.data = data
         self.config = config
@@ -112,7 +126,8 @@ class LocalTrainer:
         regularizer: Callable[[dict[str, torch.nn.Parameter]], torch.Tensor] | None = None,
     ) -> LocalResult:
         """``regularizer``, if given, is a penalty on the named trainable tensors added to the
-        loss once per optimizer step (HetLoRA's self-pruning term); the reported loss excludes it."""
+        loss once per optimizer step (HetLoRA's self-pruning term); the reported loss excludes
+        it."""
         config = self.config
         self.slots.load(start)
         params = self.slots.parameters(trainable)
@@ -124,7 +139,9 @@ class LocalTrainer:
         steps = steps_per_round(config, len(rows))
         total = steps * self.rounds
         torch.manual_seed(derived_seed(self.seed, round_index, client, 1))  # dropout
-        batches = batch_stream(rows, config.batch_size, derived_seed(self.seed, round_index, client, 2))
+        batches = batch_stream(
+            rows, config.batch_size, derived_seed(self.seed, round_index, client, 2)
+        )
         losses = []
         examples = 0
         for step in range(steps):

@@ -52,7 +52,11 @@ class ClassMatrixPartitioner(Partitioner):
             for label in range(self._weights.shape[1]):
                 members = rng.permutation(np.flatnonzero(labels == label))
                 column = self._weights[:, label]
-                share = column / column.sum() if column.sum() > 0 else np.full_like(column, 1 / len(column))
+                share = (
+                    column / column.sum()
+                    if column.sum() > 0
+                    else np.full_like(column, 1 / len(column))
+                )
                 cuts = np.round(np.cumsum(share)[:-1] * len(members)).astype(int)
                 for client, chunk in enumerate(np.split(members, cuts)):
                     parts[client].extend(int(i) for i in chunk)
@@ -60,13 +64,19 @@ class ClassMatrixPartitioner(Partitioner):
         return self._indices
 
 
-def fslora_dirichlet(num_clients: int, num_classes: int, alpha: float, seed: int) -> ClassMatrixPartitioner:
+def fslora_dirichlet(
+    num_clients: int, num_classes: int, alpha: float, seed: int
+) -> ClassMatrixPartitioner:
     """P2: one Dir(α·1_C) row per client, each class split by its normalised column."""
     rng = np.random.default_rng(seed)
-    return ClassMatrixPartitioner(rng.dirichlet(np.full(num_classes, alpha), size=num_clients), seed + 1)
+    return ClassMatrixPartitioner(
+        rng.dirichlet(np.full(num_classes, alpha), size=num_clients), seed + 1
+    )
 
 
-def fixed_proportions(rows: list[list[float]], num_classes: int, seed: int) -> ClassMatrixPartitioner:
+def fixed_proportions(
+    rows: list[list[float]], num_classes: int, seed: int
+) -> ClassMatrixPartitioner:
     """P4: client i holds class c in proportion ``rows[i][c]`` (rows sum to 1)."""
     matrix = np.asarray(rows, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[1] != num_classes:
@@ -79,14 +89,21 @@ def fixed_proportions(rows: list[list[float]], num_classes: int, seed: int) -> C
     return ClassMatrixPartitioner(matrix, seed)
 
 
-def make_partitioner(config: PartitionConfig, num_classes: int, seed: int, train: Dataset) -> Partitioner:
+def make_partitioner(
+    config: PartitionConfig, num_classes: int, seed: int, train: Dataset
+) -> Partitioner:
     n = config.num_clients
     if config.kind == "iid":
         return IidPartitioner(n)
     if config.kind == "dirichlet":
         return DirichletPartitioner(
-            n, "label", config.alpha, min_partition_size=config.min_client_size,
-            self_balancing=False, shuffle=True, seed=seed,
+            n,
+            "label",
+            config.alpha,
+            min_partition_size=config.min_client_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
         )
     if config.kind == "fslora_dirichlet":
         return fslora_dirichlet(n, num_classes, config.alpha, seed)
@@ -101,7 +118,9 @@ def make_partitioner(config: PartitionConfig, num_classes: int, seed: int, train
         )
     if config.kind == "proportions":
         if config.proportions is None:
-            raise ConfigError("partition.proportions is required when partition.kind = 'proportions'")
+            raise ConfigError(
+                "partition.proportions is required when partition.kind = 'proportions'"
+            )
         if len(config.proportions) != n:
             raise ConfigError(
                 f"partition.proportions has {len(config.proportions)} rows but "
@@ -109,7 +128,11 @@ def make_partitioner(config: PartitionConfig, num_classes: int, seed: int, train
             )
         return fixed_proportions(config.proportions, num_classes, seed)
     if config.kind == "quantity":
-        sizes = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}
+        sizes = {
+            "linear": LinearPartitioner,
+            "square": SquarePartitioner,
+            "exponential": ExponentialPartitioner,
+        }
         return sizes[config.quantity](n)
     column = config.column or "label"
     if column not in train.column_names:
@@ -126,7 +149,9 @@ def make_partitioner(config: PartitionConfig, num_classes: int, seed: int, train
     return NaturalIdPartitioner(partition_by=column)
 
 
-def partition(train: Dataset, config: PartitionConfig, num_classes: int, seed: int) -> list[list[int]]:
+def partition(
+    train: Dataset, config: PartitionConfig, num_classes: int, seed: int
+) -> list[list[int]]:
     """Row indices of ``train`` per client; every row in exactly one client, none empty."""
     if config.num_clients > len(train):
         raise ConfigError(
@@ -134,10 +159,12 @@ def partition(train: Dataset, config: PartitionConfig, num_classes: int, seed: i
             "training examples; use at most that many clients"
         )
     partitioner = make_partitioner(config, num_classes, seed, train)
-    partitioner.dataset = train.add_column(ROW, list(range(len(train))))
+    # Shuffled by the seed first: flwr's IID and size partitioners cut contiguous blocks.
+    partitioner.dataset = train.add_column(ROW, list(range(len(train)))).shuffle(seed=seed)
     try:
         clients = [
-            sorted(list(partitioner.load_partition(i)[ROW])) for i in range(partitioner.num_partitions)
+            sorted(list(partitioner.load_partition(i)[ROW]))
+            for i in range(partitioner.num_partitions)
         ]
     except ValueError as error:  # e.g. Dirichlet cannot meet min_partition_size
         raise ConfigError(f"partition.kind {config.kind!r} failed on this data: {error}") from None
@@ -150,7 +177,9 @@ def partition(train: Dataset, config: PartitionConfig, num_classes: int, seed: i
     return clients
 
 
-def label_histograms(labels: list[int], clients: list[list[int]], num_classes: int) -> list[list[int]]:
+def label_histograms(
+    labels: list[int], clients: list[list[int]], num_classes: int
+) -> list[list[int]]:
     counts = np.zeros((len(clients), num_classes), dtype=int)
     array = np.asarray(labels)
     for client, rows in enumerate(clients):

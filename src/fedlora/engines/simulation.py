@@ -37,7 +37,9 @@ def client_name(client: int) -> str:
     return f"client{client}"
 
 
-def sample_clients(num_clients: int, per_round: int | None, fraction: float | None, seed: int, round_index: int) -> list[int]:
+def sample_clients(
+    num_clients: int, per_round: int | None, fraction: float | None, seed: int, round_index: int
+) -> list[int]:
     """The clients of one round: all, a count, or a fraction, drawn without replacement."""
     if per_round is None and fraction is None:
         return list(range(num_clients))
@@ -56,6 +58,16 @@ def summarize_clients(per_client: list[dict[str, float]]) -> dict[str, float]:
         summary[f"{key}_std"] = float(values.std())
         summary[f"{key}_min"] = float(values.min())
     return summary
+
+
+def round_line(record: dict, rounds: int) -> str:
+    shown = {
+        k: v
+        for k, v in record.items()
+        if k in ("train_loss", "accuracy", "macro_f1", "test_loss", "perplexity", "rouge_l")
+    }
+    values = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+    return f"round {record['round']}/{rounds}: {values}, {record['seconds']:.1f} s"
 
 
 @dataclass
@@ -77,7 +89,9 @@ class SimulationEngine:
         self.metrics: list[dict] = []
 
     # -- one hop through the channel -------------------------------------------------------
-    def _transfer(self, tensors: TensorDict, sender: str, receiver: str, round_index: int) -> TensorDict:
+    def _transfer(
+        self, tensors: TensorDict, sender: str, receiver: str, round_index: int
+    ) -> TensorDict:
         if not self.exp.method.communicates:
             return tensors
         return self.channel.send(tensors, sender, receiver, round_index)
@@ -94,10 +108,18 @@ class SimulationEngine:
             for client in range(len(self.exp.clients)):
                 own = method.client_model(client, self.stores[client])
                 with self.exp.slots.scaled(method.client_scales(client)):
-                    per_client.append(evaluator.evaluate(own if own is not None else method.context.initial))
+                    per_client.append(
+                        evaluator.evaluate(own if own is not None else method.context.initial)
+                    )
             return summarize_clients(per_client)
         state = method.global_state()
         return evaluator.evaluate(state) if state is not None else {}
+
+    def _sync_base(self) -> None:
+        """Bring the shared frozen base to W0 + the method's merged offset (FLoRA), if any."""
+        offset = self.exp.method.base_offset()
+        if offset is not None:
+            self.exp.slots.merge_into_base(offset)
 
     # -- the loop --------------------------------------------------------------------------
     def resume(self) -> int:
@@ -105,35 +127,42 @@ class SimulationEngine:
         if checkpoint is None:
             return 0
         self.exp.method.load_state_dict(checkpoint.method)
-    def _sync_base(self) -> None:
-        """Bring the shared frozen base to W0 + the method's merged offset (FLoRA), if any."""
-        offset = self.exp.method.base_offset()
-        if offset is not None:
-            self.exp.slots.merge_into_base(offset)
-
+        self._sync_base()
         self.stores.update(checkpoint.stores)
         self.optimizers = checkpoint.optimizers
         self.metrics = checkpoint.metrics
         self.channel.ledger = Ledger.from_json(checkpoint.ledger)
         return checkpoint.completed_rounds
 
-        self._sync_base()
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         config = self.exp.config
         rounds = config.experiment.rounds
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-            console=self.console, disable=not show_progress,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not show_progress,
         ) as progress:
             for round_index in range(start_round, rounds):
                 record = self.run_round(round_index, progress)
                 self.metrics.append(record)
+                if show_progress and not self.console.is_terminal:  # logs get one line a round
+                    self.console.print(round_line(record, rounds), highlight=False)
                 self._write_round_files()
-                save_checkpoint(self.run_dir, Checkpoint(
-                    round_index + 1, self.exp.method.state_dict(), self.stores, self.optimizers,
-                    self.metrics, self.channel.ledger.to_json(),
-                ))
+                save_checkpoint(
+                    self.run_dir,
+                    Checkpoint(
+                        round_index + 1,
+                        self.exp.method.state_dict(),
+                        self.stores,
+                        self.optimizers,
+                        self.metrics,
+                        self.channel.ledger.to_json(),
+                    ),
+                )
         return RunResult(self.metrics, self.channel.ledger, self.stores)
 
     def run_round(self, round_index: int, progress: Progress) -> dict:
@@ -141,8 +170,11 @@ class SimulationEngine:
         method = exp.method
         began = time.perf_counter()
         sampled = sample_clients(
-            len(exp.clients), config.federation.clients_per_round, config.federation.fraction,
-            config.experiment.seed, round_index,
+            len(exp.clients),
+            config.federation.clients_per_round,
+            config.federation.fraction,
+            config.experiment.seed,
+            round_index,
         )
         sizes = [len(exp.clients[c]) for c in sampled]
         raw = sizes if config.federation.weighting == "size" else [1] * len(sampled)
@@ -153,12 +185,18 @@ class SimulationEngine:
         replies: dict[int, TensorDict] = {}
         losses, steps, examples = [], 0, 0
         for client in sampled:
-            message = self._transfer(method.server_message(client, round_index), SERVER, client_name(client), round_index)
+            message = self._transfer(
+                method.server_message(client, round_index), SERVER, client_name(client), round_index
+            )
             start = method.client_start(client, message, self.stores[client])
             keep = self._keeps_optimizer()
             with exp.slots.scaled(method.client_scales(client)):
                 result = exp.trainer.train(
-                    start, exp.clients[client], round_index, client, method.trainable,
+                    start,
+                    exp.clients[client],
+                    round_index,
+                    client,
+                    method.trainable,
                     self.optimizers.get(client) if keep else None,
                     regularizer=method.regularizer(client, message),
                 )
@@ -171,6 +209,7 @@ class SimulationEngine:
             examples += result.examples
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
         method.aggregate(round_index, replies, weights)
+        self._sync_base()
         train_seconds = time.perf_counter() - began
         ledger = self.channel.ledger
         record: dict = {
@@ -179,9 +218,12 @@ class SimulationEngine:
             "train_loss": float(np.mean(losses)),
             "steps": steps,
             "examples": examples,
-        self._sync_base()
-            "bytes_up": sum(r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER),
-            "bytes_down": sum(r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER),
+            "bytes_up": sum(
+                r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER
+            ),
+            "bytes_down": sum(
+                r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER
+            ),
             "cumulative_bytes": ledger.through_round(round_index),
         }
         self._evaluate_into(record, round_index, progress, task)
@@ -198,9 +240,15 @@ class SimulationEngine:
         if last or (round_index + 1) % config.eval.every == 0:
             metrics = self.evaluate()
             # "loss" alone would be ambiguous next to train_loss.
-            record.update({("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()})
-            progress.update(task, status=", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_" not in k))
+            record.update(
+                {("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()}
+            )
+            progress.update(
+                task, status=", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_" not in k)
+            )
 
     def _write_round_files(self) -> None:
-        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        (self.run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps(m) + "\n" for m in self.metrics)
+        )
         self.channel.ledger.write_jsonl(self.run_dir / "ledger.jsonl")

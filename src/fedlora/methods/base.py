@@ -61,7 +61,9 @@ class Method(ABC):
     keeps_optimizer_state: ClassVar[bool] = False  # default for train.keep_optimizer_state
     per_client_eval: ClassVar[bool] = False  # evaluate each client's own model
     heterogeneous_ranks: ClassVar[bool] = False  # reads per-client ranks from [ranks]
-    engine: ClassVar[str] = "simulation"  # "simulation": server rounds; "gossip": peers over a graph
+    engine: ClassVar[str] = (
+        "simulation"  # "simulation": server rounds; "gossip": peers over a graph
+    )
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         self.context = context
@@ -73,7 +75,9 @@ class Method(ABC):
         """What the server sends to ``client`` at the start of a round."""
 
     @abstractmethod
-    def aggregate(self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]) -> None:
+    def aggregate(
+        self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
+    ) -> None:
         """Combine the clients' replies into the new server state."""
 
     def global_state(self) -> TensorDict | None:
@@ -86,7 +90,9 @@ class Method(ABC):
         """The full adapter state the client trains from."""
 
     @abstractmethod
-    def client_reply(self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict) -> TensorDict:
+    def client_reply(
+        self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
+    ) -> TensorDict:
         """What the client sends back; it may also update its ``store``."""
 
     def client_model(self, client: int, store: TensorDict) -> TensorDict | None:

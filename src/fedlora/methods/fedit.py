@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from fedlora.adapters import TensorDict
 from fedlora.lora import weighted_average
 from fedlora.methods.base import Method, MethodContext
-from pydantic import BaseModel
 
 
 class FedIT(Method):
@@ -22,10 +23,14 @@ class FedIT(Method):
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
         return message
 
-    def client_reply(self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict) -> TensorDict:
+    def client_reply(
+        self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
+    ) -> TensorDict:
         return trained
 
-    def aggregate(self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]) -> None:
+    def aggregate(
+        self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
+    ) -> None:
         clients = sorted(replies)
         self.state = weighted_average([replies[c] for c in clients], [weights[c] for c in clients])
 

@@ -10,7 +10,9 @@ PREFIX = "adapter."
 
 class Local(Method):
     name = "local"
-    summary = "each client trains alone from the common init, no communication; mean per-client score"
+    summary = (
+        "each client trains alone from the common init, no communication; mean per-client score"
+    )
     communicates = False
     keeps_optimizer_state = True
     per_client_eval = True
@@ -18,14 +20,18 @@ class Local(Method):
     def server_message(self, client: int, round_index: int) -> TensorDict:
         return {}
 
-    def aggregate(self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]) -> None:
+    def aggregate(
+        self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
+    ) -> None:
         return None
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
         own = self.client_model(client, store)
         return own if own is not None else dict(self.context.initial)
 
-    def client_reply(self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict) -> TensorDict:
+    def client_reply(
+        self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
+    ) -> TensorDict:
         store.update({PREFIX + k: v for k, v in trained.items()})
         return {}
 

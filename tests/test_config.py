@@ -1,0 +1,79 @@
+"""Every class of config mistake stops before training with one clear message and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import load_config, parse_override
+from tests.conftest import TINY, run_cli
+
+FEDIT = str(TINY / "fedit.toml")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "train.learning_rate=0.1"], "train.learning_rate: unknown key"),
+        (["--set", "lora.rank=0"], "lora.rank"),
+        (["--set", "lora.rank='eight'"], "lora.rank"),
+        (["--set", "method.name=fedfoo"], "method.name 'fedfoo' is not a method"),
+        (["--set", "model.name=gpt-17"], "model.name 'gpt-17'"),
+        (["--set", "data.dataset=imdb"], "data.dataset 'imdb'"),
+        (["--set", "partition.num_clients=5000"], "partition.num_clients is 5000"),
+        (["--set", "partition.kind=random"], "partition.kind"),
+        (["--set", "train.optimizer=lion"], "train.optimizer"),
+        (
+            ["--set", "federation.clients_per_round=2", "--set", "federation.fraction=0.5"],
+            "not both",
+        ),
+        (["--set", "method.unknown_option=1"], "method.unknown_option: unknown key"),
+        (["--set", "nonsense"], "section.key=value"),
+    ],
+)
+def test_config_errors_are_one_clear_message(
+    args: list[str], fragment: str, tmp_path: Path
+) -> None:
+    code, output = run_cli("run", FEDIT, "--out", str(tmp_path / "run"), "--quiet", *args)
+    assert code == 2
+    assert fragment in " ".join(output.split())
+    assert "Traceback" not in output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    code, output = run_cli("run", str(tmp_path / "nope.toml"))
+    assert code == 2 and "config file not found" in output
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    code, output = run_cli("run", FEDIT, "--quiet", "--set", f"data.dataset='{tmp_path}/x.jsonl'")
+    assert code == 2 and "x.jsonl" in output
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[experiment\nname = 1")
+    code, output = run_cli("run", str(bad))
+    assert code == 2 and "not valid TOML" in output
+
+
+def test_overrides_parse_toml_values() -> None:
+    assert parse_override("train.lr=0.01") == (["train", "lr"], 0.01)
+    assert parse_override("lora.target_modules=['query']") == (
+        ["lora", "target_modules"],
+        ["query"],
+    )
+    assert parse_override("experiment.name=abc") == (["experiment", "name"], "abc")
+    config = load_config(TINY / "fedit.toml", ["train.lr=0.25", "partition.num_clients=3"])
+    assert config.train.lr == 0.25 and config.partition.num_clients == 3
+
+
+def test_every_shipped_config_validates() -> None:
+    from fedlora.experiment import validate
+
+    configs = sorted((TINY.parent).rglob("*.toml"))
+    assert configs
+    for path in configs:
+        validate(load_config(path))

@@ -1,0 +1,147 @@
+"""End-to-end runs through the CLI: outputs, PEFT export, determinism, report, methods list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedlora.config import load_config
+from fedlora.models import load_base_model, load_tokenizer
+from tests.conftest import TINY, run_cli
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics]
+
+
+def test_run_directory_has_every_output(fedit_run: Path) -> None:
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "ledger.jsonl",
+        "checkpoint.safetensors",
+        "summary.md",
+        "accuracy_vs_round.png",
+        "accuracy_vs_bytes.png",
+    ):
+        assert (fedit_run / name).is_file(), name
+    assert (fedit_run / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = read_metrics(fedit_run)
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics)
+    ledger = [json.loads(line) for line in (fedit_run / "ledger.jsonl").read_text().splitlines()]
+    # 4 clients x 2 rounds, one message down and one up each.
+    assert len(ledger) == 16
+    assert metrics[-1]["cumulative_bytes"] == sum(r["bytes"] for r in ledger)
+    summary = (fedit_run / "summary.md").read_text()
+    assert "business" in summary and "| 3 |" in summary  # label histogram of client 3
+
+
+def test_exported_adapter_reloads_with_identical_logits(fedit_run: Path) -> None:
+    from fedlora.checkpoint import load_checkpoint
+    from fedlora.experiment import build
+
+    config = load_config(fedit_run / "config.toml")
+    experiment = build(config)
+    experiment.slots.load(load_checkpoint(fedit_run).method)
+    experiment.slots.model.eval()
+    batch = experiment.train_set.batch(list(range(6)))
+    with torch.no_grad():
+        expected = experiment.slots.model(**batch).logits
+
+    tokenizer = load_tokenizer(config.model.name)
+    base = load_base_model(config.model.name, 5, tokenizer, seed=config.experiment.seed)
+    reloaded = PeftModel.from_pretrained(base, fedit_run / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(**batch).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_same_config_and_seed_give_the_same_numbers(fedit_run: Path, tmp_path: Path) -> None:
+    code, output = run_cli(
+        "run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "again"), "--quiet"
+    )
+    assert code == 0, output
+    assert without_timing(read_metrics(tmp_path / "again")) == without_timing(
+        read_metrics(fedit_run)
+    )
+    from safetensors.torch import load_file
+
+    first = load_file(fedit_run / "adapter" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "again" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_different_seed_gives_different_numbers(fedit_run: Path, tmp_path: Path) -> None:
+    code, _ = run_cli(
+        "run",
+        str(TINY / "fedit.toml"),
+        "--out",
+        str(tmp_path / "s1"),
+        "--quiet",
+        "--set",
+        "experiment.seed=1",
+    )
+    assert code == 0
+    assert (
+        read_metrics(tmp_path / "s1")[-1]["train_loss"] != read_metrics(fedit_run)[-1]["train_loss"]
+    )
+
+
+def test_refuses_to_overwrite_a_run(fedit_run: Path) -> None:
+    code, output = run_cli("run", str(TINY / "fedit.toml"), "--out", str(fedit_run), "--quiet")
+    assert code == 2 and "already holds a run" in output
+
+
+@pytest.mark.parametrize("method", ["centralized", "local"])
+def test_reference_methods_run_end_to_end(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    code, output = run_cli("run", str(TINY / f"{method}.toml"), "--out", str(out), "--quiet")
+    assert code == 0, output
+    metrics = read_metrics(out)
+    assert metrics[-1]["cumulative_bytes"] == 0  # nothing crosses a party boundary
+    if method == "local":
+        assert "accuracy_std" in metrics[-1]
+        assert len(list((out / "adapters").iterdir())) == 4
+    else:
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert metrics[-1]["steps"] == 3
+
+
+def test_causal_lm_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "llama"
+    code, output = run_cli("run", str(TINY / "causal" / "fedit.toml"), "--out", str(out), "--quiet")
+    assert code == 0, output
+    last = read_metrics(out)[-1]
+    assert {"test_loss", "perplexity", "rouge_l"} <= set(last)
+    assert last["perplexity"] > 1.0 and 0.0 <= last["rouge_l"] <= 1.0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_report_compares_runs(fedit_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "central"
+    assert run_cli("run", str(TINY / "centralized.toml"), "--out", str(other), "--quiet")[0] == 0
+    code, output = run_cli("report", str(fedit_run), str(other), "--out", str(tmp_path / "cmp"))
+    assert code == 0, output
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "(fedit)" in text and "(centralized)" in text
+    assert (tmp_path / "cmp" / "accuracy_vs_bytes.png").is_file()
+
+
+def test_methods_lists_every_registered_method() -> None:
+    from fedlora.methods import registry
+
+    code, output = run_cli("methods")
+    assert code == 0
+    for name in registry():
+        assert name in output
+    assert {"fedit", "local", "centralized"} <= set(registry())
