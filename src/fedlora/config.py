@@ -186,7 +186,8 @@ class RanksConfig(Section):
     at most it. ``homo`` gives every client ``lora.rank``; the others draw from ``values``
     (ascending) per client, seeded: ``uniform`` (FSLoRA's {1/8,1/4,1/2}·r), ``heavy_tail``
     (FlexLoRA: 80% the smallest, 10% the largest, the rest shared by the middle values) and
-    ``normal`` (FlexLoRA: a rounded Gaussian over the value positions, mean the middle, sd 0.7·(n−1)/3)."""
+    ``normal`` (FlexLoRA: a rounded Gaussian over the value positions, mean the middle,
+    sd 0.7·(n−1)/3)."""
 
     profile: Literal["homo", "uniform", "heavy_tail", "normal"] = "homo"
     values: list[int] = Field([8, 16, 32], min_length=1, description="candidate ranks, not homo")
