@@ -119,9 +119,21 @@ class Channel:
     ) -> TensorDict:
         if not tensors:
             return {}
-        wire = tensors if self.codec is None else self.codec.encode(tensors, round_index, sender)
-        payload = encode(wire)
+        payload = self.pack(tensors, sender, round_index)
         self.ledger.add(Transfer(round_index, sender, receiver, len(payload), len(tensors)))
+        return self.unpack(payload, expect)
+
+    # ``send`` in two halves, for engines whose parties live in different processes: the sender
+    # packs, the bytes travel, the receiver unpacks; whoever keeps the ledger records the transfer.
+    def pack(self, tensors: TensorDict, sender: str, round_index: int) -> bytes:
+        """The bytes that cross the boundary: the codec's wire form, as safetensors."""
+        wire = tensors if self.codec is None else self.codec.encode(tensors, round_index, sender)
+        return encode(wire)
+
+    def unpack(
+        self, payload: bytes, expect: dict[str, tuple[int, ...]] | None = None
+    ) -> TensorDict:
+        """Bytes from ``pack`` -> validated tensors (decoded by the codec if there is one)."""
         return decode(payload, expect, self.codec)
 
 

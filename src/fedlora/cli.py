@@ -31,12 +31,43 @@ def run(
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue from the last completed round")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="simulation: every party in this process; distributed: one rank per process "
+            "(--nproc, or under torchrun)"
+        ),
+    ] = "simulation",
+    nproc: Annotated[
+        int | None, typer.Option(help="distributed: processes to start on this machine")
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="distributed: seconds a rank waits for a peer before giving up (longer than a "
+            "client's local round and an evaluation)"
+        ),
+    ] = 600.0,
 ) -> None:
     """Run an experiment from a config file."""
-    from fedlora.session import run_experiment
-
     try:
-        run_experiment(config_file, set_ or [], out, resume, console, show_progress=not quiet)
+        if engine == "simulation":
+            if nproc is not None:
+                fail("--nproc needs --engine distributed")
+            from fedlora.session import run_experiment
+
+            run_experiment(config_file, set_ or [], out, resume, console, show_progress=not quiet)
+        elif engine == "distributed":
+            from fedlora.engines.distributed import LaunchError, launch
+            from fedlora.engines.transport import PeerError
+
+            try:
+                launch(config_file, set_ or [], out, resume, nproc, timeout, console, not quiet)
+            except (LaunchError, PeerError) as error:
+                console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+        else:
+            fail(f"--engine must be simulation or distributed, not {engine!r}")
     except ConfigError as error:
         fail(str(error))
 

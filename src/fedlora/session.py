@@ -17,7 +17,11 @@ from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
 
 # by ``Method.engine``
-ENGINES = {"simulation": SimulationEngine, "gossip": GossipEngine, "split": SplitEngine}
+ENGINES: dict[str, type[SimulationEngine]] = {
+    "simulation": SimulationEngine,
+    "gossip": GossipEngine,
+    "split": SplitEngine,
+}
 
 
 def configure_runtime() -> None:
@@ -60,7 +64,9 @@ def run_experiment(
     resume: bool,
     console: Console,
     show_progress: bool = True,
+    engines: dict[str, type[SimulationEngine]] = ENGINES,
 ) -> RunResult:
+    """``engines``: the engine per ``Method.engine`` (the distributed engine passes its own)."""
     configure_runtime()
     config = load_config(config_file, overrides)
     experiments.validate(config)
@@ -72,7 +78,7 @@ def run_experiment(
         highlight=False,
     )
     experiment = experiments.build(config)
-    engine = ENGINES[experiment.method.engine](experiment, out, console)
+    engine = engines[experiment.method.engine](experiment, out, console)
     start = engine.resume() if resume else 0
     if start:
         console.print(f"resuming after round {start}")

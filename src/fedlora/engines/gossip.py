@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from fedlora.adapters import TensorDict
 from fedlora.channel import Channel
@@ -35,7 +35,7 @@ from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment
 from fedlora.methods.peer import PeerMethod, store_under, stored
 from fedlora.topology import RoundGraph, Topology, draw
-from fedlora.training import derived_seed
+from fedlora.training import LocalResult, derived_seed
 
 GRAPH_FILE = "graph.png"
 
@@ -76,11 +76,6 @@ class GossipEngine(SimulationEngine):
         self.channel = Channel(codec=self.codec)
         self.shapes = experiment.slots.shapes()
         self.factors = [name for m in experiment.slots.modules for name in (m.a, m.b)]
-        draw(
-            self.topology.at(0),
-            run_dir / GRAPH_FILE,
-            f"{config.topology.kind}, {len(experiment.clients)} nodes",
-        )
 
     def states(self) -> list[TensorDict]:
         method = self.method
@@ -153,18 +148,20 @@ class GossipEngine(SimulationEngine):
         return {j: float(graph.weights[node, j]) for j in [node, *graph.neighbours(node)]}
 
     # -- one round ----------------------------------------------------------------------------
-    def run_round(self, round_index: int, progress: Progress) -> dict:
+    def local_nodes(self) -> list[int]:
+        """The nodes this process hosts: all of them in one process."""
+        return list(range(len(self.exp.clients)))
+
+    def _train_and_mix(
+        self, graph: RoundGraph, round_index: int, progress: Progress, task: TaskID
+    ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
+        """The hosted nodes' part of a round: local steps, exchange, mix, keep. Returns their
+        trained messages (before mixing) and local results."""
         exp, method = self.exp, self.method
-        began = time.perf_counter()
-        nodes = list(range(len(exp.clients)))
-        graph = self.topology.at(round_index)
-        task = progress.add_task(
-            f"round {round_index + 1}/{exp.config.experiment.rounds}", total=len(nodes), status=""
-        )
         keep = self._keeps_optimizer()
         messages: dict[int, TensorDict] = {}
-        losses, steps, examples = [], 0, 0
-        for node in nodes:
+        results: dict[int, LocalResult] = {}
+        for node in self.local_nodes():
             start = method.client_start(node, {}, self.stores[node])
             result = exp.trainer.train(
                 start,
@@ -177,26 +174,47 @@ class GossipEngine(SimulationEngine):
             if keep:
                 self.optimizers[node] = result.optimizer_state
             messages[node] = method.client_reply(node, result.state, {}, self.stores[node])
-            losses.append(result.loss)
-            steps += result.steps
-            examples += result.examples
+            results[node] = result
+            losses = [r.loss for r in results.values()]
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
-        before = consensus_distance(list(messages.values()), self.factors)
         exchange = self._choco if exp.config.topology.error_feedback else self._gossip
         for node, state in exchange(messages, graph, round_index).items():
             method.keep(self.stores[node], state)
+        return messages, results
+
+    def _gather(
+        self,
+        messages: dict[int, TensorDict],
+        results: dict[int, LocalResult],
+        round_index: int,
+    ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
+        """Every node's trained message and local result, for the round's record (the
+        distributed engine collects them, and the nodes' stores, from the other processes)."""
+        return messages, results
+
+    def run_round(self, round_index: int, progress: Progress) -> dict:
+        exp = self.exp
+        began = time.perf_counter()
+        nodes = list(range(len(exp.clients)))
+        graph = self.topology.at(round_index)
+        task = progress.add_task(
+            f"round {round_index + 1}/{exp.config.experiment.rounds}", total=len(nodes), status=""
+        )
+        messages, results = self._gather(
+            *self._train_and_mix(graph, round_index, progress, task), round_index
+        )
         ledger = self.channel.ledger
         record: dict = {
             "round": round_index + 1,
             "clients": nodes,
-            "train_loss": float(np.mean(losses)),
-            "steps": steps,
-            "examples": examples,
+            "train_loss": float(np.mean([results[n].loss for n in nodes])),
+            "steps": sum(results[n].steps for n in nodes),
+            "examples": sum(results[n].examples for n in nodes),
             "bytes": sum(r.bytes for r in ledger.records if r.round == round_index),
             "cumulative_bytes": ledger.through_round(round_index),
             "lambda2": graph.lambda2,
             "edges": graph.graph.number_of_edges(),
-            "consensus_before_mix": before,
+            "consensus_before_mix": consensus_distance([messages[n] for n in nodes], self.factors),
             "consensus_distance": consensus_distance(self.states(), self.factors),
         }
         train_seconds = time.perf_counter() - began
@@ -207,6 +225,12 @@ class GossipEngine(SimulationEngine):
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
+        config = self.exp.config
+        draw(
+            self.topology.at(0),
+            self.run_dir / GRAPH_FILE,
+            f"{config.topology.kind}, {len(self.exp.clients)} nodes",
+        )
         result = super().run(start_round, show_progress)
         result.notes.extend(self.summary_lines())
         return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from fedlora.channel import Channel, Ledger
 from fedlora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
-from fedlora.training import derived_seed
+from fedlora.training import LocalResult, derived_seed
 
 SERVER = "server"
 
@@ -165,17 +166,56 @@ class SimulationEngine:
                 )
         return RunResult(self.metrics, self.channel.ledger, self.stores)
 
-    def run_round(self, round_index: int, progress: Progress) -> dict:
-        exp, config = self.exp, self.exp.config
-        method = exp.method
-        began = time.perf_counter()
-        sampled = sample_clients(
-            len(exp.clients),
+    def sampled(self, round_index: int) -> list[int]:
+        """This round's clients: a pure function of the config, so every process agrees."""
+        config = self.exp.config
+        return sample_clients(
+            len(self.exp.clients),
             config.federation.clients_per_round,
             config.federation.fraction,
             config.experiment.seed,
             round_index,
         )
+
+    def client_work(
+        self, client: int, message: TensorDict, round_index: int
+    ) -> tuple[TensorDict, LocalResult]:
+        """One client's half of a round, from the decoded message to the reply it sends back;
+        wherever the client lives (this process, or a worker of the distributed engine)."""
+        exp, method = self.exp, self.exp.method
+        start = method.client_start(client, message, self.stores[client])
+        keep = self._keeps_optimizer()
+        with exp.slots.scaled(method.client_scales(client)):
+            result = exp.trainer.train(
+                start,
+                exp.clients[client],
+                round_index,
+                client,
+                method.trainable,
+                self.optimizers.get(client) if keep else None,
+                regularizer=method.regularizer(client, message),
+            )
+        if keep:
+            self.optimizers[client] = result.optimizer_state
+        return method.client_reply(client, result.state, message, self.stores[client]), result
+
+    def _train_clients(
+        self, sampled: list[int], round_index: int
+    ) -> Iterator[tuple[int, TensorDict, LocalResult]]:
+        """(client, reply as the server decoded it, local result), client by client in order."""
+        method = self.exp.method
+        for client in sampled:
+            message = self._transfer(
+                method.server_message(client, round_index), SERVER, client_name(client), round_index
+            )
+            reply, result = self.client_work(client, message, round_index)
+            yield client, self._transfer(reply, client_name(client), SERVER, round_index), result
+
+    def run_round(self, round_index: int, progress: Progress) -> dict:
+        exp, config = self.exp, self.exp.config
+        method = exp.method
+        began = time.perf_counter()
+        sampled = self.sampled(round_index)
         sizes = [len(exp.clients[c]) for c in sampled]
         raw = sizes if config.federation.weighting == "size" else [1] * len(sampled)
         weights = dict(zip(sampled, normalized(raw), strict=True))
@@ -184,26 +224,8 @@ class SimulationEngine:
         )
         replies: dict[int, TensorDict] = {}
         losses, steps, examples = [], 0, 0
-        for client in sampled:
-            message = self._transfer(
-                method.server_message(client, round_index), SERVER, client_name(client), round_index
-            )
-            start = method.client_start(client, message, self.stores[client])
-            keep = self._keeps_optimizer()
-            with exp.slots.scaled(method.client_scales(client)):
-                result = exp.trainer.train(
-                    start,
-                    exp.clients[client],
-                    round_index,
-                    client,
-                    method.trainable,
-                    self.optimizers.get(client) if keep else None,
-                    regularizer=method.regularizer(client, message),
-                )
-            if keep:
-                self.optimizers[client] = result.optimizer_state
-            reply = method.client_reply(client, result.state, message, self.stores[client])
-            replies[client] = self._transfer(reply, client_name(client), SERVER, round_index)
+        for client, reply, result in self._train_clients(sampled, round_index):
+            replies[client] = reply
             losses.append(result.loss)
             steps += result.steps
             examples += result.examples

@@ -1,0 +1,125 @@
+"""Bytes between ranks over torch.distributed point-to-point: a length, then the bytes.
+
+Everything the distributed engine moves is bytes: channel messages (safetensors, already
+counted by the channel), process-internal state (client stores and optimizer states, also
+safetensors) and small JSON control records. Nothing is pickled, so the torch.distributed
+object collectives (``send_object_list`` and friends) are never used.
+
+A failed exchange (a peer that died, a timeout) becomes a ``PeerError`` naming both ranks, so
+the error a user sees says which process was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_bytes
+
+from fedlora.adapters import TensorDict
+from fedlora.channel import encode
+
+# Ranks a launcher started: torchrun and ``fedlora run --engine distributed`` both set these.
+ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class PeerError(RuntimeError):
+    """Another rank stopped answering: it died, or it waited longer than the timeout."""
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a launched group (the environment says so)."""
+    return all(name in os.environ for name in ENVIRONMENT)
+
+
+def device() -> torch.device:
+    """Where byte tensors live for the backend: CPU for gloo, the local GPU for nccl."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def connect(timeout: timedelta) -> None:
+    """Join the group the environment describes: gloo on CPU, nccl when GPUs are present.
+    ``timeout`` bounds every wait on a peer."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    if backend == "nccl":
+        torch.cuda.set_device(device())
+
+
+def _failed(peer: int, error: Exception) -> PeerError:
+    return PeerError(f"rank {dist.get_rank()}: exchange with rank {peer} failed ({error})")
+
+
+class Sends:
+    """Non-blocking sends in flight; their buffers stay referenced until ``wait``."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, dist.Work, torch.Tensor]] = []
+
+    def bytes(self, payload: bytes, peer: int) -> None:
+        for tensor in _framed(payload):
+            self._pending.append((peer, dist.isend(tensor, peer), tensor))
+
+    def wait(self) -> None:
+        for peer, work, _ in self._pending:
+            try:
+                work.wait()
+            except RuntimeError as error:
+                raise _failed(peer, error) from None
+        self._pending.clear()
+
+
+def _framed(payload: bytes) -> list[torch.Tensor]:
+    """The tensors that carry ``payload``: its length, then its bytes (if any)."""
+    where = device()
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=where)
+    if not payload:
+        return [length]
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(where)
+    return [length, data]
+
+
+def send_bytes(payload: bytes, peer: int) -> None:
+    try:
+        for tensor in _framed(payload):
+            dist.send(tensor, peer)
+    except RuntimeError as error:
+        raise _failed(peer, error) from None
+
+
+def recv_bytes(peer: int) -> bytes:
+    where = device()
+    try:
+        length = torch.zeros(1, dtype=torch.int64, device=where)
+        dist.recv(length, peer)
+        if int(length) == 0:
+            return b""
+        data = torch.empty(int(length), dtype=torch.uint8, device=where)
+        dist.recv(data, peer)
+    except RuntimeError as error:
+        raise _failed(peer, error) from None
+    return data.cpu().numpy().tobytes()
+
+
+def send_json(record: dict, peer: int) -> None:
+    send_bytes(json.dumps(record).encode(), peer)
+
+
+def recv_json(peer: int) -> dict:
+    return json.loads(recv_bytes(peer))
+
+
+def send_tensors(tensors: TensorDict, peer: int) -> None:
+    """Process-internal state between our own ranks (client stores, optimizer states, the
+    observer's copies): not a message between parties, so no codec, no ledger, no validation."""
+    send_bytes(encode(tensors) if tensors else b"", peer)
+
+
+def recv_tensors(peer: int) -> TensorDict:
+    payload = recv_bytes(peer)
+    return load_bytes(payload) if payload else {}
