@@ -77,3 +77,16 @@ def test_every_shipped_config_validates() -> None:
     assert configs
     for path in configs:
         validate(load_config(path))
+
+
+def test_readme_documents_every_config_key() -> None:
+    from pydantic import BaseModel
+
+    from fedlora.config import Config
+
+    readme = (TINY.parents[1] / "README.md").read_text()
+    for section, field in Config.model_fields.items():
+        schema = field.annotation
+        assert isinstance(schema, type) and issubclass(schema, BaseModel)
+        for key in schema.model_fields:
+            assert f"`{section}.{key}`" in readme, f"README lacks {section}.{key}"

@@ -1,0 +1,112 @@
+"""Framework overhead: a FedIT run vs the same optimizer steps in a plain PEFT loop (issue 2).
+
+Both run in this process, back to back, on the same model (minilm-l6, LoRA r=8 on q,k,v + head),
+with the very same batches (same rows, so the same padded shapes). The FedIT side is the real
+engine: channel serialisation, adapter swaps, optimizer set-up per client, aggregation,
+checkpoint files. Evaluation is excluded from both (the plain loop does none): the FedIT time is
+the sum of the rounds' ``train_seconds`` plus the checkpoint writes. The plain loop runs before
+and after the FedIT run and its mean is used, so drift of the machine affects both sides alike.
+
+    python benchmarks/overhead.py [--rounds 2] [--clients 10] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+
+from fedlora.config import load_config
+from fedlora.engines.simulation import SimulationEngine
+from fedlora.experiment import Experiment, build
+from fedlora.models import load_base_model, load_tokenizer
+from fedlora.session import configure_runtime
+from fedlora.training import batch_stream, derived_seed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def same_batches(experiment: Experiment, rounds: int) -> list[list[int]]:
+    """The rows of every batch the engine trains on, in order (see ``LocalTrainer.train``)."""
+    config = experiment.config
+    batches = []
+    for round_index in range(rounds):
+        for client, rows in enumerate(experiment.clients):
+            stream = batch_stream(
+                rows,
+                config.train.batch_size,
+                derived_seed(config.experiment.seed, round_index, client, 2),
+            )
+            batches.extend(next(stream) for _ in range(config.train.local_steps))
+    return batches
+
+
+def plain_loop(experiment: Experiment, batches: list[list[int]]) -> float:
+    """A textbook PEFT training loop over the given batches; returns seconds."""
+    config = experiment.config
+    tokenizer = load_tokenizer(config.model.name)
+    base = load_base_model(config.model.name, len(experiment.split.label_names), tokenizer, seed=0)
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=config.lora.rank,
+            lora_alpha=config.lora.alpha,
+            target_modules=["query", "key", "value"],
+            modules_to_save=["classifier"],
+            task_type=TaskType.SEQ_CLS,
+        ),
+    )
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.train.lr
+    )
+    began = time.perf_counter()
+    for rows in batches:
+        optimizer.zero_grad(set_to_none=True)
+        model(**experiment.train_set.batch(rows)).loss.backward()
+        optimizer.step()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    configure_runtime()
+    config = load_config(
+        REPO / "configs" / "default.toml",
+        [
+            f"experiment.rounds={args.rounds}",
+            f"partition.num_clients={args.clients}",
+            f"train.local_steps={args.steps}",
+            f"eval.every={args.rounds + 1}",
+            "data.max_test_examples=16",  # the final evaluation is excluded anyway; keep it short
+        ],
+    )
+    experiment = build(config)
+    batches = same_batches(experiment, args.rounds)
+    before = plain_loop(experiment, batches)
+    with tempfile.TemporaryDirectory() as directory:
+        result = SimulationEngine(experiment, Path(directory)).run(show_progress=False)
+    fedlora_seconds = sum(m["train_seconds"] for m in result.metrics)
+    after = plain_loop(experiment, batches)
+    plain = (before + after) / 2
+    steps = sum(m["steps"] for m in result.metrics)
+    assert steps == len(batches)
+    print(
+        f"optimizer steps {steps}, batch {config.train.batch_size}, "
+        f"max length {config.model.max_length}"
+    )
+    print(f"plain PEFT loop {before:.1f} s before, {after:.1f} s after (mean {plain:.1f} s)")
+    print(f"fedlora FedIT   {fedlora_seconds:.1f} s (training, channel, aggregation)")
+    print(f"overhead ratio {fedlora_seconds / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
