@@ -1,0 +1,181 @@
+"""The distributed engine with real processes on localhost: same results as the in-process
+engine, a killed worker stops the run with an error naming it, and --resume finishes the run.
+
+Tolerance: none. Results must be bit-identical to the in-process run with the same seed, because
+every process runs the same ops in the same order: the same base model and initial adapter built
+from the seed, each client's steps with RNG derived from (seed, round, client), the server's
+aggregation (or a node's mixing) in the same client order on the same decoded bytes. The one
+condition is the same intra-op thread count: ranks run with one thread each, and a kernel that
+splits a reduction over two threads sums in another order (we measured ~6e-8 differences in the
+adapter at the default two threads), so the reference runs with one thread too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedlora.checkpoint import load_checkpoint
+from fedlora.config import load_config
+from fedlora.engines.distributed import check
+from tests.conftest import TINY, run_cli
+
+# Four rounds of 20 steps, optimizer states kept on the clients: there are worker-held states to
+# gather into checkpoints, and rounds long enough for a kill to land inside the run.
+FEDIT = [
+    "--set",
+    "experiment.rounds=4",
+    "--set",
+    "train.local_steps=20",
+    "--set",
+    "train.keep_optimizer_state=true",
+]
+LAUNCH_TIMEOUT = 240  # seconds for a whole launched run (4 ranks start on 2 busy cores)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The ranks' intra-op thread count, for an in-process reference (see the docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference(config: str, out: Path, *extra: str) -> Path:
+    """The in-process engine's run of the same config and seed."""
+    with one_thread():
+        code, output = run_cli("run", str(TINY / config), "--out", str(out), "--quiet", *extra)
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture(scope="module")
+def fedit_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return reference("fedit.toml", tmp_path_factory.mktemp("reference") / "fedit", *FEDIT)
+
+
+def launch(config: str, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """``fedlora run --engine distributed`` in a new process, its output into ``log``."""
+    command = [sys.executable, "-m", "fedlora", "run", str(TINY / config), "--out", str(out)]
+    command += ["--quiet", "--engine", "distributed", *extra]
+    with log.open("w") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    try:
+        process.wait(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    output = log.read_text()
+    assert process.returncode == 0, output
+    return output
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if "seconds" not in k} for m in rows]
+
+
+def assert_same_run(first: Path, second: Path) -> None:
+    """Metrics (but timings), ledger and every exported adapter, bit for bit."""
+    assert metrics(first) == metrics(second)
+    assert (first / "ledger.jsonl").read_text() == (second / "ledger.jsonl").read_text()
+    adapters = sorted(p.relative_to(first) for p in first.rglob("adapter_model.safetensors"))
+    assert adapters, "the run exported no adapter"
+    assert adapters == sorted(p.relative_to(second) for p in second.rglob(adapters[0].name))
+    for path in adapters:
+        a, b = load_file(first / path), load_file(second / path)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{path} differs"
+
+
+def test_fedit_and_declora_on_four_processes_match_the_simulation(
+    tmp_path: Path, fedit_reference: Path
+) -> None:
+    # Both launches run while the in-process Dec-LoRA reference is computed here.
+    fedit = launch("fedit.toml", tmp_path / "fedit", tmp_path / "fedit.log", "--nproc", "4", *FEDIT)
+    declora = launch("declora.toml", tmp_path / "dec", tmp_path / "dec.log", "--nproc", "4")
+    declora_reference = reference("declora.toml", tmp_path / "dec_ref")
+    for process, name in ((fedit, "fedit"), (declora, "dec")):
+        log = finish(process, tmp_path / f"{name}.log")
+        assert "ranks: 0 pid" in log and "3 pid" in log
+    assert_same_run(fedit_reference, tmp_path / "fedit")
+    assert_same_run(declora_reference, tmp_path / "dec")
+
+
+def test_killed_worker_stops_the_run_then_resume_matches(
+    tmp_path: Path, fedit_reference: Path
+) -> None:
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    run = launch("fedit.toml", out, log, "--nproc", "3", *FEDIT)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not (out / "checkpoint.safetensors").exists():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    pids = dict(
+        item.split(" pid ")
+        for item in log.read_text().split("ranks: ")[1].splitlines()[0].split(", ")
+    )
+    os.kill(int(pids["1"]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    run.wait(timeout=60)
+    stopped_after = time.monotonic() - killed_at
+    output = log.read_text()
+    assert run.returncode == 1, output
+    assert f"rank 1 (pid {pids['1']}) was killed by SIGKILL" in output
+    assert stopped_after < 30, f"the other ranks took {stopped_after:.1f} s to stop"
+    completed = load_checkpoint(out).completed_rounds
+    assert 1 <= completed < 4, "the kill must land before the run finished"
+    assert not (out / "adapter").exists()
+
+    # A checkpoint holds the worker-held states, so it resumes on another number of processes.
+    resumed = finish(launch("fedit.toml", out, log, "--nproc", "2", "--resume", *FEDIT), log)
+    assert f"resuming after round {completed}" in resumed
+    assert_same_run(fedit_reference, out)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine", "distributed", "--nproc", "0"], "--nproc must be at least 1, got 0"),
+        (["--engine", "distributed"], "needs --nproc N, or a launcher (torchrun)"),
+        (["--nproc", "2"], "--nproc needs --engine distributed"),
+        (["--engine", "mpi"], "--engine must be simulation or distributed"),
+    ],
+)
+def test_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    code, output = run_cli("run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "x"), *args)
+    assert code == 2 and message in " ".join(output.split()), output
+
+
+def test_split_methods_are_refused(tmp_path: Path) -> None:
+    args = ["--out", str(tmp_path / "x"), "--engine", "distributed", "--nproc", "2"]
+    code, output = run_cli("run", str(TINY / "dlora.toml"), *args)
+    assert code == 2 and "no distributed version" in output, output
+
+
+def test_idle_ranks_are_named() -> None:
+    console = Console(record=True, width=200)
+    config = load_config(TINY / "fedit.toml", [])  # 4 clients: server + 4 workers busy
+    check(config, 7, console)
+    check(load_config(TINY / "declora.toml", []), 6, console)  # 4 nodes on ranks 0-3
+    text = console.export_text()
+    assert "4 clients on 7 ranks: ranks 5, 6 host no client and stay idle" in text
+    assert "4 clients on 6 ranks: ranks 4, 5 host no client and stay idle" in text
