@@ -151,7 +151,7 @@ class SimulationEngine:
                 record = self.run_round(round_index, progress)
                 self.metrics.append(record)
                 if show_progress and not self.console.is_terminal:  # logs get one line a round
-                    self.console.print(round_line(record, rounds), highlight=False)
+                    self.console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
                 self._write_round_files()
                 save_checkpoint(
                     self.run_dir,
