@@ -45,13 +45,14 @@ class Ledger:
     def add(self, record: Transfer) -> None:
         self.records.append(record)
 
-    def total(self, direction: str | None = None) -> int:
-        """All bytes; ``up`` = sent to the server, ``down`` = sent by it."""
+    def total(self, direction: str | None = None, round_index: int | None = None) -> int:
+        """Bytes sent, in one round or all; ``up`` = to the server, ``down`` = by it."""
+        records = [r for r in self.records if round_index is None or r.round == round_index]
         if direction == "up":
-            return sum(r.bytes for r in self.records if r.receiver == "server")
+            return sum(r.bytes for r in records if r.receiver == "server")
         if direction == "down":
-            return sum(r.bytes for r in self.records if r.sender == "server")
-        return sum(r.bytes for r in self.records)
+            return sum(r.bytes for r in records if r.sender == "server")
+        return sum(r.bytes for r in records)
 
     def through_round(self, round_index: int) -> int:
         return sum(r.bytes for r in self.records if r.round <= round_index)

@@ -240,12 +240,8 @@ class SimulationEngine:
             "train_loss": float(np.mean(losses)),
             "steps": steps,
             "examples": examples,
-            "bytes_up": sum(
-                r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER
-            ),
-            "bytes_down": sum(
-                r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER
-            ),
+            "bytes_up": ledger.total("up", round_index),
+            "bytes_down": ledger.total("down", round_index),
             "cumulative_bytes": ledger.through_round(round_index),
         }
         self._evaluate_into(record, round_index, progress, task)

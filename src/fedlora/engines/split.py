@@ -33,7 +33,6 @@ from fedlora.dlora.kill_revive import KillRevive
 from fedlora.dlora.schedule import plot_schedule, write_schedule
 from fedlora.dlora.split import CloudEdgeLink, CloudModel, split_step
 from fedlora.engines.simulation import (
-    SERVER,
     RunResult,
     SimulationEngine,
     client_name,
@@ -295,12 +294,8 @@ class SplitEngine(SimulationEngine):
             "train_loss": float(np.mean(losses)),
             "steps": steps,
             "examples": examples,
-            "bytes_up": sum(
-                r.bytes for r in ledger.records if r.round == round_index and r.receiver == SERVER
-            ),
-            "bytes_down": sum(
-                r.bytes for r in ledger.records if r.round == round_index and r.sender == SERVER
-            ),
+            "bytes_up": ledger.total("up", round_index),
+            "bytes_down": ledger.total("down", round_index),
             "cumulative_bytes": ledger.through_round(round_index),
             "active_fraction": total("active") / (len(rows) * len(self.keys)),
             "module_values": total("module_values"),
