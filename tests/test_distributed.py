@@ -179,3 +179,15 @@ def test_idle_ranks_are_named() -> None:
     text = console.export_text()
     assert "4 clients on 7 ranks: ranks 5, 6 host no client and stay idle" in text
     assert "4 clients on 6 ranks: ranks 4, 5 host no client and stay idle" in text
+
+
+def test_nproc_must_agree_with_an_external_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun the environment decides the ranks; a different --nproc is a mistake."""
+    world = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in world.items():
+        monkeypatch.setenv(name, value)
+    args = ["--out", str(tmp_path / "x"), "--engine", "distributed", "--nproc", "3"]
+    code, output = run_cli("run", str(TINY / "fedit.toml"), *args)
+    assert code == 2 and "--nproc 3, but the launcher started WORLD_SIZE=2" in output, output

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedlora.config import ConfigError
@@ -63,8 +64,9 @@ def run(
 
             try:
                 launch(config_file, set_ or [], out, resume, nproc, timeout, console, not quiet)
-            except (LaunchError, PeerError) as error:
-                console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            except (LaunchError, PeerError) as error:  # gloo's text has [brackets]: escape
+                message = f"[bold red]error:[/] {escape(str(error))}"
+                console.print(message, highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
         else:
             fail(f"--engine must be simulation or distributed, not {engine!r}")
