@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.distributed import check
+from fedlora.engines.distributed import layout_notes
 from tests.conftest import TINY, run_cli
 
 # Four rounds of 20 steps, optimizer states kept on the clients: there are worker-held states to
@@ -172,13 +171,16 @@ def test_split_methods_are_refused(tmp_path: Path) -> None:
 
 
 def test_idle_ranks_are_named() -> None:
-    console = Console(record=True, width=200)
-    config = load_config(TINY / "fedit.toml", [])  # 4 clients: server + 4 workers busy
-    check(config, 7, console)
-    check(load_config(TINY / "declora.toml", []), 6, console)  # 4 nodes on ranks 0-3
-    text = console.export_text()
-    assert "4 clients on 7 ranks: ranks 5, 6 host no client and stay idle" in text
-    assert "4 clients on 6 ranks: ranks 4, 5 host no client and stay idle" in text
+    fedit = load_config(TINY / "fedit.toml", [])  # 4 clients on ranks 1-4, rank 0 the server
+    declora = load_config(TINY / "declora.toml", [])  # 4 nodes on ranks 0-3
+    assert layout_notes(fedit, 7) == [
+        "4 clients on 7 ranks: ranks 5, 6 host no client and stay idle"
+    ]
+    assert layout_notes(declora, 6) == [
+        "4 clients on 6 ranks: ranks 4, 5 host no client and stay idle"
+    ]
+    assert layout_notes(fedit, 5) == []
+    assert layout_notes(declora, 1) == ["one process: the in-process gossip engine runs in it"]
 
 
 def test_nproc_must_agree_with_an_external_launcher(

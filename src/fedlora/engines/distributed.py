@@ -343,8 +343,8 @@ def run_rank(
         dist.destroy_process_group()
 
 
-def check(config: Config, nproc: int, console: Console) -> None:
-    """Refuse what cannot run before any process starts; say which ranks will idle."""
+def refuse(config: Config, nproc: int) -> None:
+    """What cannot run, refused before any rank builds anything."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     engine = method_class(config.method.name).engine
@@ -353,16 +353,20 @@ def check(config: Config, nproc: int, console: Console) -> None:
             f"method {config.method.name!r} runs on the {engine!r} engine, which has no "
             "distributed version; use --engine simulation"
         )
+
+
+def layout_notes(config: Config, nproc: int) -> list[str]:
+    """What the launcher tells the user about the layout: one process, or idle ranks."""
     if nproc == 1:
-        console.print(f"one process: the in-process {engine} engine runs in it", highlight=False)
-        return
+        engine = method_class(config.method.name).engine
+        return [f"one process: the in-process {engine} engine runs in it"]
     placement = placement_for(config, nproc)
-    if placement.idle():
-        console.print(
-            f"{placement.clients} clients on {nproc} ranks: ranks "
-            f"{', '.join(map(str, placement.idle()))} host no client and stay idle",
-            highlight=False,
-        )
+    if not placement.idle():
+        return []
+    ranks = ", ".join(map(str, placement.idle()))
+    return [
+        f"{placement.clients} clients on {nproc} ranks: ranks {ranks} host no client and stay idle"
+    ]
 
 
 def free_port() -> int:
@@ -420,6 +424,7 @@ def launch(
         world = int(os.environ["WORLD_SIZE"])
         if nproc is not None and nproc != world:
             raise ConfigError(f"--nproc {nproc}, but the launcher started WORLD_SIZE={world}")
+        refuse(load_config(config_file, overrides), world)
         run_rank(config_file, overrides, out, resume, console, show_progress, timeout)
         return
     if nproc is None:
@@ -429,7 +434,9 @@ def launch(
         )
     config = load_config(config_file, overrides)
     experiments.validate(config)
-    check(config, nproc, console)
+    refuse(config, nproc)
+    for note in layout_notes(config, nproc):
+        console.print(note, highlight=False)
     out = out or Path("runs") / config.experiment.name
     rundir.prepare(out, config, resume)  # its errors now, not from rank 0 after the others start
     command = [sys.executable, "-m", "fedlora", "run", str(config_file), "--out", str(out)]
