@@ -1,6 +1,6 @@
 """Throughput of the distributed engine with 1, 2 and 4 processes (issue 4).
 
-    python benchmarks/multiprocess.py [--config configs/tiny/fedit.toml] [--nproc 1 2 4]
+    python benchmarks/processes.py [--config configs/tiny/fedit.toml] [--nproc 1 2 4]
 
 Each row is one ``fedlora run --engine distributed --nproc N`` of the same config with longer
 rounds and evaluation only after the last one. Throughput is client-steps per second of
