@@ -12,7 +12,7 @@ import torch
 
 from fedlora.adapters import LoraModule, TensorDict
 from fedlora.config import LoraConfig
-from fedlora.lora import lora_scale, pad_factors
+from fedlora.lora import lora_scale, pad_factors, weighted_average
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key -> (B, A)
 
@@ -40,6 +40,26 @@ def slot_state(factors: Factors, head: TensorDict, modules: list[LoraModule]) ->
     """A full slot-shaped adapter state: each module's factors zero-padded to the slot rank."""
     padded = {m.key: pad_factors(*factors[m.key], m.rank) for m in modules}
     return {**pack(padded, modules), **head}
+
+
+def padded_start(message: TensorDict, modules: list[LoraModule]) -> TensorDict:
+    """The slot state a client trains from: the message's factors (any rank) zero-padded."""
+    return slot_state(factors_of(message, modules), head_of(message, modules), modules)
+
+
+def truncated_reply(trained: TensorDict, modules: list[LoraModule], rank: int) -> TensorDict:
+    """What a rank-``rank`` client sends back: its first ``rank`` components and the head."""
+    return {**pack(factors_of(trained, modules, rank), modules), **head_of(trained, modules)}
+
+
+def averaged_head(
+    replies: dict[int, TensorDict], weights: dict[int, float], modules: list[LoraModule]
+) -> TensorDict:
+    """The weighted average of the non-factor tensors (the classifier head) of the replies."""
+    clients = sorted(replies)
+    return weighted_average(
+        [head_of(replies[c], modules) for c in clients], [weights[c] for c in clients]
+    )
 
 
 def rank_scales(modules: list[LoraModule], rank: int, lora: LoraConfig) -> dict[str, float]:

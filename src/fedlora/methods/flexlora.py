@@ -13,9 +13,17 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import lora_scale, pad_factors, weighted_average, weighted_product_svd
+from fedlora.lora import lora_scale, pad_factors, weighted_product_svd
 from fedlora.methods.base import Method, MethodContext
-from fedlora.methods.factors import factors_of, head_of, pack, rank_scales, slot_state
+from fedlora.methods.factors import (
+    averaged_head,
+    factors_of,
+    head_of,
+    pack,
+    padded_start,
+    rank_scales,
+    truncated_reply,
+)
 
 
 class FlexLoRA(Method):
@@ -46,26 +54,19 @@ class FlexLoRA(Method):
         }
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
-        modules = self.context.modules
-        return slot_state(factors_of(message, modules), head_of(message, modules), modules)
+        return padded_start(message, self.context.modules)
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
     ) -> TensorDict:
-        modules = self.context.modules
-        return {
-            **pack(factors_of(trained, modules, self.context.rank(client)), modules),
-            **head_of(trained, modules),
-        }
+        return truncated_reply(trained, self.context.modules, self.context.rank(client))
 
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
         modules, clients = self.context.modules, sorted(replies)
         coefficients = [weights[c] * self._scale(c) for c in clients]
-        state = weighted_average(
-            [head_of(replies[c], modules) for c in clients], [weights[c] for c in clients]
-        )
+        state = averaged_head(replies, weights, modules)
         for m in modules:
             u, sigma, vh = weighted_product_svd(
                 [replies[c][m.b] for c in clients],

@@ -21,9 +21,16 @@ import torch
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import fresh_a, lora_scale, stack_factors, weighted_average
+from fedlora.lora import fresh_a, lora_scale, stack_factors
 from fedlora.methods.base import Method, MethodContext
-from fedlora.methods.factors import factors_of, head_of, pack, rank_scales, slot_state
+from fedlora.methods.factors import (
+    averaged_head,
+    head_of,
+    pack,
+    rank_scales,
+    slot_state,
+    truncated_reply,
+)
 from fedlora.training import derived_seed
 
 OFFSET = "offset."  # method-state prefix of the merged cumulative update per module key
@@ -70,20 +77,14 @@ class FLoRA(Method):
     ) -> TensorDict:
         count = int(store[PARTICIPATIONS]) if PARTICIPATIONS in store else 0
         store[PARTICIPATIONS] = torch.tensor(float(count + 1))
-        modules = self.context.modules
-        return {
-            **pack(factors_of(trained, modules, self.context.rank(client)), modules),
-            **head_of(trained, modules),
-        }
+        return truncated_reply(trained, self.context.modules, self.context.rank(client))
 
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
         modules, clients = self.context.modules, sorted(replies)
         coefficients = [weights[c] * self._scale(c) for c in clients]
-        self.head = weighted_average(
-            [head_of(replies[c], modules) for c in clients], [weights[c] for c in clients]
-        )
+        self.head = averaged_head(replies, weights, modules)
         stacked = {}
         for m in modules:
             b, a = stack_factors(

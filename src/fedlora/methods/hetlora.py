@@ -26,9 +26,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import lora_scale, pad_factors, sparsity_weights, weighted_average
+from fedlora.lora import lora_scale, pad_factors, sparsity_weights
 from fedlora.methods.base import Method, MethodContext, Regularizer
-from fedlora.methods.factors import factors_of, head_of, pack, rank_scales, slot_state
+from fedlora.methods.factors import (
+    averaged_head,
+    factors_of,
+    head_of,
+    pack,
+    padded_start,
+    rank_scales,
+    truncated_reply,
+)
 
 RANKS = "hetlora.client_ranks"  # method-state key of the clients' current ranks
 
@@ -104,8 +112,7 @@ class HetLoRA(Method):
         return lambda params: self.options.reg_lambda * self._tail_norm(params, rank)
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
-        modules = self.context.modules
-        return slot_state(factors_of(message, modules), head_of(message, modules), modules)
+        return padded_start(message, self.context.modules)
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
@@ -117,16 +124,14 @@ class HetLoRA(Method):
             shrank = self._tail_norm(trained, rank) < self._tail_norm(message, rank)
         if self.options.prune and low < high and shrank:
             rank = low
-        return {**pack(factors_of(trained, modules, rank), modules), **head_of(trained, modules)}
+        return truncated_reply(trained, modules, rank)
 
     # -- server --------------------------------------------------------------------------
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
         modules, clients = self.context.modules, sorted(replies)
-        state = weighted_average(
-            [head_of(replies[c], modules) for c in clients], [weights[c] for c in clients]
-        )
+        state = averaged_head(replies, weights, modules)
         for c in clients:
             self.current[c] = replies[c][modules[0].a].shape[0]
         roots = {c: self._root_scale(c) for c in clients}
