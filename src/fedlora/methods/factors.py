@@ -13,6 +13,7 @@ import torch
 from fedlora.adapters import LoraModule, TensorDict
 from fedlora.config import LoraConfig
 from fedlora.lora import lora_scale, pad_factors, weighted_average
+from fedlora.methods.base import MethodContext
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key -> (B, A)
 
@@ -66,3 +67,18 @@ def rank_scales(modules: list[LoraModule], rank: int, lora: LoraConfig) -> dict[
     """The scale s(r) of a rank-``rank`` client for every module (§1.1)."""
     scale = lora_scale(lora.alpha, rank, lora.rslora)
     return {m.key: scale for m in modules}
+
+
+class RankedClients:
+    """For methods whose client i trains at its own rank r_i with the scale s(r_i) (§1.1)."""
+
+    context: MethodContext
+
+    def _scale(self, client: int) -> float:
+        lora = self.context.config.lora
+        return lora_scale(lora.alpha, self.context.rank(client), lora.rslora)
+
+    def client_scales(self, client: int) -> dict[str, float]:
+        return rank_scales(
+            self.context.modules, self.context.rank(client), self.context.config.lora
+        )

@@ -13,20 +13,20 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import lora_scale, pad_factors, weighted_product_svd
+from fedlora.lora import pad_factors, weighted_product_svd
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import (
+    RankedClients,
     averaged_head,
     factors_of,
     head_of,
     pack,
     padded_start,
-    rank_scales,
     truncated_reply,
 )
 
 
-class FlexLoRA(Method):
+class FlexLoRA(RankedClients, Method):
     name = "flexlora"
     summary = "FlexLoRA: average s_i·B_i·A_i, truncated SVD to each client's rank (Bai et al. 2024)"
     heterogeneous_ranks = True
@@ -35,15 +35,6 @@ class FlexLoRA(Method):
         super().__init__(context, options)
         # (B̃, Ã) with B̃·Ã = ΔW; initially B̃ = 0 and Ã = A0, so every client starts at the init.
         self.state: TensorDict = {k: v.clone() for k, v in context.initial.items()}
-
-    def _scale(self, client: int) -> float:
-        lora = self.context.config.lora
-        return lora_scale(lora.alpha, self.context.rank(client), lora.rslora)
-
-    def client_scales(self, client: int) -> dict[str, float]:
-        return rank_scales(
-            self.context.modules, self.context.rank(client), self.context.config.lora
-        )
 
     def server_message(self, client: int, round_index: int) -> TensorDict:
         modules, scale = self.context.modules, self._scale(client)

@@ -21,13 +21,13 @@ import torch
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import fresh_a, lora_scale, stack_factors
+from fedlora.lora import fresh_a, stack_factors
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import (
+    RankedClients,
     averaged_head,
     head_of,
     pack,
-    rank_scales,
     slot_state,
     truncated_reply,
 )
@@ -37,7 +37,7 @@ OFFSET = "offset."  # method-state prefix of the merged cumulative update per mo
 PARTICIPATIONS = "flora.participations"  # client-store counter that seeds its fresh A
 
 
-class FLoRA(Method):
+class FLoRA(RankedClients, Method):
     name = "flora"
     summary = "FLoRA: stacked Σ p_k s_k B_k A_k merged into the base each round (Wang et al. 2024)"
     heterogeneous_ranks = True
@@ -48,15 +48,6 @@ class FLoRA(Method):
         self.head: TensorDict = head_of(context.initial, modules)
         self.offset: TensorDict = {m.key: torch.zeros(m.d_out, m.d_in) for m in modules}
         self.stack: TensorDict = {}  # last round's stacked factors, sent down next round
-
-    def _scale(self, client: int) -> float:
-        lora = self.context.config.lora
-        return lora_scale(lora.alpha, self.context.rank(client), lora.rslora)
-
-    def client_scales(self, client: int) -> dict[str, float]:
-        return rank_scales(
-            self.context.modules, self.context.rank(client), self.context.config.lora
-        )
 
     def server_message(self, client: int, round_index: int) -> TensorDict:
         return {**self.stack, **self.head}
