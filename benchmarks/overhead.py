@@ -7,12 +7,13 @@ checkpoint files. Evaluation is excluded from both (the plain loop does none): t
 the sum of the rounds' ``train_seconds`` plus the checkpoint writes. The plain loop runs before
 and after the FedIT run and its mean is used, so drift of the machine affects both sides alike.
 
-    python benchmarks/overhead.py [--rounds 2] [--clients 10] [--steps 4]
+    python -P benchmarks/overhead.py [--rounds 2] [--clients 10] [--steps 4] [--repeats 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,35 +78,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="FedIT runs, each between two plain loops"
+    )
     args = parser.parse_args()
     configure_runtime()
-    config = load_config(
-        REPO / "configs" / "default.toml",
-        [
-            f"experiment.rounds={args.rounds}",
-            f"partition.num_clients={args.clients}",
-            f"train.local_steps={args.steps}",
-            f"eval.every={args.rounds + 1}",
-            "data.max_test_examples=16",  # the final evaluation is excluded anyway; keep it short
-        ],
-    )
-    experiment = build(config)
+    overrides = [
+        f"experiment.rounds={args.rounds}",
+        f"partition.num_clients={args.clients}",
+        f"train.local_steps={args.steps}",
+        f"eval.every={args.rounds + 1}",
+        "data.max_test_examples=16",  # the final evaluation is excluded anyway; keep it short
+    ]
+    experiment = build(load_config(REPO / "configs" / "default.toml", overrides))
     batches = same_batches(experiment, args.rounds)
-    before = plain_loop(experiment, batches)
-    with tempfile.TemporaryDirectory() as directory:
-        result = SimulationEngine(experiment, Path(directory)).run(show_progress=False)
-    fedlora_seconds = sum(m["train_seconds"] for m in result.metrics)
-    after = plain_loop(experiment, batches)
-    plain = (before + after) / 2
-    steps = sum(m["steps"] for m in result.metrics)
-    assert steps == len(batches)
-    print(
-        f"optimizer steps {steps}, batch {config.train.batch_size}, "
-        f"max length {config.model.max_length}"
-    )
-    print(f"plain PEFT loop {before:.1f} s before, {after:.1f} s after (mean {plain:.1f} s)")
-    print(f"fedlora FedIT   {fedlora_seconds:.1f} s (training, channel, aggregation)")
-    print(f"overhead ratio {fedlora_seconds / plain:.3f}")
+    plain = [plain_loop(experiment, batches)]
+    ratios = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as directory:
+            result = SimulationEngine(experiment, Path(directory)).run(show_progress=False)
+        assert sum(m["steps"] for m in result.metrics) == len(batches)
+        fedlora_seconds = sum(m["train_seconds"] for m in result.metrics)
+        plain.append(plain_loop(experiment, batches))
+        ratios.append(fedlora_seconds / ((plain[-2] + plain[-1]) / 2))
+        print(
+            f"plain PEFT loop {plain[-2]:.1f} s / {plain[-1]:.1f} s around fedlora FedIT "
+            f"{fedlora_seconds:.1f} s: ratio {ratios[-1]:.3f}"
+        )
+    print(f"optimizer steps {len(batches)} per run, batch {experiment.config.train.batch_size}")
+    print(f"overhead ratio {statistics.median(ratios):.3f} (median of {len(ratios)})")
 
 
 if __name__ == "__main__":
