@@ -76,6 +76,7 @@ class GossipEngine(SimulationEngine):
         self.channel = Channel(codec=self.codec)
         self.shapes = experiment.slots.shapes()
         self.factors = [name for m in experiment.slots.modules for name in (m.a, m.b)]
+        self.timing: dict[str, float] = {}  # this round's local-training and gossip seconds
 
     def states(self) -> list[TensorDict]:
         method = self.method
@@ -161,7 +162,9 @@ class GossipEngine(SimulationEngine):
         keep = self._keeps_optimizer()
         messages: dict[int, TensorDict] = {}
         results: dict[int, LocalResult] = {}
+        self.timing = {"local_seconds": 0.0, "mix_seconds": 0.0}
         for node in self.local_nodes():
+            began = time.perf_counter()
             start = method.client_start(node, {}, self.stores[node])
             result = exp.trainer.train(
                 start,
@@ -174,12 +177,16 @@ class GossipEngine(SimulationEngine):
             if keep:
                 self.optimizers[node] = result.optimizer_state
             messages[node] = method.client_reply(node, result.state, {}, self.stores[node])
+            self.timing["local_seconds"] += time.perf_counter() - began
             results[node] = result
             losses = [r.loss for r in results.values()]
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
         exchange = self._choco if exp.config.topology.error_feedback else self._gossip
+        began = time.perf_counter()
         for node, state in exchange(messages, graph, round_index).items():
             method.keep(self.stores[node], state)
+        # Serialisation, (de)quantisation and the weighted sums: the cost of gossip itself.
+        self.timing["mix_seconds"] = time.perf_counter() - began
         return messages, results
 
     def _gather(
@@ -217,6 +224,7 @@ class GossipEngine(SimulationEngine):
             "consensus_before_mix": consensus_distance([messages[n] for n in nodes], self.factors),
             "consensus_distance": consensus_distance(self.states(), self.factors),
         }
+        record.update(self.timing)
         train_seconds = time.perf_counter() - began
         self._evaluate_into(record, round_index, progress, task)
         record["train_seconds"] = train_seconds
