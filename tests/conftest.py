@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def run_cli(*args: str) -> tuple[int, str]:
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
+
+
+def without_timing(metrics: list[dict]) -> list[dict]:
+    """Metrics minus wall-clock fields: what must match between equivalent runs."""
+    return [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def timeless_metrics(run: Path) -> list[dict]:
+    return without_timing(read_metrics(run))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext, NoOptions
 from fedlora.methods.declora import DecLoRA
 from fedlora.topology import Topology, erdos_renyi, laplacian, ring, ring_weights
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, timeless_metrics
 
 MODULES = [LoraModule("m0", 6, 5, 2, 2.0), LoraModule("m1", 4, 7, 2, 2.0)]
 FACTORS = [name for m in MODULES for name in (m.a, m.b)]
@@ -183,9 +183,7 @@ def test_choco_compressed_gossip_converges_to_the_exact_average(
 
 
 # -- end to end through the CLI ----------------------------------------------------------------
-def rows(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in lines]
+rows = timeless_metrics
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ adapter at the default two threads), so the reference runs with one thread too.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from safetensors.torch import load_file
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
 from fedlora.engines.distributed import layout_notes
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, timeless_metrics
 
 # Four rounds of 20 steps, optimizer states kept on the clients: there are worker-held states to
 # gather into checkpoints, and rounds long enough for a kill to land inside the run.
@@ -87,9 +86,7 @@ def finish(process: subprocess.Popen, log: Path) -> str:
     return output
 
 
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if "seconds" not in k} for m in rows]
+metrics = timeless_metrics
 
 
 def assert_same_run(first: Path, second: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
-from tests.conftest import TINY
+from tests.conftest import TINY, timeless_metrics
 
 # Long enough rounds that a kill right after a checkpoint lands inside the next round.
 SLOW = ["--set", "experiment.rounds=4", "--set", "train.local_steps=25", "--quiet"]
@@ -39,9 +38,7 @@ def fedlora(out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if "seconds" not in k} for m in rows]
+metrics = timeless_metrics
 
 
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path: Path) -> None:

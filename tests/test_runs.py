@@ -11,15 +11,7 @@ from peft import PeftModel
 
 from fedlora.config import load_config
 from fedlora.models import load_base_model, load_tokenizer
-from tests.conftest import TINY, run_cli
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if "seconds" not in k} for m in metrics]
+from tests.conftest import TINY, read_metrics, run_cli, without_timing
 
 
 def test_run_directory_has_every_output(fedit_run: Path) -> None:

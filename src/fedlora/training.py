@@ -57,11 +57,6 @@ def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     return config.lr
 
 
-OptimizerFactory = Callable[
-    [list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer
-]
-
-
 def standard_optimizer(
     params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
 ) -> torch.optim.Optimizer:
@@ -122,7 +117,6 @@ class LocalTrainer:
         client: int,
         trainable: Callable[[str], bool],
         optimizer_state: TensorDict | None = None,
-        make_optimizer: OptimizerFactory = standard_optimizer,
         regularizer: Callable[[dict[str, torch.nn.Parameter]], torch.Tensor] | None = None,
     ) -> LocalResult:
         """``regularizer``, if given, is a penalty on the named trainable tensors added to the
@@ -131,7 +125,7 @@ class LocalTrainer:
         config = self.config
         self.slots.load(start)
         params = self.slots.parameters(trainable)
-        optimizer = make_optimizer(params, config)
+        optimizer = standard_optimizer(params, config)
         if optimizer_state:
             restore_optimizer(optimizer, optimizer_state)
         model = self.slots.model

@@ -33,7 +33,8 @@ from fedlora.channel import Channel
 from fedlora.codecs import make_codec
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment
-from fedlora.methods.peer import PeerMethod, store_under, stored
+from fedlora.methods.base import store_under, stored
+from fedlora.methods.peer import PeerMethod
 from fedlora.topology import RoundGraph, Topology, draw
 from fedlora.training import LocalResult, derived_seed
 
@@ -217,7 +218,7 @@ class GossipEngine(SimulationEngine):
             "train_loss": float(np.mean([results[n].loss for n in nodes])),
             "steps": sum(results[n].steps for n in nodes),
             "examples": sum(results[n].examples for n in nodes),
-            "bytes": sum(r.bytes for r in ledger.records if r.round == round_index),
+            "bytes": ledger.total(round_index=round_index),
             "cumulative_bytes": ledger.through_round(round_index),
             "lambda2": graph.lambda2,
             "edges": graph.graph.number_of_edges(),
@@ -226,10 +227,7 @@ class GossipEngine(SimulationEngine):
         }
         record.update(self.timing)
         train_seconds = time.perf_counter() - began
-        self._evaluate_into(record, round_index, progress, task)
-        record["train_seconds"] = train_seconds
-        record["seconds"] = time.perf_counter() - began
-        return record
+        return self._close_record(record, round_index, progress, task, began, train_seconds)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:

@@ -107,11 +107,9 @@ class SimulationEngine:
         if method.per_client_eval:
             per_client = []
             for client in range(len(self.exp.clients)):
-                own = method.client_model(client, self.stores[client])
+                own = method.own_model(client, self.stores[client])
                 with self.exp.slots.scaled(method.client_scales(client)):
-                    per_client.append(
-                        evaluator.evaluate(own if own is not None else method.context.initial)
-                    )
+                    per_client.append(evaluator.evaluate(own))
             return summarize_clients(per_client)
         state = method.global_state()
         return evaluator.evaluate(state) if state is not None else {}
@@ -233,10 +231,17 @@ class SimulationEngine:
         method.aggregate(round_index, replies, weights)
         self._sync_base()
         train_seconds = time.perf_counter() - began
+        record = self._round_record(round_index, sampled, losses, steps, examples)
+        return self._close_record(record, round_index, progress, task, began, train_seconds)
+
+    def _round_record(
+        self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
+    ) -> dict:
+        """What every server-based round reports: who trained, how much, and the bytes sent."""
         ledger = self.channel.ledger
-        record: dict = {
+        return {
             "round": round_index + 1,
-            "clients": sampled,
+            "clients": clients,
             "train_loss": float(np.mean(losses)),
             "steps": steps,
             "examples": examples,
@@ -244,6 +249,17 @@ class SimulationEngine:
             "bytes_down": ledger.total("down", round_index),
             "cumulative_bytes": ledger.through_round(round_index),
         }
+
+    def _close_record(
+        self,
+        record: dict,
+        round_index: int,
+        progress: Progress,
+        task: TaskID,
+        began: float,
+        train_seconds: float,
+    ) -> dict:
+        """Evaluate if due, then stamp the round's times (evaluation counts in ``seconds``)."""
         self._evaluate_into(record, round_index, progress, task)
         record["train_seconds"] = train_seconds
         record["seconds"] = time.perf_counter() - began

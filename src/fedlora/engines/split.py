@@ -281,22 +281,15 @@ class SplitEngine(SimulationEngine):
             self._save_user(user)
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
         self._fold_ledger(round_index)
-        ledger = self.channel.ledger
         rows = [r for u in self.users for r in u.account if int(r[1]) == round_index]
         column = {name: i for i, name in enumerate(FIELDS)}
 
         def total(name: str) -> float:
             return float(sum(r[column[name]] for r in rows))
 
-        record: dict = {
-            "round": round_index + 1,
-            "clients": [u.index for u in self.users],
-            "train_loss": float(np.mean(losses)),
-            "steps": steps,
-            "examples": examples,
-            "bytes_up": ledger.total("up", round_index),
-            "bytes_down": ledger.total("down", round_index),
-            "cumulative_bytes": ledger.through_round(round_index),
+        clients = [u.index for u in self.users]
+        record = self._round_record(round_index, clients, losses, steps, examples)
+        record |= {
             "active_fraction": total("active") / (len(rows) * len(self.keys)),
             "module_values": total("module_values"),
             "module_values_all_active": total("module_values_all_active"),
@@ -304,10 +297,7 @@ class SplitEngine(SimulationEngine):
             "device_flops_all_active": total("module_flops_all_active") + total("head_flops"),
         }
         train_seconds = time.perf_counter() - began
-        self._evaluate_into(record, round_index, progress, task)
-        record["train_seconds"] = train_seconds
-        record["seconds"] = time.perf_counter() - began
-        return record
+        return self._close_record(record, round_index, progress, task, began, train_seconds)
 
     # -- files ---------------------------------------------------------------------------------
     def _write_traffic(self, rows: list[list], mode: str = "a") -> None:

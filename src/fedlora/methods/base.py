@@ -47,6 +47,15 @@ class MethodContext:
 
 
 # A penalty on the named trainable tensors, added to the local loss at every optimizer step.
+def stored(store: TensorDict, prefix: str) -> TensorDict:
+    """The tensors of a client ``store`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in store.items() if k.startswith(prefix)}
+
+
+def store_under(store: TensorDict, prefix: str, state: TensorDict) -> None:
+    store.update({prefix + k: v for k, v in state.items()})
+
+
 Regularizer = Callable[[dict[str, torch.nn.Parameter]], torch.Tensor]
 
 
@@ -98,6 +107,11 @@ class Method(ABC):
     def client_model(self, client: int, store: TensorDict) -> TensorDict | None:
         """The client's own model for per-client evaluation (``per_client_eval``)."""
         return None
+
+    def own_model(self, client: int, store: TensorDict) -> TensorDict:
+        """The client's own model, or the common init before it has trained."""
+        own = self.client_model(client, store)
+        return own if own is not None else dict(self.context.initial)
 
     def trainable(self, name: str) -> bool:
         """Whether the adapter tensor ``name`` is trained locally."""

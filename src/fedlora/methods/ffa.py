@@ -11,11 +11,13 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import weighted_average
-from fedlora.methods.base import Method, MethodContext
+from fedlora.methods.base import MethodContext
+from fedlora.methods.fedit import FedIT
 
 
-class FFALoRA(Method):
+class FFALoRA(FedIT):
+    """FedIT's averaging, applied to B and the head only; A0 stays out of the server state."""
+
     name = "ffa"
     summary = (
         "FFA-LoRA: A frozen at the seeded init, never sent; B and head averaged (Sun et al. 2024)"
@@ -24,15 +26,10 @@ class FFALoRA(Method):
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)
         self.frozen = {m.a for m in context.modules}
-        self.state: TensorDict = {
-            k: v.clone() for k, v in context.initial.items() if k not in self.frozen
-        }
+        self.state = {k: v for k, v in self.state.items() if k not in self.frozen}
 
     def trainable(self, name: str) -> bool:
         return name not in self.frozen
-
-    def server_message(self, client: int, round_index: int) -> TensorDict:
-        return self.state
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
         return {**self.context.initial, **message}
@@ -42,17 +39,5 @@ class FFALoRA(Method):
     ) -> TensorDict:
         return {k: trained[k] for k in message}
 
-    def aggregate(
-        self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
-    ) -> None:
-        clients = sorted(replies)
-        self.state = weighted_average([replies[c] for c in clients], [weights[c] for c in clients])
-
     def global_state(self) -> TensorDict:
         return {**self.context.initial, **self.state}
-
-    def state_dict(self) -> TensorDict:
-        return dict(self.state)
-
-    def load_state_dict(self, state: TensorDict) -> None:
-        self.state = dict(state)

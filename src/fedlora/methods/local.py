@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedlora.adapters import TensorDict
-from fedlora.methods.base import Method
+from fedlora.methods.base import Method, store_under, stored
 
 PREFIX = "adapter."
 
@@ -26,15 +26,13 @@ class Local(Method):
         return None
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
-        own = self.client_model(client, store)
-        return own if own is not None else dict(self.context.initial)
+        return self.own_model(client, store)
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
     ) -> TensorDict:
-        store.update({PREFIX + k: v for k, v in trained.items()})
+        store_under(store, PREFIX, trained)
         return {}
 
     def client_model(self, client: int, store: TensorDict) -> TensorDict | None:
-        own = {k[len(PREFIX) :]: v for k, v in store.items() if k.startswith(PREFIX)}
-        return own or None
+        return stored(store, PREFIX) or None

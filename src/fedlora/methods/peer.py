@@ -21,18 +21,9 @@ from typing import NoReturn
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.methods.base import Method, MethodContext
+from fedlora.methods.base import Method, MethodContext, store_under, stored
 
 MODEL = "model."
-
-
-def stored(store: TensorDict, prefix: str) -> TensorDict:
-    """The tensors of ``store`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in store.items() if k.startswith(prefix)}
-
-
-def store_under(store: TensorDict, prefix: str, state: TensorDict) -> None:
-    store.update({prefix + k: v for k, v in state.items()})
 
 
 class PeerMethod(Method):
@@ -59,8 +50,7 @@ class PeerMethod(Method):
 
     # -- a node ----------------------------------------------------------------------------
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
-        own = self.client_model(client, store)
-        return own if own is not None else dict(self.context.initial)
+        return self.own_model(client, store)
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
