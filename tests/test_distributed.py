@@ -161,12 +161,6 @@ def test_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:
     assert code == 2 and message in " ".join(output.split()), output
 
 
-def test_split_methods_are_refused(tmp_path: Path) -> None:
-    args = ["--out", str(tmp_path / "x"), "--engine", "distributed", "--nproc", "2"]
-    code, output = run_cli("run", str(TINY / "dlora.toml"), *args)
-    assert code == 2 and "no distributed version" in output, output
-
-
 def test_idle_ranks_are_named() -> None:
     fedit = load_config(TINY / "fedit.toml", [])  # 4 clients on ranks 1-4, rank 0 the server
     declora = load_config(TINY / "declora.toml", [])  # 4 nodes on ranks 0-3

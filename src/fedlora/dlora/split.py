@@ -198,50 +198,93 @@ class CloudEdgeLink:
         self.step, self.round = step, round_index
         self.flops = {"modules": 0, "head": 0}
 
+    def parties(self, direction: Literal["down", "up"]) -> tuple[str, str]:
+        """(sender, receiver) in the ledger's names."""
+        return (CLOUD, self.user) if direction == "down" else (self.user, CLOUD)
+
     def send(
         self, tensors: TensorDict, kind: str, module: str, direction: Literal["down", "up"]
     ) -> TensorDict:
-        sender, receiver = (CLOUD, self.user) if direction == "down" else (self.user, CLOUD)
+        sender, receiver = self.parties(direction)
         expect = {name: tuple(t.shape) for name, t in tensors.items()}
         received = self.channel.send(tensors, sender, receiver, self.round, expect)
-        sent = self.channel.ledger.records[-1].bytes
+        self.note(kind, module, direction, tensors, self.channel.ledger.records[-1].bytes)
+        return received
+
+    def note(
+        self,
+        kind: str,
+        module: str,
+        direction: Literal["down", "up"],
+        tensors: TensorDict,
+        sent: int,
+    ) -> None:
+        """Log one message (its floats and serialized bytes) for the step's accounting."""
         values = sum(t.numel() for t in tensors.values())
         self.log.append(Traffic(self.step, module, kind, direction, values, sent))
-        return received
 
     def send_one(
         self, tensor: torch.Tensor, kind: str, module: str, direction: Literal["down", "up"]
     ) -> torch.Tensor:
         return self.send({kind: tensor}, kind, module, direction)[kind]
 
-    # -- per active module -------------------------------------------------------------------
-    def module_delta(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, _Pending]:
-        x_edge = self.send_one(x, "x", key, "down")
-        u, pending = self.edge.module_forward(key, x_edge, train=True)
-        assert pending is not None
+    # -- the device's halves (the edge runs these wherever the cloud is) ----------------------
+    def edge_embed(self, batch: dict[str, torch.Tensor]) -> TensorDict:
+        """The step's first message: word embeddings and the attention mask."""
+        return {
+            "embeddings": self.edge.embed(batch["input_ids"]),
+            "attention_mask": batch["attention_mask"].float(),
+        }
+
+    def edge_forward(
+        self, key: str, x: torch.Tensor, train: bool
+    ) -> tuple[torch.Tensor, _Pending | None]:
+        """u = s·B A x on the device, counted in the step's device FLOPs."""
+        u, pending = self.edge.module_forward(key, x, train)
         self.flops["modules"] += lora_forward_flops(self.edge.modules[key], _tokens(x))
+        return u, pending
+
+    def edge_backward(self, key: str, pending: _Pending, grad_y: torch.Tensor) -> torch.Tensor:
+        """∇A, ∇B into the device's parameters; returns s·AᵀBᵀ g_y (counted FLOPs)."""
+        grad_x = self.edge.module_backward(pending, grad_y)
+        self.flops["modules"] += lora_backward_flops(self.edge.modules[key], _tokens(grad_y))
+        return grad_x
+
+    def edge_loss(
+        self, received: torch.Tensor, labels: torch.Tensor, head_on: HeadOn, weight: float
+    ) -> tuple[float, torch.Tensor]:
+        """The private loss from what the cloud sent down, and its gradient to send back."""
+        edge = self.edge
+        loss, grad = edge.loss(received, labels, from_logits=head_on == "cloud", weight=weight)
+        if head_on == "edge":
+            rows = _tokens(received)
+            self.flops["head"] += head_flops(
+                rows, received.shape[-1], edge.head_weight.shape[0], edge.head_trained()
+            )
+        return loss, grad
+
+    # -- per module: the round trips the cloud makes ------------------------------------------
+    def module_delta(
+        self, key: str, x: torch.Tensor, train: bool = True
+    ) -> tuple[torch.Tensor, _Pending | None]:
+        """x down, u up; with ``train`` the device keeps the graph for ``module_grad``."""
+        x_edge = self.send_one(x, "x", key, "down")
+        u, pending = self.edge_forward(key, x_edge, train)
         return self.send_one(u, "u", key, "up"), pending
 
     def module_grad(self, key: str, pending: _Pending, grad_y: torch.Tensor) -> torch.Tensor:
         grad_edge = self.send_one(grad_y, "grad_y", key, "down")
-        grad_x = self.edge.module_backward(pending, grad_edge)
-        self.flops["modules"] += lora_backward_flops(self.edge.modules[key], _tokens(grad_y))
-        return self.send_one(grad_x, "grad_x", key, "up")
+        return self.send_one(self.edge_backward(key, pending, grad_edge), "grad_x", key, "up")
 
     # -- killed modules ----------------------------------------------------------------------
     def killed_delta(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
         """A killed module's forward contribution: (a) the cloud's frozen copy, (b) computed on
         the device without backward, (c) none."""
-        module = self.edge.modules[key]
         if self.killed_forward == "cloud":
             factors = self.cloud_factors[key]
-            return lora_delta(x, factors["A"], factors["B"], module.scale)
+            return lora_delta(x, factors["A"], factors["B"], self.edge.modules[key].scale)
         if self.killed_forward == "edge":
-            u, _ = self.edge.module_forward(
-                key, self.send_one(x.detach(), "x", key, "down"), train=False
-            )
-            self.flops["modules"] += lora_forward_flops(module, _tokens(x))
-            return self.send_one(u, "u", key, "up")
+            return self.module_delta(key, x.detach(), train=False)[0]
         return None
 
     def kill(self, key: str) -> None:
@@ -398,27 +441,16 @@ def split_step(
 ) -> float:
     """One forward/backward of one user through the cloud; gradients land in the device's
     parameters (the caller steps the device's optimizer). Returns the loss."""
-    edge = link.edge
-    up = link.send(
-        {
-            "embeddings": edge.embed(batch["input_ids"]),
-            "attention_mask": batch["attention_mask"].float(),
-        },
-        "embeddings",
-        "",
-        "up",
-    )
+    up = link.send(link.edge_embed(batch), "embeddings", "", "up")
     out = cloud.forward(link, up["embeddings"], up["attention_mask"].long(), head_on)
-    kind = "hidden" if head_on == "edge" else "logits"
+    kind = head_kind(head_on)
     received = link.send_one(out.detach(), kind, "", "down")
-    loss, grad = edge.loss(
-        received, batch["labels"], from_logits=head_on == "cloud", weight=loss_weight
-    )
-    if head_on == "edge":
-        rows = _tokens(received)
-        link.flops["head"] += head_flops(
-            rows, received.shape[-1], edge.head_weight.shape[0], edge.head_trained()
-        )
+    loss, grad = link.edge_loss(received, batch["labels"], head_on, loss_weight)
     if out.requires_grad:  # some module is active: the cloud backpropagates to it
         out.backward(link.send_one(grad, "grad_" + kind, "", "up"))
     return loss
+
+
+def head_kind(head_on: HeadOn) -> str:
+    """What the cloud sends down at the end of its forward."""
+    return "hidden" if head_on == "edge" else "logits"

@@ -136,6 +136,8 @@ class RankEngine(SimulationEngine):
     each worker the round to start from and its clients' state; the worker takes them)."""
 
     rank0_hosts: ClassVar[bool]
+    world: ClassVar[int | None] = None  # the only number of ranks it runs on, if it has one
+    roles: ClassVar[str] = ""  # what each rank does, for the launcher's notes and errors
 
     def __init__(self, experiment: experiments.Experiment, run_dir: Path, console: Console | None):
         super().__init__(experiment, run_dir, console)
@@ -299,18 +301,26 @@ class DistributedGossipEngine(RankEngine, GossipEngine):
                 self.sent = []
 
 
-# by ``Method.engine``; split methods (DLoRA) have no distributed engine yet
+# by ``Method.engine``; the split engine's is added by ``distributed_engines``
 DISTRIBUTED: dict[str, type[RankEngine]] = {
     "simulation": DistributedSimulationEngine,
     "gossip": DistributedGossipEngine,
 }
 
 
+def distributed_engines() -> dict[str, type[RankEngine]]:
+    """Every distributed engine by ``Method.engine``. The split one (DLoRA) is imported here,
+    not at the top: its module subclasses ``RankEngine`` from this one."""
+    from fedlora.engines.distributed_split import DistributedSplitEngine
+
+    return DISTRIBUTED | {"split": DistributedSplitEngine}
+
+
 def placement_for(config: Config, world: int) -> Placement:
     """The placement a run of ``config`` on ``world`` ranks will use, known before building."""
     cls = method_class(config.method.name)
     clients = 1 if cls.pooled_data else config.partition.num_clients
-    return Placement(clients, world, DISTRIBUTED[cls.engine].rank0_hosts)
+    return Placement(clients, world, distributed_engines()[cls.engine].rank0_hosts)
 
 
 def run_rank(
@@ -328,7 +338,7 @@ def run_rank(
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank == OBSERVER:
-            engines = ENGINES if world == 1 else DISTRIBUTED
+            engines = ENGINES if world == 1 else distributed_engines()
             run_experiment(config_file, overrides, out, resume, console, show_progress, engines)
             return
         config = load_config(config_file, overrides)
@@ -337,7 +347,9 @@ def run_rank(
             return
         configure_runtime()
         experiment = experiments.build(config)
-        engine = DISTRIBUTED[experiment.method.engine](experiment, out or Path("."), console)
+        engine = distributed_engines()[experiment.method.engine](
+            experiment, out or Path("."), console
+        )
         engine.serve()
     finally:
         dist.destroy_process_group()
@@ -348,10 +360,18 @@ def refuse(config: Config, nproc: int) -> None:
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     engine = method_class(config.method.name).engine
-    if engine not in DISTRIBUTED:
+    engines = distributed_engines()
+    if engine not in engines:
         raise ConfigError(
             f"method {config.method.name!r} runs on the {engine!r} engine, which has no "
             "distributed version; use --engine simulation"
+        )
+    cls = engines[engine]
+    if cls.world is not None and nproc != cls.world:
+        raise ConfigError(
+            f"method {config.method.name!r} runs on the {engine!r} engine, whose distributed "
+            f"version needs exactly --nproc {cls.world} ({cls.roles}), not {nproc}; for one "
+            "process use --engine simulation"
         )
 
 
@@ -360,9 +380,10 @@ def layout_notes(config: Config, nproc: int) -> list[str]:
     if nproc == 1:
         engine = method_class(config.method.name).engine
         return [f"one process: the in-process {engine} engine runs in it"]
+    roles = distributed_engines()[method_class(config.method.name).engine].roles
     placement = placement_for(config, nproc)
     if not placement.idle():
-        return []
+        return [roles] if roles else []
     ranks = ", ".join(map(str, placement.idle()))
     return [
         f"{placement.clients} clients on {nproc} ranks: ranks {ranks} host no client and stay idle"

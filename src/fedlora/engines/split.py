@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from fedlora.adapters import TensorDict
 from fedlora.channel import Channel, Transfer, human_bytes
 from fedlora.dlora.flops import lora_backward_flops, lora_forward_flops
 from fedlora.dlora.kill_revive import KillRevive
 from fedlora.dlora.schedule import plot_schedule, write_schedule
-from fedlora.dlora.split import CloudEdgeLink, CloudModel, split_step
+from fedlora.dlora.split import CloudEdgeLink, CloudModel, EdgeAdapters, split_step
 from fedlora.engines.simulation import (
     RunResult,
     SimulationEngine,
@@ -110,13 +110,16 @@ class SplitEngine(SimulationEngine):
         self.users = [self._new_user(u) for u in range(self.method.user_count)]
 
     def _new_user(self, index: int) -> _User:
-        opts = self.method.opts
         edge = self.cloud.edge(self.method.context.initial, self.exp.config.lora.dropout)
-        link = CloudEdgeLink(client_name(index), edge, self.wire, opts.killed_forward)
+        link = self._link(client_name(index), edge)
         kr = KillRevive(len(self.keys), self.method.rule(index))
         kr.start([edge.flat(k) for k in self.keys])
         optimizer = standard_optimizer(list(edge.params.items()), self.exp.config.train)
         return _User(index, self.exp.clients[index], link, kr, optimizer)
+
+    def _link(self, user: str, edge: EdgeAdapters) -> CloudEdgeLink:
+        """The wire between the cloud and one user's device (here both are in this process)."""
+        return CloudEdgeLink(user, edge, self.wire, self.method.opts.killed_forward)
 
     # -- state in the stores (checkpointed by the simulation engine) --------------------------
     def _save_user(self, user: _User) -> None:
@@ -130,13 +133,7 @@ class SplitEngine(SimulationEngine):
     def resume(self) -> int:
         start = super().resume()
         for user in self.users if start else []:
-            store = self.stores[user.index]
-            user.link.edge.load({k[len(EDGE) :]: v for k, v in store.items() if k.startswith(EDGE)})
-            user.kr.load_state_dict({k[len(KR) :]: v for k, v in store.items() if k.startswith(KR)})
-            user.link.restore({self.keys[i] for i in user.kr.active_indices()})
-            restore_optimizer(user.optimizer, self.optimizers[user.index])
-            user.schedule = list(store[SCHEDULE].to(torch.bool))
-            user.account = store[ACCOUNT].tolist()
+            self._restore_user(user)
         traffic = self.run_dir / "traffic.csv"
         if start and traffic.is_file():  # drop rows of a round that did not complete
             with traffic.open() as handle:
@@ -144,6 +141,16 @@ class SplitEngine(SimulationEngine):
             self.traffic_rows = []
             self._write_traffic([r for r in rows if int(r[1]) < start], mode="w")
         return start
+
+    def _restore_user(self, user: _User) -> None:
+        """A user's device, Kill-and-Revive state, optimizer and records from its store."""
+        store = self.stores[user.index]
+        user.link.edge.load({k[len(EDGE) :]: v for k, v in store.items() if k.startswith(EDGE)})
+        user.kr.load_state_dict({k[len(KR) :]: v for k, v in store.items() if k.startswith(KR)})
+        user.link.restore({self.keys[i] for i in user.kr.active_indices()})
+        restore_optimizer(user.optimizer, self.optimizers[user.index])
+        user.schedule = list(store[SCHEDULE].to(torch.bool))
+        user.account = store[ACCOUNT].tolist()
 
     # -- evaluation: each user's own adapter ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -159,7 +166,7 @@ class SplitEngine(SimulationEngine):
         link, kr, edge = user.link, user.kr, user.link.edge
         modules = self.exp.slots.modules
         steps = steps_per_round(train, len(user.rows))
-        torch.manual_seed(derived_seed(seed, round_index, user.index, 1))  # dropout
+        self._seed_dropout(user.index, round_index)
         batches = batch_stream(
             user.rows, train.batch_size, derived_seed(seed, round_index, user.index, 2)
         )
@@ -178,11 +185,7 @@ class SplitEngine(SimulationEngine):
             tokens, step_losses = 0, []
             for _ in range(train.grad_accum):
                 batch = self.exp.train_set.batch(next(batches))
-                step_losses.append(
-                    split_step(
-                        self.cloud, link, batch, self.method.opts.head_on, 1 / train.grad_accum
-                    )
-                )
+                step_losses.append(self._step(link, batch, 1 / train.grad_accum))
                 tokens += batch["input_ids"].numel()
                 examples += len(batch["input_ids"])
             if train.max_grad_norm is not None:
@@ -214,6 +217,14 @@ class SplitEngine(SimulationEngine):
             link.log.clear()
         model.eval()
         return losses, steps, examples
+
+    def _seed_dropout(self, user: int, round_index: int) -> None:
+        """One generator for a user's block of steps: the base's and the adapters' dropout."""
+        torch.manual_seed(derived_seed(self.exp.config.experiment.seed, round_index, user, 1))
+
+    def _step(self, link: CloudEdgeLink, batch: dict[str, torch.Tensor], weight: float) -> float:
+        """One forward/backward of one user through the cloud; returns the loss."""
+        return split_step(self.cloud, link, batch, self.method.opts.head_on, weight)
 
     def _account(
         self,
@@ -265,13 +276,11 @@ class SplitEngine(SimulationEngine):
             self.channel.ledger.add(Transfer(round_index, sender, receiver, count, tensors))
         self.wire.ledger.records.clear()
 
-    def run_round(self, round_index: int, progress: Progress) -> dict:
-        began = time.perf_counter()
-        task = progress.add_task(
-            f"round {round_index + 1}/{self.exp.config.experiment.rounds}",
-            total=len(self.users),
-            status="",
-        )
+    def _train_users(
+        self, round_index: int, progress: Progress, task: TaskID
+    ) -> tuple[list[float], int, int]:
+        """Every user's block of steps, into the stores and the ledger: (losses, steps,
+        examples)."""
         losses, steps, examples = [], 0, 0
         for user in self.users:
             user_losses, user_steps, user_examples = self._train_block(user, round_index)
@@ -281,6 +290,16 @@ class SplitEngine(SimulationEngine):
             self._save_user(user)
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
         self._fold_ledger(round_index)
+        return losses, steps, examples
+
+    def run_round(self, round_index: int, progress: Progress) -> dict:
+        began = time.perf_counter()
+        task = progress.add_task(
+            f"round {round_index + 1}/{self.exp.config.experiment.rounds}",
+            total=len(self.users),
+            status="",
+        )
+        losses, steps, examples = self._train_users(round_index, progress, task)
         rows = [r for u in self.users for r in u.account if int(r[1]) == round_index]
         column = {name: i for i, name in enumerate(FIELDS)}
 
