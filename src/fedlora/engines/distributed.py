@@ -17,6 +17,9 @@ Peer methods (``engine = "gossip"``, Dec-LoRA): nodes are dealt round-robin to a
 message to a neighbour on another rank goes through the channel and over point-to-point, and
 mixing is the in-process gossip engine's own code.
 
+Split methods (``engine = "split"``, DLoRA) run on exactly two ranks, rank 0 the cloud and rank 1
+the edge hosting every user; ``fedlora.engines.distributed_split`` says how.
+
 Either way rank 0 is also the observer: after every round each worker sends it the hosted
 clients' stores and optimizer states (and, for gossip, the trained messages for the consensus
 metric). Rank 0 therefore evaluates, writes the run directory and checkpoints exactly like the

@@ -110,6 +110,8 @@ class _RemoteEnd(CloudEdgeLink):
     opening a received one (decoded and validated by the channel, then checked against the
     names and shapes the protocol expects)."""
 
+    outgoing: ClassVar[Literal["down", "up"]]  # the direction this end sends in
+
     def __init__(
         self,
         user: str,
@@ -120,8 +122,6 @@ class _RemoteEnd(CloudEdgeLink):
     ) -> None:
         super().__init__(user, edge, channel, killed_forward)
         self.endpoint = endpoint
-
-    outgoing: ClassVar[Literal["down", "up"]]  # the direction this end sends in
 
     def post(self, kind: str, module: str, tensors: TensorDict, **extra: object) -> bytes:
         sender, _ = self.parties(self.outgoing)
@@ -151,11 +151,15 @@ class _RemoteEnd(CloudEdgeLink):
             )
         return tensors
 
-    def take_one(self, kind: str, module: str, shape: Shape) -> torch.Tensor:
+    def take_reply(self, kind: str, module: str, shapes: dict[str, Shape]) -> TensorDict:
+        """The reply the protocol expects next: ``kind`` of ``module``, these tensors."""
         message = self.take(kind)
         if message.module != module:
             raise MessageError(f"{self.user}: {kind!r} of {message.module!r}, not {module!r}")
-        return self.open(message, {kind: shape})[kind]
+        return self.open(message, shapes)
+
+    def take_one(self, kind: str, module: str, shape: Shape) -> torch.Tensor:
+        return self.take_reply(kind, module, {kind: shape})[kind]
 
 
 class CloudEnd(_RemoteEnd):
@@ -186,8 +190,7 @@ class CloudEnd(_RemoteEnd):
         if self.killed_forward == "cloud":
             m = self.edge.modules[key]
             shapes: dict[str, Shape] = {"A": (m.rank, m.d_in), "B": (m.d_out, m.rank)}
-            message = self.take("factors")
-            self.cloud_factors[key] = self.open(message, shapes)
+            self.cloud_factors[key] = self.take_reply("factors", key, shapes)
 
     def serve_step(self, cloud: CloudModel, message: Message, head_on: HeadOn) -> None:
         """The cloud's half of ``split_step``, from the embeddings the device sent."""
