@@ -46,3 +46,31 @@ def fedit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code, output = run_cli("run", str(TINY / "fedit.toml"), "--out", str(out), "--quiet")
     assert code == 0, output
     return out
+
+
+def assert_adapter_reloads(run: Path) -> None:
+    """The run's exported PEFT adapter, loaded by ``PeftModel.from_pretrained`` on a fresh base,
+    gives exactly the logits of the run's final state in fedlora's own slots."""
+    import torch
+    from peft import PeftModel
+
+    from fedlora.checkpoint import load_checkpoint
+    from fedlora.config import load_config
+    from fedlora.experiment import build
+    from fedlora.models import load_base_model, load_tokenizer
+
+    config = load_config(run / "config.toml")
+    experiment = build(config)
+    experiment.slots.load(load_checkpoint(run).method)
+    experiment.slots.model.eval()
+    batch = experiment.train_set.batch(list(range(6)))
+    with torch.no_grad():
+        expected = experiment.slots.model(**batch).logits
+
+    tokenizer = load_tokenizer(config.model.name)
+    labels = len(experiment.split.label_names)
+    base = load_base_model(config.model.name, labels, tokenizer, seed=config.experiment.seed)
+    reloaded = PeftModel.from_pretrained(base, run / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(**batch).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)

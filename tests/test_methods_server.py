@@ -25,6 +25,7 @@ from fedlora.methods.fedit import FedIT
 from tests.conftest import TINY, without_timing
 
 ISSUE3 = ["ffa", "fedsa", "flexlora", "hetlora", "flora", "fslora", "fslora_code_compat"]
+FULL_WEIGHTS = ["dwa", "fedftg", "fedftg_code_compat"]
 
 
 def run(name: str, out: Path, rounds: int | None = None) -> tuple[Experiment, SimulationEngine]:
@@ -159,6 +160,11 @@ def expected_shapes(name: str, experiment: Experiment, client: int, round_index:
     head = {k: tuple(v.shape) for k, v in method.context.initial.items() if ".lora_" not in k}
     r_i = method.context.rank(client)
     shapes: dict[str, tuple[int, ...]] = {}
+    for target in experiment.config.lora.target_modules or experiment.spec.default_targets:
+        for path, layer in experiment.slots.model.named_modules():
+            if name in FULL_WEIGHTS and path.endswith(f".{target}.base_layer"):  # d·k
+                key = path.removesuffix(".base_layer") + ".ln_tuning_layers.weight"
+                shapes[key] = (layer.out_features, layer.in_features)
     for m in modules:
         d, k = m.d_out, m.d_in
         if name == "ffa":  # r·d
@@ -178,7 +184,7 @@ def expected_shapes(name: str, experiment: Experiment, client: int, round_index:
     return shapes
 
 
-@pytest.mark.parametrize("name", ISSUE3)
+@pytest.mark.parametrize("name", ISSUE3 + FULL_WEIGHTS)
 def test_two_round_run_and_measured_bytes_match_the_formula(name: str, finished) -> None:
     experiment, _, result = finished(name)
     assert [m["round"] for m in result.metrics] == [1, 2]
@@ -224,4 +230,4 @@ def test_flora_resume_rebuilds_the_merged_base_exactly(tmp_path: Path, finished)
 
 
 def test_every_issue3_method_is_registered() -> None:
-    assert set(ISSUE3) <= set(registry())
+    assert set(ISSUE3 + FULL_WEIGHTS) <= set(registry())

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 
-from fedlora.config import load_config
-from fedlora.models import load_base_model, load_tokenizer
-from tests.conftest import TINY, read_metrics, run_cli, without_timing
+from tests.conftest import TINY, assert_adapter_reloads, read_metrics, run_cli, without_timing
 
 
 def test_run_directory_has_every_output(fedit_run: Path) -> None:
@@ -38,23 +35,7 @@ def test_run_directory_has_every_output(fedit_run: Path) -> None:
 
 
 def test_exported_adapter_reloads_with_identical_logits(fedit_run: Path) -> None:
-    from fedlora.checkpoint import load_checkpoint
-    from fedlora.experiment import build
-
-    config = load_config(fedit_run / "config.toml")
-    experiment = build(config)
-    experiment.slots.load(load_checkpoint(fedit_run).method)
-    experiment.slots.model.eval()
-    batch = experiment.train_set.batch(list(range(6)))
-    with torch.no_grad():
-        expected = experiment.slots.model(**batch).logits
-
-    tokenizer = load_tokenizer(config.model.name)
-    base = load_base_model(config.model.name, 5, tokenizer, seed=config.experiment.seed)
-    reloaded = PeftModel.from_pretrained(base, fedit_run / "adapter").eval()
-    with torch.no_grad():
-        logits = reloaded(**batch).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    assert_adapter_reloads(fedit_run)
 
 
 def test_same_config_and_seed_give_the_same_numbers(fedit_run: Path, tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LNTuningConfig, PeftModel, TaskType, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
@@ -25,6 +25,7 @@ from fedlora.models import ModelSpec
 TensorDict = dict[str, torch.Tensor]
 
 ADAPTER = "default"
+FULL_COPY = "ln_tuning_layers"  # PEFT's name for a trainable copy of a whole module
 
 
 def wire_name(parameter_name: str) -> str:
@@ -52,19 +53,37 @@ class LoraModule:
 
 
 class AdapterSlots:
-    """The PEFT-wrapped shared base and typed access to its trainable tensors."""
+    """The PEFT-wrapped shared base and typed access to its trainable tensors.
 
-    def __init__(self, base: PreTrainedModel, spec: ModelSpec, config: LoraConfig, init_seed: int):
+    ``full_weights`` replaces LoRA by trainable copies of the target modules' whole weight
+    matrices (direct weight averaging, FedFTG, §4.2). PEFT's LN-tuning adapter is exactly such a
+    copy for any module type, so the run still exports a standard PEFT adapter; the copies'
+    biases stay frozen and off the wire (the methods average weight matrices only).
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        spec: ModelSpec,
+        config: LoraConfig,
+        init_seed: int,
+        full_weights: bool = False,
+    ):
         targets = list(config.target_modules or spec.default_targets)
         head = [spec.head] if (spec.head and config.train_head) else None
-        peft_config = PeftLoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            use_rslora=config.rslora,
-            target_modules=targets,
-            modules_to_save=head,
-            task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
+        task = TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM
+        peft_config = (
+            LNTuningConfig(target_modules=targets, modules_to_save=head, task_type=task)
+            if full_weights
+            else PeftLoraConfig(
+                r=config.rank,
+                lora_alpha=config.alpha,
+                lora_dropout=config.dropout,
+                use_rslora=config.rslora,
+                target_modules=targets,
+                modules_to_save=head,
+                task_type=task,
+            )
         )
         torch.manual_seed(init_seed)  # the common A init every client shares
         try:
@@ -73,6 +92,13 @@ class AdapterSlots:
             raise ConfigError(f"lora.target_modules {targets}: {error}") from None
         self.task = spec.task
         self._pristine: TensorDict = {}  # frozen base weights before any merge_into_base
+        self.matrices: list[str] = []  # full_weights: wire names of the trained weight copies
+        if full_weights:
+            for name, p in self.model.named_parameters():
+                if f".{FULL_COPY}." in name:
+                    p.requires_grad_(name.endswith(".weight") and p.dim() == 2)
+                    if p.requires_grad:
+                        self.matrices.append(wire_name(name))
         self._params: dict[str, torch.nn.Parameter] = {
             wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
         }

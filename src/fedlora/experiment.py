@@ -43,6 +43,11 @@ def validate(config: Config) -> None:
             "client at lora.rank; use a heterogeneous-rank method or profile 'homo'"
         )
     client_ranks(config, 1)  # range check of ranks.values against lora.rank
+    if config.model.quantize_4bit and method_class(config.method.name).full_weights:
+        raise ConfigError(
+            f"model.quantize_4bit: method {config.method.name!r} fine-tunes the full target "
+            "weights, which cannot be 4-bit; use quantize_4bit = false"
+        )
 
 
 def build(config: Config) -> Experiment:
@@ -67,7 +72,9 @@ def build(config: Config) -> Experiment:
     init_seed = (
         config.lora.init_seed if config.lora.init_seed is not None else config.experiment.seed
     )
-    slots = AdapterSlots(base, spec, config.lora, derived_seed(init_seed, 0xA0))
+    slots = AdapterSlots(
+        base, spec, config.lora, derived_seed(init_seed, 0xA0), full_weights=cls.full_weights
+    )
 
     context = MethodContext(
         config=config,
@@ -78,7 +85,12 @@ def build(config: Config) -> Experiment:
     )
     method = build_method(config.method, context)
     trainer = LocalTrainer(
-        slots, train_set, config.train, config.experiment.seed, config.experiment.rounds
+        slots,
+        train_set,
+        config.train,
+        config.experiment.seed,
+        config.experiment.rounds,
+        method.local_optimizer,
     )
     evaluator = Evaluator(slots, test_set, tokenizer, config.eval)
     return Experiment(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
@@ -109,3 +110,39 @@ def compare(paths: list[Path], out: Path) -> str:
     body = ["# Comparison", "", table, ""] + [f"![{p.stem}]({p.name})" for p in images]
     (out / "comparison.md").write_text("\n".join(body) + "\n")
     return table
+
+
+def plot_mean_bands(
+    arms: dict[str, list[RunView]], key: str, path: Path, title: str = ""
+) -> Path | None:
+    """Several seeds per arm: ``key`` vs round and vs cumulative bytes, the mean over seeds as a
+    line and ±1 standard deviation as a band (rounds every seed evaluated)."""
+    figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for label, runs in arms.items():
+        per_run = [{m["round"]: m for m in run.evaluated if key in m} for run in runs]
+        rounds = sorted(set.intersection(*(set(rows) for rows in per_run))) if per_run else []
+        if not rounds:
+            continue
+        values = np.array([[rows[r][key] for r in rounds] for rows in per_run])
+        sent = np.array([[rows[r]["cumulative_bytes"] for r in rounds] for rows in per_run])
+        mean, spread = values.mean(axis=0), values.std(axis=0)
+        for axis, x in ((by_round, np.array(rounds)), (by_bytes, sent.mean(axis=0))):
+            axis.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={len(runs)})")
+            axis.fill_between(x, mean - spread, mean + spread, alpha=0.2)
+        drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    by_round.set_xlabel("round")
+    by_bytes.set_xlabel("cumulative bytes on the wire")
+    by_bytes.set_xscale("log")
+    for axis in (by_round, by_bytes):
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+    by_round.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -88,6 +88,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, flat: TensorDict) -> Non
     )
 
 
+OptimizerFactory = Callable[
+    [list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer
+]
+
+
 @dataclass
 class LocalResult:
     state: TensorDict
@@ -101,8 +106,15 @@ class LocalTrainer:
     """Runs a client's local steps on the shared model's adapter slots."""
 
     def __init__(
-        self, slots: AdapterSlots, data: TokenizedSet, config: TrainConfig, seed: int, rounds: int
+        self,
+        slots: AdapterSlots,
+        data: TokenizedSet,
+        config: TrainConfig,
+        seed: int,
+        rounds: int,
+        make_optimizer: OptimizerFactory = standard_optimizer,
     ):
+        self.make_optimizer = make_optimizer  # the method's ``local_optimizer``
         self.slots = slots
         self.data = data
         self.config = config
@@ -125,7 +137,7 @@ class LocalTrainer:
         config = self.config
         self.slots.load(start)
         params = self.slots.parameters(trainable)
-        optimizer = standard_optimizer(params, config)
+        optimizer = self.make_optimizer(params, config)
         if optimizer_state:
             restore_optimizer(optimizer, optimizer_state)
         model = self.slots.model

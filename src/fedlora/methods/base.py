@@ -24,7 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedlora.adapters import LoraModule, TensorDict
-from fedlora.config import Config
+from fedlora.config import Config, TrainConfig
+from fedlora.training import standard_optimizer
 
 
 class NoOptions(BaseModel):
@@ -70,6 +71,7 @@ class Method(ABC):
     keeps_optimizer_state: ClassVar[bool] = False  # default for train.keep_optimizer_state
     per_client_eval: ClassVar[bool] = False  # evaluate each client's own model
     heterogeneous_ranks: ClassVar[bool] = False  # reads per-client ranks from [ranks]
+    full_weights: ClassVar[bool] = False  # trains whole target matrices instead of LoRA
     engine: ClassVar[str] = (
         "simulation"  # "simulation": server rounds; "gossip": peers over a graph
     )
@@ -116,6 +118,13 @@ class Method(ABC):
     def trainable(self, name: str) -> bool:
         """Whether the adapter tensor ``name`` is trained locally."""
         return True
+
+    def local_optimizer(
+        self, params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
+    ) -> torch.optim.Optimizer:
+        """The optimizer of a client's local steps over the named trainable tensors: AdamW or
+        SGD from ``[train]``; methods that prescribe their own (FedFTG's GaLore) override it."""
+        return standard_optimizer(params, config)
 
     def client_scales(self, client: int) -> dict[str, float] | None:
         """Per-module LoRA scale s for this client's training and evaluation, keyed by module

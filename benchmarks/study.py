@@ -1,0 +1,161 @@
+"""Run a reproduction study (several arms x several seeds) and tabulate it as mean ± std.
+
+A study file (``configs/paper/studies/*.toml``) names the arms: each is a config plus
+``--set`` overrides; ``set`` at the top level applies to every arm (the sizing that makes the
+study fit this machine). Every run is a plain ``fedlora run`` in its own process with one torch
+thread, ``--jobs`` at a time, under ``runs/studies/<study>/<arm>/seed<k>``. A finished run (its
+``summary.md`` exists) is skipped and an interrupted one continues with ``--resume``, so the
+command can be repeated until the study is complete. Then it writes the table
+(``runs/studies/<study>/results.md``, also printed) and one plot (``docs/figures/<study>.png``):
+the quality metric vs round and vs cumulative bytes, mean over seeds with a ±1 std band.
+
+    python -P benchmarks/study.py configs/paper/studies/ffa_vs_fedit.toml [--jobs 2]
+    python -P benchmarks/study.py STUDY --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.channel import human_bytes
+from fedlora.report import RunView, plot_mean_bands, read_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    config: Path
+    overrides: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    seeds: tuple[int, ...]
+    metric: str
+    arms: tuple[Arm, ...]
+
+    @property
+    def directory(self) -> Path:
+        return REPO / "runs" / "studies" / self.name
+
+
+def load_study(path: Path) -> Study:
+    data = tomllib.loads(path.read_text())
+    common = tuple(data.get("set", []))
+    arms = tuple(
+        Arm(arm["label"], REPO / arm["config"], common + tuple(arm.get("set", [])))
+        for arm in data["arms"]
+    )
+    return Study(data["name"], tuple(data["seeds"]), data.get("metric", "accuracy"), arms)
+
+
+def run_one(arm: Arm, seed: int, out: Path) -> str:
+    if (out / "summary.md").is_file():
+        return f"{out}: done before"
+    command = [sys.executable, "-m", "fedlora", "run", str(arm.config), "--out", str(out)]
+    command += ["--quiet", "--set", f"experiment.seed={seed}"]
+    for override in arm.overrides:
+        command += ["--set", override]
+    if (out / "checkpoint.safetensors").is_file():
+        command.append("--resume")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    return f"{out}: {'finished' if code == 0 else f'FAILED (exit {code}), see {out}.log'}"
+
+
+def run_study(study: Study, jobs: int) -> None:
+    tasks = [(arm, seed) for seed in study.seeds for arm in study.arms]
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [
+            pool.submit(run_one, arm, seed, study.directory / arm.slug / f"seed{seed}")
+            for arm, seed in tasks
+        ]
+        for future in futures:
+            print(future.result(), flush=True)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def finished_runs(study: Study, arm: Arm) -> list[RunView]:
+    runs = []
+    for seed in study.seeds:
+        out = study.directory / arm.slug / f"seed{seed}"
+        if (out / "summary.md").is_file():
+            runs.append(read_run(out))
+    return runs
+
+
+def report(study: Study) -> str:
+    metric = study.metric
+    header = f"| arm | seeds | final {metric} | best {metric} | macro-F1 | up / client / round "
+    header += "| total bytes | wall s |"
+    lines = [header, "|" + "---|" * 8]
+    curves: dict[str, list[RunView]] = {}
+    for arm in study.arms:
+        runs = finished_runs(study, arm)
+        curves[arm.label] = runs
+        if not runs:
+            lines.append(f"| {arm.label} | 0 | - | - | - | - | - | - |")
+            continue
+        uploads = [
+            m["bytes_up"] / len(m["clients"]) for run in runs for m in run.metrics if m["clients"]
+        ]
+        total = statistics.mean(run.metrics[-1]["cumulative_bytes"] for run in runs)
+        seconds = statistics.mean(sum(m["seconds"] for m in run.metrics) for run in runs)
+        cells = [
+            arm.label,
+            str(len(runs)),
+            mean_std([run.final(metric) for run in runs]),
+            mean_std([run.best(metric) for run in runs]),
+            mean_std([run.final("macro_f1") for run in runs if run.final("macro_f1") is not None]),
+            human_bytes(int(statistics.mean(uploads))) if uploads else "-",
+            human_bytes(int(total)),
+            f"{seconds:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    figures = REPO / "docs" / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_mean_bands(curves, metric, figures / f"{study.name}.png", title=study.name)
+    study.directory.mkdir(parents=True, exist_ok=True)
+    (study.directory / "results.md").write_text(table + "\n")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    study = load_study(args.study)
+    if not args.report_only:
+        run_study(study, args.jobs)
+    print(report(study))
+
+
+if __name__ == "__main__":
+    main()

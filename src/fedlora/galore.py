@@ -1,0 +1,79 @@
+"""GaLore-AdamW (galore-torch) as a local optimizer whose projection really happens.
+
+galore-torch projects a parameter's gradient only if its param group carries the keys ``rank``,
+``update_proj_gap``, ``scale`` and ``proj_type``; without them the same class is plain AdamW
+(algorithms.md §4.6: the released FedFTG code builds it that way, so GaLore never engages).
+``galore_adamw`` puts the 2-D weight matrices in a keyed group and everything else (the head) in
+a plain one. ``CheckpointableGaLoreAdamW`` stores each projector as its orthonormal matrix, so
+the optimizer state is tensors only: it can be kept between rounds, checkpointed as safetensors
+and restored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from galore_torch import GaLoreAdamW
+from galore_torch.galore_projector import GaLoreProjector
+
+ProjectionType = Literal["std", "reverse_std", "right", "left"]
+PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+class CheckpointableGaLoreAdamW(GaLoreAdamW):
+    """galore-torch's AdamW, with the projector objects in its state dict as tensors."""
+
+    def state_dict(self) -> dict[str, Any]:
+        packed = super().state_dict()
+        packed["state"] = {
+            index: {
+                key: value.ortho_matrix.contiguous()
+                if isinstance(value, GaLoreProjector)
+                else value
+                for key, value in entry.items()
+            }
+            for index, entry in packed["state"].items()
+        }
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                entry = self.state.get(parameter, {})
+                if "step" in entry:  # galore-torch counts steps in a Python int
+                    entry["step"] = int(entry["step"])
+                if torch.is_tensor(entry.get("projector")):
+                    projector = GaLoreProjector(
+                        group["rank"],
+                        update_proj_gap=group["update_proj_gap"],
+                        scale=group["scale"],
+                        proj_type=group["proj_type"],
+                    )
+                    projector.ortho_matrix = entry["projector"]
+                    entry["projector"] = projector
+
+
+def galore_adamw(
+    params: list[tuple[str, torch.nn.Parameter]],
+    projected: set[str],
+    lr: float,
+    weight_decay: float,
+    rank: int,
+    update_proj_gap: int,
+    scale: float,
+    proj_type: ProjectionType,
+) -> CheckpointableGaLoreAdamW:
+    """GaLore-AdamW with the projection engaged on the ``projected`` matrices (the target
+    weights); the rest (the head) goes in a plain AdamW group. eps = 1e-8 as torch's AdamW, so
+    against direct weight averaging with AdamW the projection is the only difference."""
+    matrices = [p for name, p in params if name in projected]
+    others = [p for name, p in params if name not in projected]
+    keys = dict(zip(PROJECTION_KEYS, (rank, update_proj_gap, scale, proj_type), strict=True))
+    groups: list[dict[str, Any]] = [{"params": matrices, **keys}]
+    if others:
+        groups.append({"params": others})
+    return CheckpointableGaLoreAdamW(
+        groups, lr=lr, eps=1e-8, weight_decay=weight_decay, no_deprecation_warning=True
+    )
