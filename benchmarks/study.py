@@ -1,6 +1,6 @@
 """Run a reproduction study (several arms x several seeds) and tabulate it as mean ± std.
 
-A study file (``configs/paper/studies/*.toml``) names the arms: each is a config plus
+A study file (``benchmarks/studies/*.toml``) names the arms: each is a config plus
 ``--set`` overrides; ``set`` at the top level applies to every arm (the sizing that makes the
 study fit this machine). Every run is a plain ``fedlora run`` in its own process with one torch
 thread, ``--jobs`` at a time, under ``runs/studies/<study>/<arm>/seed<k>``. A finished run (its
@@ -9,7 +9,7 @@ command can be repeated until the study is complete. Then it writes the table
 (``runs/studies/<study>/results.md``, also printed) and one plot (``docs/figures/<study>.png``):
 the quality metric vs round and vs cumulative bytes, mean over seeds with a ±1 std band.
 
-    python -P benchmarks/study.py configs/paper/studies/ffa_vs_fedit.toml [--jobs 2]
+    python -P benchmarks/study.py benchmarks/studies/ffa_vs_fedit.toml [--jobs 2]
     python -P benchmarks/study.py STUDY --report-only
 """
 

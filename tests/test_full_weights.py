@@ -36,7 +36,7 @@ def fit(optimizer_for, shape: tuple[int, int], steps: int, seed: int = 0) -> tup
 
 
 def galore(gap: int):
-    return lambda w: galore_adamw([("w", w)], {"w"}, 1e-2, 0.0, RHO, gap, 1.0, "std")
+    return lambda w: galore_adamw([("w", w)], {"w"}, 1e-2, None, 0.0, RHO, gap, 1.0, "std")
 
 
 def rank(matrix: torch.Tensor) -> int:

@@ -6,10 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from fedlora.config import TrainConfig
+from fedlora.adapters import is_head
+from fedlora.config import TrainConfig, load_config
 from fedlora.engines.simulation import sample_clients
-from fedlora.training import batch_stream, learning_rate, steps_per_round
+from fedlora.experiment import build
+from fedlora.training import (
+    batch_stream,
+    learning_rate,
+    set_learning_rate,
+    standard_optimizer,
+    steps_per_round,
+)
 from tests.conftest import TINY, run_cli
 
 
@@ -66,3 +75,34 @@ def test_sgd_accumulation_schedule_epochs_and_sampling_run_end_to_end(tmp_path: 
     assert [len(r["clients"]) for r in rows] == [2, 2, 2]
     assert ["accuracy" in r for r in rows] == [False, True, True]  # every 2 rounds and the last
     assert all(r["examples"] == r["steps"] * 2 * 8 for r in rows)  # 2 micro-batches of 8 a step
+
+
+def test_head_lr_gives_the_head_its_own_rate_under_the_schedule() -> None:
+    """SGD, no momentum: one step moves every tensor by lr × its gradient, so a 1000x smaller
+    head rate moves the head 1000x less than the same step at the common rate, while the LoRA
+    factors move exactly as without head_lr. The schedule keeps the head/body ratio."""
+    experiment = build(
+        load_config(TINY / "fedit.toml", ["train.optimizer=sgd", "train.momentum=0"])
+    )
+    trainer, start = experiment.trainer, experiment.method.context.initial
+    rows = experiment.clients[0]
+
+    def moved(config: TrainConfig) -> dict[str, float]:
+        trainer.config = config
+        state = trainer.train(dict(start), rows, 0, 0, lambda name: True).state
+        return {k: float((state[k] - start[k]).norm()) for k in start}
+
+    base = experiment.config.train.model_copy(update={"local_steps": 1})
+    common = moved(base)
+    slow = moved(base.model_copy(update={"head_lr": base.lr / 1000}))
+    for name, distance in common.items():
+        if is_head(name):
+            assert slow[name] == pytest.approx(distance / 1000, rel=1e-3), name
+        else:
+            assert slow[name] == distance, name
+    scheduled = base.model_copy(update={"head_lr": 0.5, "lr": 2.0, "scheduler": "linear"})
+    optimizer = standard_optimizer(
+        [(n, torch.nn.Parameter(v.clone())) for n, v in start.items()], scheduled
+    )
+    set_learning_rate(optimizer, scheduled, 5, 10)  # halfway down the linear decay
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 0.25]

@@ -33,6 +33,11 @@ def wire_name(parameter_name: str) -> str:
     return parameter_name.replace(f".modules_to_save.{ADAPTER}.", ".").replace(f".{ADAPTER}.", ".")
 
 
+def is_head(name: str) -> bool:
+    """Whether a wire name is a trained copy of the output head (neither LoRA nor a full copy)."""
+    return ".lora_" not in name and f".{FULL_COPY}." not in name
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted linear map: W (d_out x d_in) + s * B (d_out x r) @ A (r x d_in)."""

@@ -98,6 +98,7 @@ class FederationConfig(Section):
 class TrainConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="the output head's lr; None: lr")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)

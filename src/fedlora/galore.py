@@ -59,6 +59,7 @@ def galore_adamw(
     params: list[tuple[str, torch.nn.Parameter]],
     projected: set[str],
     lr: float,
+    head_lr: float | None,
     weight_decay: float,
     rank: int,
     update_proj_gap: int,
@@ -66,14 +67,15 @@ def galore_adamw(
     proj_type: ProjectionType,
 ) -> CheckpointableGaLoreAdamW:
     """GaLore-AdamW with the projection engaged on the ``projected`` matrices (the target
-    weights); the rest (the head) goes in a plain AdamW group. eps = 1e-8 as torch's AdamW, so
-    against direct weight averaging with AdamW the projection is the only difference."""
+    weights); the rest (the head) goes in a plain AdamW group, at ``head_lr`` if given.
+    eps = 1e-8 as torch's AdamW, so against direct weight averaging with AdamW the projection
+    is the only difference."""
     matrices = [p for name, p in params if name in projected]
     others = [p for name, p in params if name not in projected]
     keys = dict(zip(PROJECTION_KEYS, (rank, update_proj_gap, scale, proj_type), strict=True))
     groups: list[dict[str, Any]] = [{"params": matrices, **keys}]
     if others:
-        groups.append({"params": others})
+        groups.append({"params": others, **({"lr": head_lr} if head_lr else {})})
     return CheckpointableGaLoreAdamW(
         groups, lr=lr, eps=1e-8, weight_decay=weight_decay, no_deprecation_warning=True
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedlora.adapters import AdapterSlots, TensorDict
+from fedlora.adapters import AdapterSlots, TensorDict, is_head
 from fedlora.config import TrainConfig
 from fedlora.data.tokenized import TokenizedSet
 
@@ -57,15 +57,41 @@ def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     return config.lr
 
 
+def parameter_groups(
+    params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
+) -> list[dict]:
+    """One group at ``train.lr``; with ``train.head_lr`` set, the head's tensors in a second
+    group at that rate (schedules scale both alike, see ``set_learning_rate``)."""
+    if config.head_lr is None:
+        return [{"params": [p for _, p in params]}]
+    body = [p for name, p in params if not is_head(name)]
+    head = [p for name, p in params if is_head(name)]
+    return [
+        group
+        for group in ({"params": body}, {"params": head, "lr": config.head_lr})
+        if group["params"]
+    ]
+
+
 def standard_optimizer(
     params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
 ) -> torch.optim.Optimizer:
-    tensors = [p for _, p in params]
+    groups = parameter_groups(params, config)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            tensors, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-    return torch.optim.AdamW(tensors, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def set_learning_rate(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, total: int
+) -> None:
+    """The schedule's rate at ``step``; a group built with its own rate (the head's) keeps its
+    ratio to ``train.lr``."""
+    factor = learning_rate(config, step, total) / config.lr
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> TensorDict:
@@ -151,8 +177,7 @@ class LocalTrainer:
         losses = []
         examples = 0
         for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, round_index * steps + step, total)
+            set_learning_rate(optimizer, config, round_index * steps + step, total)
             optimizer.zero_grad(set_to_none=True)
             for _ in range(config.grad_accum):
                 batch_rows = next(batches)

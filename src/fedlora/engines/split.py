@@ -43,9 +43,9 @@ from fedlora.methods.dlora import EDGE, DLoRA
 from fedlora.training import (
     batch_stream,
     derived_seed,
-    learning_rate,
     optimizer_tensors,
     restore_optimizer,
+    set_learning_rate,
     standard_optimizer,
     steps_per_round,
 )
@@ -178,8 +178,7 @@ class SplitEngine(SimulationEngine):
         for s in range(steps):
             step = round_index * steps + s + 1
             link.begin_step(step, round_index)
-            for group in user.optimizer.param_groups:
-                group["lr"] = learning_rate(train, step - 1, steps * rounds)
+            set_learning_rate(user.optimizer, train, step - 1, steps * rounds)
             user.optimizer.zero_grad(set_to_none=True)
             mask = kr.active.clone()
             tokens, step_losses = 0, []

@@ -56,6 +56,7 @@ class FedFTG(DirectWeightAveraging):
             params,
             self.projected,
             lr=config.lr,
+            head_lr=config.head_lr,
             weight_decay=config.weight_decay,
             rank=options.galore_rank,
             update_proj_gap=options.update_proj_gap,

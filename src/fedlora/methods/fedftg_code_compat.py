@@ -2,7 +2,8 @@
 from a bare parameter list, ``GaLoreAdamW(params, lr)``. With no ``rank`` key in the param group
 galore-torch never projects, so this is plain AdamW (galore-torch's, eps = 1e-6) full-weight
 fine-tuning plus direct weight averaging, with the optimizers kept across rounds as the code
-does. It exists so users can compare it with ``fedftg``.
+does (``train.head_lr`` may split off the head's group, still unprojected). It exists so users
+can compare it with ``fedftg``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from galore_torch import GaLoreAdamW
 
 from fedlora.config import TrainConfig
 from fedlora.methods.dwa import DirectWeightAveraging
+from fedlora.training import parameter_groups
 
 
 class FedFTGCodeCompat(DirectWeightAveraging):
@@ -23,7 +25,7 @@ class FedFTGCodeCompat(DirectWeightAveraging):
         self, params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
     ) -> torch.optim.Optimizer:
         return GaLoreAdamW(
-            [p for _, p in params],
+            parameter_groups(params, config),
             lr=config.lr,
             weight_decay=config.weight_decay,
             no_deprecation_warning=True,
