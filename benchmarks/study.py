@@ -5,7 +5,8 @@ A study file (``benchmarks/studies/*.toml``) names the arms: each is a config pl
 study fit this machine). Every run is a plain ``fedlora run`` in its own process with one torch
 thread, ``--jobs`` at a time, under ``runs/studies/<study>/<arm>/seed<k>``. A finished run (its
 ``summary.md`` exists) is skipped and an interrupted one continues with ``--resume``, so the
-command can be repeated until the study is complete. Then it writes the table
+command can be repeated until the study is complete. An arm with ``from_study`` reuses the runs
+of the same arm (same label, config and overrides) in another study. Then it writes the table
 (``runs/studies/<study>/results.md``, also printed) and one plot (``docs/figures/<study>.png``):
 the quality metric vs round and vs cumulative bytes, mean over seeds with a ±1 std band.
 
@@ -37,6 +38,7 @@ class Arm:
     label: str
     config: Path
     overrides: tuple[str, ...]
+    from_study: str | None = None  # the same arm's runs, already made by another study
 
     @property
     def slug(self) -> str:
@@ -54,12 +56,20 @@ class Study:
     def directory(self) -> Path:
         return REPO / "runs" / "studies" / self.name
 
+    def run_dir(self, arm: Arm, seed: int) -> Path:
+        return REPO / "runs" / "studies" / (arm.from_study or self.name) / arm.slug / f"seed{seed}"
+
 
 def load_study(path: Path) -> Study:
     data = tomllib.loads(path.read_text())
     common = tuple(data.get("set", []))
     arms = tuple(
-        Arm(arm["label"], REPO / arm["config"], common + tuple(arm.get("set", [])))
+        Arm(
+            arm["label"],
+            REPO / arm["config"],
+            common + tuple(arm.get("set", [])),
+            arm.get("from_study"),
+        )
         for arm in data["arms"]
     )
     return Study(data["name"], tuple(data["seeds"]), data.get("metric", "accuracy"), arms)
@@ -85,7 +95,7 @@ def run_study(study: Study, jobs: int) -> None:
     tasks = [(arm, seed) for seed in study.seeds for arm in study.arms]
     with ThreadPoolExecutor(jobs) as pool:
         futures = [
-            pool.submit(run_one, arm, seed, study.directory / arm.slug / f"seed{seed}")
+            pool.submit(run_one, arm, seed, study.run_dir(arm, seed))
             for arm, seed in tasks
         ]
         for future in futures:
@@ -102,7 +112,7 @@ def mean_std(values: list[float]) -> str:
 def finished_runs(study: Study, arm: Arm) -> list[RunView]:
     runs = []
     for seed in study.seeds:
-        out = study.directory / arm.slug / f"seed{seed}"
+        out = study.run_dir(arm, seed)
         if (out / "summary.md").is_file():
             runs.append(read_run(out))
     return runs
