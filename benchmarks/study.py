@@ -17,6 +17,7 @@ the quality metric vs round and vs cumulative bytes, mean over seeds with a ±1 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -49,7 +50,8 @@ class Arm:
 class Study:
     name: str
     seeds: tuple[int, ...]
-    metric: str
+    metrics: tuple[str, ...]  # quality metrics; the first is plotted
+    extra: tuple[str, ...]  # more columns: last metrics row or accounting.json keys
     arms: tuple[Arm, ...]
 
     @property
@@ -72,7 +74,8 @@ def load_study(path: Path) -> Study:
         )
         for arm in data["arms"]
     )
-    return Study(data["name"], tuple(data["seeds"]), data.get("metric", "accuracy"), arms)
+    metrics = tuple(data.get("metrics", ["accuracy", "macro_f1"]))
+    return Study(data["name"], tuple(data["seeds"]), metrics, tuple(data.get("extra", [])), arms)
 
 
 def run_one(arm: Arm, seed: int, out: Path) -> str:
@@ -94,12 +97,21 @@ def run_one(arm: Arm, seed: int, out: Path) -> str:
 def run_study(study: Study, jobs: int) -> None:
     tasks = [(arm, seed) for seed in study.seeds for arm in study.arms]
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [
-            pool.submit(run_one, arm, seed, study.run_dir(arm, seed))
-            for arm, seed in tasks
-        ]
+        futures = [pool.submit(run_one, arm, seed, study.run_dir(arm, seed)) for arm, seed in tasks]
         for future in futures:
             print(future.result(), flush=True)
+
+
+def present(values) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def extra_value(run: RunView, key: str) -> float | None:
+    """``key`` from the run's last metrics row, else from its ``accounting.json`` (DLoRA)."""
+    if key in run.metrics[-1]:
+        return run.metrics[-1][key]
+    accounting = run.path / "accounting.json"
+    return json.loads(accounting.read_text()).get(key) if accounting.is_file() else None
 
 
 def mean_std(values: list[float]) -> str:
@@ -119,37 +131,40 @@ def finished_runs(study: Study, arm: Arm) -> list[RunView]:
 
 
 def report(study: Study) -> str:
-    metric = study.metric
-    header = f"| arm | seeds | final {metric} | best {metric} | macro-F1 | up / client / round "
-    header += "| total bytes | wall s |"
-    lines = [header, "|" + "---|" * 8]
+    """One row per arm: mean ± std over the finished seeds of each quality metric (final, and
+    best for the first), of each ``extra`` key (the last metrics row's, or the run's
+    ``accounting.json``), and mean bytes and wall time."""
+    main = study.metrics[0]
+    header = ["arm", "seeds", f"final {main}", f"best {main}"]
+    header += [f"final {m}" for m in study.metrics[1:]] + list(study.extra)
+    header += ["up / client / round", "total bytes", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     curves: dict[str, list[RunView]] = {}
     for arm in study.arms:
         runs = finished_runs(study, arm)
         curves[arm.label] = runs
         if not runs:
-            lines.append(f"| {arm.label} | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {arm.label} | 0 |" + " - |" * (len(header) - 2))
             continue
         uploads = [
-            m["bytes_up"] / len(m["clients"]) for run in runs for m in run.metrics if m["clients"]
+            m["bytes_up"] / len(m["clients"])
+            for run in runs
+            for m in run.metrics
+            if m.get("clients") and "bytes_up" in m
         ]
         total = statistics.mean(run.metrics[-1]["cumulative_bytes"] for run in runs)
         seconds = statistics.mean(sum(m["seconds"] for m in run.metrics) for run in runs)
-        cells = [
-            arm.label,
-            str(len(runs)),
-            mean_std([run.final(metric) for run in runs]),
-            mean_std([run.best(metric) for run in runs]),
-            mean_std([run.final("macro_f1") for run in runs if run.final("macro_f1") is not None]),
-            human_bytes(int(statistics.mean(uploads))) if uploads else "-",
-            human_bytes(int(total)),
-            f"{seconds:.0f}",
-        ]
+        cells = [arm.label, str(len(runs)), mean_std(present(run.final(main) for run in runs))]
+        cells.append(mean_std(present(run.best(main) for run in runs)))
+        cells += [mean_std(present(run.final(m) for run in runs)) for m in study.metrics[1:]]
+        cells += [mean_std(present(extra_value(run, key) for run in runs)) for key in study.extra]
+        cells.append(human_bytes(int(statistics.mean(uploads))) if uploads else "-")
+        cells += [human_bytes(int(total)), f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     figures = REPO / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    plot_mean_bands(curves, metric, figures / f"{study.name}.png", title=study.name)
+    plot_mean_bands(curves, main, figures / f"{study.name}.png", title=study.name)
     study.directory.mkdir(parents=True, exist_ok=True)
     (study.directory / "results.md").write_text(table + "\n")
     return table
