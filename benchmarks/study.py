@@ -10,8 +10,10 @@ of the same arm (same label, config and overrides) in another study. Then it wri
 (``runs/studies/<study>/results.md``, also printed) and one plot (``docs/figures/<study>.png``):
 the quality metric vs round and vs cumulative bytes, mean over seeds with a ±1 std band.
 
-    python -P benchmarks/study.py benchmarks/studies/ffa_vs_fedit.toml [--jobs 2]
+    python -P benchmarks/study.py benchmarks/studies/ffa_vs_fedit.toml [MORE.toml ...] [--jobs 2]
     python -P benchmarks/study.py STUDY --report-only
+
+Several study processes may work through the same list at once (each run is claimed by one).
 """
 
 from __future__ import annotations
@@ -78,9 +80,32 @@ def load_study(path: Path) -> Study:
     return Study(data["name"], tuple(data["seeds"]), metrics, tuple(data.get("extra", [])), arms)
 
 
+def claim(out: Path) -> bool:
+    """Reserve a run for this process (``<run>.claim`` holds our pid, created exclusively), so
+    several study processes can share one queue; a claim whose process is gone is taken over."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    marker = out.parent / f"{out.name}.claim"
+    for _ in range(2):
+        try:
+            descriptor = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(marker.read_text() or 0), 0)
+                return False  # its owner is alive
+            except (ProcessLookupError, ValueError):
+                marker.unlink(missing_ok=True)  # stale: the owner died
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
 def run_one(arm: Arm, seed: int, out: Path) -> str:
     if (out / "summary.md").is_file():
         return f"{out}: done before"
+    if not claim(out):
+        return f"{out}: running in another study process"
     command = [sys.executable, "-m", "fedlora", "run", str(arm.config), "--out", str(out)]
     command += ["--quiet", "--set", f"experiment.seed={seed}"]
     for override in arm.overrides:
@@ -91,15 +116,22 @@ def run_one(arm: Arm, seed: int, out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    (out.parent / f"{out.name}.claim").unlink(missing_ok=True)
     return f"{out}: {'finished' if code == 0 else f'FAILED (exit {code}), see {out}.log'}"
 
 
-def run_study(study: Study, jobs: int) -> None:
-    tasks = [(arm, seed) for seed in study.seeds for arm in study.arms]
+def run_studies(studies: list[Study], jobs: int) -> None:
+    """Every (study, seed, arm) in order, ``jobs`` at a time; seeds outermost, so the first
+    seed of every arm finishes first."""
+    tasks = [
+        (arm, seed, study.run_dir(arm, seed))
+        for study in studies
+        for seed in study.seeds
+        for arm in study.arms
+    ]
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_one, arm, seed, study.run_dir(arm, seed)) for arm, seed in tasks]
-        for future in futures:
-            print(future.result(), flush=True)
+        for message in pool.map(lambda task: run_one(*task), tasks):
+            print(message, flush=True)
 
 
 def present(values) -> list[float]:
@@ -172,14 +204,15 @@ def report(study: Study) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", type=Path)
+    parser.add_argument("studies", type=Path, nargs="+", help="study files, run in this order")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    study = load_study(args.study)
+    studies = [load_study(path) for path in args.studies]
     if not args.report_only:
-        run_study(study, args.jobs)
-    print(report(study))
+        run_studies(studies, args.jobs)
+    for study in studies:
+        print(f"\n{study.name}\n\n{report(study)}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def test_overrides_parse_toml_values() -> None:
     assert config.train.lr == 0.25 and config.partition.num_clients == 3
 
 
+def test_overriding_steps_or_epochs_replaces_the_other() -> None:
+    epochs = TINY.parent / "paper" / "fslora_het.toml"  # written in local_epochs
+    config = load_config(epochs, ["train.local_steps=4"])
+    assert (config.train.local_steps, config.train.local_epochs) == (4, None)
+    config = load_config(TINY / "fedit.toml", ["train.local_epochs=0.5"])
+    assert (config.train.local_steps, config.train.local_epochs) == (None, 0.5)
+
+
 def test_every_shipped_config_validates() -> None:
     from fedlora.experiment import validate
 

@@ -235,6 +235,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+# Keys that are alternatives to each other: overriding one drops the other from the file, so
+# ``--set train.local_steps=5`` works on a config written in epochs (and vice versa).
+ALTERNATIVES = {
+    ("train", "local_steps"): "local_epochs",
+    ("train", "local_epochs"): "local_steps",
+}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
@@ -245,6 +253,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {text!r}: {key!r} is not a section")
             node = child
         node[path[-1]] = value
+        if tuple(path) in ALTERNATIVES:
+            node.pop(ALTERNATIVES[tuple(path)], None)
     return data
 
 
