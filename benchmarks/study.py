@@ -6,9 +6,10 @@ study fit this machine). Every run is a plain ``fedlora run`` in its own process
 thread, ``--jobs`` at a time, under ``runs/studies/<study>/<arm>/seed<k>``. A finished run (its
 ``summary.md`` exists) is skipped and an interrupted one continues with ``--resume``, so the
 command can be repeated until the study is complete. An arm with ``from_study`` reuses the runs
-of the same arm (same label, config and overrides) in another study. Then it writes the table
-(``runs/studies/<study>/results.md``, also printed) and one plot (``docs/figures/<study>.png``):
-the quality metric vs round and vs cumulative bytes, mean over seeds with a ±1 std band.
+of an arm of another study (``from_arm``, default the same label; same config and overrides).
+Then it writes the table (``runs/studies/<study>/results.md``, also printed) and one plot
+(``docs/figures/<study>.png``): the first quality metric vs round and vs cumulative bytes, mean
+over seeds with a ±1 std band.
 
     python -P benchmarks/study.py benchmarks/studies/ffa_vs_fedit.toml [MORE.toml ...] [--jobs 2]
     python -P benchmarks/study.py STUDY --report-only
@@ -42,10 +43,11 @@ class Arm:
     config: Path
     overrides: tuple[str, ...]
     from_study: str | None = None  # the same arm's runs, already made by another study
+    from_arm: str | None = None  # the arm's label in that study (default: the same label)
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+        return re.sub(r"[^a-z0-9]+", "-", (self.from_arm or self.label).lower()).strip("-")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def load_study(path: Path) -> Study:
             REPO / arm["config"],
             common + tuple(arm.get("set", [])),
             arm.get("from_study"),
+            arm.get("from_arm"),
         )
         for arm in data["arms"]
     )
