@@ -102,6 +102,27 @@ def assert_same_run(first: Path, second: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), f"{path} differs"
 
 
+def kill_mid_run(run: subprocess.Popen, out: Path, log: Path, rank: int) -> None:
+    """SIGKILL ``rank`` once the first checkpoint exists; the launcher must stop the others
+    within 30 s with an error naming the rank."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not (out / "checkpoint.safetensors").exists():
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    pids = dict(
+        item.split(" pid ")
+        for item in log.read_text().split("ranks: ")[1].splitlines()[0].split(", ")
+    )
+    os.kill(int(pids[str(rank)]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    run.wait(timeout=60)
+    stopped_after = time.monotonic() - killed_at
+    output = log.read_text()
+    assert run.returncode == 1, output
+    assert f"rank {rank} (pid {pids[str(rank)]}) was killed by SIGKILL" in output
+    assert stopped_after < 30, f"the other ranks took {stopped_after:.1f} s to stop"
+
+
 def test_fedit_and_declora_on_four_processes_match_the_simulation(
     tmp_path: Path, fedit_reference: Path
 ) -> None:
@@ -121,22 +142,7 @@ def test_killed_worker_stops_the_run_then_resume_matches(
 ) -> None:
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     run = launch("fedit.toml", out, log, "--nproc", "3", *FEDIT)
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while not (out / "checkpoint.safetensors").exists():
-        assert run.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    pids = dict(
-        item.split(" pid ")
-        for item in log.read_text().split("ranks: ")[1].splitlines()[0].split(", ")
-    )
-    os.kill(int(pids["1"]), signal.SIGKILL)
-    killed_at = time.monotonic()
-    run.wait(timeout=60)
-    stopped_after = time.monotonic() - killed_at
-    output = log.read_text()
-    assert run.returncode == 1, output
-    assert f"rank 1 (pid {pids['1']}) was killed by SIGKILL" in output
-    assert stopped_after < 30, f"the other ranks took {stopped_after:.1f} s to stop"
+    kill_mid_run(run, out, log, rank=1)
     completed = load_checkpoint(out).completed_rounds
     assert 1 <= completed < 4, "the kill must land before the run finished"
     assert not (out / "adapter").exists()

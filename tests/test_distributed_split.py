@@ -17,9 +17,6 @@ the schedule still kills, uploads factors and revives modules.
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
 from fedlora.engines.distributed import layout_notes
 from tests.conftest import TINY, run_cli
-from tests.test_distributed import LAUNCH_TIMEOUT, assert_same_run, finish, launch, reference
+from tests.test_distributed import assert_same_run, finish, kill_mid_run, launch, reference
 
 CONFIG = "dlora.toml"
 # Option (b): the device still computes killed modules' forward, so x and u of killed modules
@@ -73,22 +70,7 @@ def test_killed_cloud_stops_the_edge_then_resume_matches(tmp_path: Path) -> None
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     run = launch(CONFIG, out, log, "--nproc", "2", *KILLED_ON_EDGE)
     expected = reference(CONFIG, tmp_path / "one", *KILLED_ON_EDGE)
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while not (out / "checkpoint.safetensors").exists():
-        assert run.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    pids = dict(
-        item.split(" pid ")
-        for item in log.read_text().split("ranks: ")[1].splitlines()[0].split(", ")
-    )
-    os.kill(int(pids["0"]), signal.SIGKILL)  # the cloud, while the edge is mid-round
-    killed_at = time.monotonic()
-    run.wait(timeout=60)
-    stopped_after = time.monotonic() - killed_at
-    output = log.read_text()
-    assert run.returncode == 1, output
-    assert f"rank 0 (pid {pids['0']}) was killed by SIGKILL" in output
-    assert stopped_after < 30, f"the edge took {stopped_after:.1f} s to stop"
+    kill_mid_run(run, out, log, rank=0)  # the cloud, while the edge is mid-round
     completed = load_checkpoint(out).completed_rounds
     assert 1 <= completed < 3, "the kill must land before the run finished"
     assert not (out / "adapters").exists()
