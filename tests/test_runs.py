@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora.report import plot_mean_bands, read_run
 from tests.conftest import TINY, assert_adapter_reloads, read_metrics, run_cli, without_timing
 
 
@@ -108,6 +109,22 @@ def test_report_compares_runs(fedit_run: Path, tmp_path: Path) -> None:
     text = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "(fedit)" in text and "(centralized)" in text
     assert (tmp_path / "cmp" / "accuracy_vs_bytes.png").is_file()
+
+
+def test_seed_bands_plot_the_rounds_every_seed_evaluated(fedit_run: Path, tmp_path: Path) -> None:
+    """The study plot: one arm of two real runs (the second stopped a round early) is drawn
+    over the rounds both evaluated; an arm without runs is skipped, no arms give no file."""
+    short = tmp_path / "short"
+    code, output = run_cli(
+        "run", str(TINY / "fedit.toml"), "--out", str(short), "--quiet",
+        "--set", "experiment.rounds=1", "--set", "experiment.seed=1",
+    )  # fmt: skip
+    assert code == 0, output
+    runs = [read_run(fedit_run), read_run(short)]
+    drawn = plot_mean_bands({"fedit": runs, "none": []}, "accuracy", tmp_path / "bands.png")
+    assert drawn == tmp_path / "bands.png" and drawn.stat().st_size > 0
+    assert plot_mean_bands({"none": []}, "accuracy", tmp_path / "empty.png") is None
+    assert not (tmp_path / "empty.png").exists()
 
 
 def test_methods_lists_every_registered_method() -> None:
