@@ -10,7 +10,7 @@ from galore_torch import GaLoreAdamW
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from fedlora.config import load_config
+from fedlora.config import TrainConfig, load_config
 from fedlora.engines.simulation import SimulationEngine
 from fedlora.experiment import build
 from fedlora.galore import galore_adamw
@@ -36,7 +36,7 @@ def fit(optimizer_for, shape: tuple[int, int], steps: int, seed: int = 0) -> tup
 
 
 def galore(gap: int):
-    return lambda w: galore_adamw([("w", w)], {"w"}, 1e-2, None, 0.0, RHO, gap, 1.0, "std")
+    return lambda w: galore_adamw([("w", w)], {"w"}, TrainConfig(lr=1e-2), RHO, gap, 1.0, "std")
 
 
 def rank(matrix: torch.Tensor) -> int:

@@ -17,6 +17,9 @@ import torch
 from galore_torch import GaLoreAdamW
 from galore_torch.galore_projector import GaLoreProjector
 
+from fedlora.config import TrainConfig
+from fedlora.training import parameter_groups
+
 ProjectionType = Literal["std", "reverse_std", "right", "left"]
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
@@ -58,24 +61,26 @@ class CheckpointableGaLoreAdamW(GaLoreAdamW):
 def galore_adamw(
     params: list[tuple[str, torch.nn.Parameter]],
     projected: set[str],
-    lr: float,
-    head_lr: float | None,
-    weight_decay: float,
+    config: TrainConfig,
     rank: int,
     update_proj_gap: int,
     scale: float,
     proj_type: ProjectionType,
 ) -> CheckpointableGaLoreAdamW:
     """GaLore-AdamW with the projection engaged on the ``projected`` matrices (the target
-    weights); the rest (the head) goes in a plain AdamW group, at ``head_lr`` if given.
+    weights); the rest (the head) goes in plain AdamW groups, split as every method's optimizer
+    is (``parameter_groups``: ``train.head_lr`` if given).
     eps = 1e-8 as torch's AdamW, so against direct weight averaging with AdamW the projection
     is the only difference."""
     matrices = [p for name, p in params if name in projected]
-    others = [p for name, p in params if name not in projected]
+    others = [(name, p) for name, p in params if name not in projected]
     keys = dict(zip(PROJECTION_KEYS, (rank, update_proj_gap, scale, proj_type), strict=True))
     groups: list[dict[str, Any]] = [{"params": matrices, **keys}]
-    if others:
-        groups.append({"params": others, **({"lr": head_lr} if head_lr else {})})
+    groups += [group for group in parameter_groups(others, config) if group["params"]]
     return CheckpointableGaLoreAdamW(
-        groups, lr=lr, eps=1e-8, weight_decay=weight_decay, no_deprecation_warning=True
+        groups,
+        lr=config.lr,
+        eps=1e-8,
+        weight_decay=config.weight_decay,
+        no_deprecation_warning=True,
     )

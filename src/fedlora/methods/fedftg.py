@@ -55,9 +55,7 @@ class FedFTG(DirectWeightAveraging):
         return galore_adamw(
             params,
             self.projected,
-            lr=config.lr,
-            head_lr=config.head_lr,
-            weight_decay=config.weight_decay,
+            config,
             rank=options.galore_rank,
             update_proj_gap=options.update_proj_gap,
             scale=options.scale,
