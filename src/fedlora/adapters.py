@@ -107,6 +107,8 @@ class AdapterSlots:
         self._params: dict[str, torch.nn.Parameter] = {
             wire_name(name): p for name, p in self.model.named_parameters() if p.requires_grad
         }
+        for p in self._params.values():  # float32 master copies over a half-precision base
+            p.data = p.data.float()
         self.modules: list[LoraModule] = []
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
@@ -131,7 +133,8 @@ class AdapterSlots:
         return {name: tuple(p.shape) for name, p in self._params.items()}
 
     def read(self) -> TensorDict:
-        return {name: p.detach().clone() for name, p in self._params.items()}
+        """The trained tensors as a party keeps them between turns: float32, in CPU memory."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self._params.items()}
 
     def load(self, state: TensorDict) -> None:
         missing = set(self._params) - set(state)
@@ -186,7 +189,7 @@ class AdapterSlots:
             for key, offset in offsets.items():
                 weight = by_key[key].get_base_layer().weight
                 pristine = self._pristine.setdefault(key, weight.detach().clone())
-                weight.copy_(pristine + offset.to(weight.dtype))
+                weight.copy_(pristine + offset.to(weight.device, weight.dtype))
 
     def export(self, state: TensorDict, directory: Path) -> None:
         """Write ``state`` as a standard PEFT adapter (``PeftModel.from_pretrained`` loads it)."""

@@ -68,8 +68,20 @@ class Ledger:
         path.write_text("".join(json.dumps(row) + "\n" for row in self.to_json()))
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """What leaves a party: a CPU tensor, and float32 where the party computed in half
+    precision (bytes on the wire never depend on a party's device or compute dtype)."""
+    tensor = tensor.detach()
+    if tensor.dtype in HALF:
+        tensor = tensor.float()
+    return tensor.to("cpu").contiguous()
+
+
 def encode(tensors: TensorDict) -> bytes:
-    return save_bytes({k: v.detach().contiguous() for k, v in tensors.items()})
+    return save_bytes({k: on_the_wire(v) for k, v in tensors.items()})
 
 
 def decode(

@@ -195,6 +195,33 @@ class RanksConfig(Section):
     seed: int | None = Field(None, description="seed of the rank draw; None: the run seed")
 
 
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+
+
+class ComputeConfig(Section):
+    """Where and in what precision the work runs (resolved against the machine by
+    ``fedlora.compute``; a device the machine lacks is refused there, before any loading)."""
+
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of the frozen base; auto: bfloat16 where supported"
+    )
+    edge_device: str = Field(
+        "cpu", pattern=DEVICE_PATTERN, description="DLoRA: the user's device (edge)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    threads: int | None = Field(
+        None, ge=1, description="CPU intra-op threads; None: torch's default (1 a distributed rank)"
+    )
+    states_on_device: bool = Field(
+        False, description="keep idle clients' optimizer states on the device (else in CPU memory)"
+    )
+
+
 class MethodConfig(BaseModel):
     """``name`` plus the method's own options, validated later by the method's schema."""
 
@@ -216,6 +243,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     ranks: RanksConfig = RanksConfig()
     topology: TopologyConfig = TopologyConfig()
+    compute: ComputeConfig = ComputeConfig()
     method: MethodConfig = MethodConfig()
 
 
@@ -266,6 +294,8 @@ def describe_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "string_pattern_mismatch" and item["loc"][0] == "compute":
+            message = f"{item['input']!r} is not a device; expected auto, cpu, cuda, cuda:N or mps"
         elif item["type"] == "literal_error":
             message = f"not allowed; {item['msg'].lower()}"
         lines.append(f"{where}: {message}")

@@ -12,8 +12,10 @@ from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import AdapterSlots, TensorDict
+from fedlora.compute import CPU, Compute
 from fedlora.config import EvalConfig
 from fedlora.data.tokenized import IGNORE, TokenizedSet
+from fedlora.training import to_device
 
 
 class Evaluator:
@@ -23,7 +25,9 @@ class Evaluator:
         test: TokenizedSet,
         tokenizer: PreTrainedTokenizerBase,
         config: EvalConfig,
+        compute: Compute = CPU,
     ):
+        self.compute = compute
         self.slots = slots
         self.test = test
         self.tokenizer = tokenizer
@@ -36,15 +40,22 @@ class Evaluator:
         rows = list(range(count))
         return [rows[i : i + self.batch_size] for i in range(0, count, self.batch_size)]
 
-    @torch.no_grad()
+    def _batch(self, rows: list[int], prompts: bool = False) -> dict[str, torch.Tensor]:
+        cut = self.test.prompt_batch(rows) if prompts else self.test.batch(rows)
+        return to_device(cut, self.compute.device)
+
     def evaluate(self, state: TensorDict) -> dict[str, float]:
+        with torch.no_grad(), self.compute.autocast():
+            return self._evaluate(state)
+
+    def _evaluate(self, state: TensorDict) -> dict[str, float]:
         self.slots.load(state)
         model = self.slots.model
         model.eval()
         if not self.test.causal:
             predictions, labels, losses = [], [], []
             for rows in self._chunks(len(self.test)):
-                batch = self.test.batch(rows)
+                batch = self._batch(rows)
                 out = model(**batch)
                 losses.append(float(out.loss) * len(rows))
                 predictions.extend(out.logits.argmax(-1).tolist())
@@ -56,10 +67,10 @@ class Evaluator:
             }
         total_loss, total_tokens = 0.0, 0
         for rows in self._chunks(len(self.test)):
-            batch = self.test.batch(rows)
+            batch = self._batch(rows)
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            ).logits.float()
             targets = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -82,7 +93,7 @@ class Evaluator:
         count = min(self.max_generate, len(self.test))
         scores = []
         for rows in self._chunks(count):
-            batch = self.test.prompt_batch(rows)
+            batch = self._batch(rows, prompts=True)
             generated = model.generate(
                 **batch,
                 max_new_tokens=self.max_new_tokens,

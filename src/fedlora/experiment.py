@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from fedlora import compute as computes
 from fedlora.adapters import AdapterSlots
+from fedlora.compute import Compute
 from fedlora.config import Config, ConfigError
 from fedlora.data.partition import label_histograms, partition
 from fedlora.data.sources import SplitData, load_split
@@ -13,7 +17,14 @@ from fedlora.data.tokenized import TokenizedSet, tokenize
 from fedlora.evaluation import Evaluator
 from fedlora.methods import build_method, method_class, method_options
 from fedlora.methods.base import Method, MethodContext
-from fedlora.models import ModelSpec, load_base_model, load_tokenizer, model_spec
+from fedlora.models import (
+    ModelSpec,
+    check_targets,
+    load_base_model,
+    load_tokenizer,
+    model_spec,
+    place_base,
+)
 from fedlora.nf4 import quantize_nf4
 from fedlora.ranks import client_ranks
 from fedlora.training import LocalTrainer, derived_seed
@@ -31,12 +42,16 @@ class Experiment:
     method: Method
     trainer: LocalTrainer
     evaluator: Evaluator
+    compute: Compute
 
 
-def validate(config: Config) -> None:
-    """Cheap checks first, so a typo fails in milliseconds rather than after model loading."""
+def validate(config: Config) -> Compute:
+    """Cheap checks first, so a typo fails in milliseconds rather than after model loading.
+    Returns where the run computes (a device the machine lacks is refused here)."""
     method_options(config.method)
+    compute = computes.resolve(config.compute)
     model_spec(config.model.name)
+    check_targets(config.model.name, config.lora.target_modules)
     if config.ranks.profile != "homo" and not method_class(config.method.name).heterogeneous_ranks:
         raise ConfigError(
             f"ranks.profile {config.ranks.profile!r}: method {config.method.name!r} trains every "
@@ -48,10 +63,11 @@ def validate(config: Config) -> None:
             f"model.quantize_4bit: method {config.method.name!r} fine-tunes the full target "
             "weights, which cannot be 4-bit; use quantize_4bit = false"
         )
+    return compute
 
 
 def build(config: Config) -> Experiment:
-    validate(config)
+    compute = validate(config)
     cls = method_class(config.method.name)
     spec = model_spec(config.model.name)
     split = load_split(config.data, needs_answers=spec.task == "causal")
@@ -66,9 +82,14 @@ def build(config: Config) -> Experiment:
     causal = spec.task == "causal"
     train_set = tokenize(split.train, tokenizer, config.model.max_length, causal)
     test_set = tokenize(split.test, tokenizer, config.model.max_length, causal)
-    base = load_base_model(config.model.name, num_classes, tokenizer, seed=config.experiment.seed)
-    if config.model.quantize_4bit:
-        quantize_nf4(base, spec.head)
+    quantized = config.model.quantize_4bit
+    storage = compute.dtype if compute.stores_base_in_dtype and not quantized else None
+    base = load_base_model(
+        config.model.name, num_classes, tokenizer, config.experiment.seed, storage or torch.float32
+    )
+    if quantized:
+        quantize_nf4(base, spec.head, compute)
+    place_base(base, compute, quantized)
     init_seed = (
         config.lora.init_seed if config.lora.init_seed is not None else config.experiment.seed
     )
@@ -91,8 +112,19 @@ def build(config: Config) -> Experiment:
         config.experiment.seed,
         config.experiment.rounds,
         method.local_optimizer,
+        compute,
     )
-    evaluator = Evaluator(slots, test_set, tokenizer, config.eval)
+    evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute)
     return Experiment(
-        config, spec, split, clients, histograms, slots, train_set, method, trainer, evaluator
+        config,
+        spec,
+        split,
+        clients,
+        histograms,
+        slots,
+        train_set,
+        method,
+        trainer,
+        evaluator,
+        compute,
     )

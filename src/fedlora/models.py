@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -22,10 +23,12 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from fedlora.compute import Compute
 from fedlora.config import ConfigError
 from fedlora.packages import package_dir
 
@@ -44,6 +47,19 @@ class ModelSpec:
 
 BERT_TARGETS = ("query", "key", "value")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# Default LoRA targets (the attention projections) by ``config.model_type``.
+ARCHITECTURE_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), BERT_TARGETS),
+    "distilbert": ("q_lin", "k_lin", "v_lin"),
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+        LLAMA_TARGETS,
+    ),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt_neox": ("query_key_value",),
+}
+ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
     "minilm-l6": ModelSpec("minilm-l6", "classification", BERT_TARGETS, "classifier"),
@@ -100,20 +116,66 @@ def smollm_tokenizer_dir() -> Path:
     return target
 
 
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_config(name: str) -> PretrainedConfig:
+    """A local directory's config, or a hub id's (downloaded when online, else from the local
+    Hugging Face cache); anything else is a ``ConfigError`` saying where it looked."""
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        if Path(name).is_dir():
+            raise ConfigError(
+                f"model.name {name!r}: not a Hugging Face model directory ({error})"
+            ) from None
+        where = (
+            "not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE=1)"
+            if offline()
+            else "not found on the Hugging Face hub"
+        )
+        raise ConfigError(
+            f"model.name {name!r} is not a known model ({', '.join(KNOWN_MODELS)}), not a local "
+            f"Hugging Face directory, and {where}"
+        ) from None
+
+
 def model_spec(name: str) -> ModelSpec:
+    """What fedlora needs to know of a model: its task, default LoRA targets and trained head.
+    An architecture without known targets gets none: ``check_targets`` then asks for them."""
     if name in KNOWN_MODELS:
         return KNOWN_MODELS[name]
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model.name {name!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
-            "nor a local Hugging Face directory with a config.json"
-        )
-    config = AutoConfig.from_pretrained(path)
+    config = hub_config(name)
+    model_type = getattr(config, "model_type", "")
+    targets = ARCHITECTURE_TARGETS.get(model_type, ())
     architectures = " ".join(config.architectures or [])
-    if "CausalLM" in architectures:
-        return ModelSpec(name, "causal", LLAMA_TARGETS, None)
-    return ModelSpec(name, "classification", BERT_TARGETS, "classifier")
+    if "CausalLM" in architectures or (not architectures and model_type not in ENCODERS):
+        return ModelSpec(name, "causal", targets, None)
+    head = "classifier" if model_type in ENCODERS else "score"
+    return ModelSpec(name, "classification", targets, head)
+
+
+def linear_names(name: str) -> list[str]:
+    """The distinct names of a model's ``nn.Linear`` modules (built on the meta device: no
+    weights are read), to choose ``lora.target_modules`` from."""
+    config = hub_config(name)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+
+
+def check_targets(name: str, targets: list[str] | None) -> None:
+    """An architecture without default targets needs ``lora.target_modules``; say which exist."""
+    if targets or model_spec(name).default_targets:
+        return
+    model_type = getattr(hub_config(name), "model_type", "?")
+    raise ConfigError(
+        f"model.name {name!r}: no default LoRA targets for architecture {model_type!r}; set "
+        f"lora.target_modules from its linear modules: {', '.join(linear_names(name))}"
+    )
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -131,9 +193,15 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(
-    name: str, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int
+    name: str,
+    num_labels: int,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """The frozen float32 base. Tiny models are randomly initialised from ``seed``."""
+    """The frozen base, on the CPU in ``dtype`` (float32 unless an accelerator will store it in
+    half precision: a 7B model then never exists in float32). Tiny models are randomly
+    initialised from ``seed``."""
     torch.manual_seed(seed)
     if name == "tiny-bert":
         config = BertConfig(
@@ -161,17 +229,29 @@ def load_base_model(
         model = LlamaForCausalLM(config)
     elif name == "minilm-l6":
         model = AutoModelForSequenceClassification.from_pretrained(
-            minilm_dir(), num_labels=num_labels, dtype=torch.float32
+            minilm_dir(), num_labels=num_labels, dtype=dtype
         )
     elif name == "smollm2-135m":
-        model = AutoModelForCausalLM.from_pretrained(smollm_dir(), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(smollm_dir(), dtype=dtype)
     elif model_spec(name).task == "causal":
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=num_labels, dtype=torch.float32
+            name, num_labels=num_labels, dtype=dtype
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
     return model
+
+
+def place_base(model: PreTrainedModel, compute: Compute, quantized: bool = False) -> None:
+    """Move the frozen base to the compute device; accelerators store it in the compute dtype
+    (a 4-bit base keeps its own storage), gradient checkpointing recomputes activations."""
+    if compute.stores_base_in_dtype and not quantized:
+        model.to(compute.device, compute.dtype)
+    else:
+        model.to(compute.device)
+    if compute.gradient_checkpointing:
+        # Non-reentrant: works with a frozen input embedding (no inputs that require grad).
+        model.activation_checkpointing_enable({"use_reentrant": False})

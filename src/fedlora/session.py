@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fedlora import experiment as experiments
 from fedlora import rundir
+from fedlora.compute import Compute, configure_determinism, configure_threads
 from fedlora.config import load_config
 from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
@@ -24,9 +25,9 @@ ENGINES: dict[str, type[SimulationEngine]] = {
 }
 
 
-def configure_runtime() -> None:
-    """Deterministic CPU kernels and quiet libraries: same config and seed, same numbers."""
-    torch.use_deterministic_algorithms(True)
+def configure_runtime(compute: Compute | None = None) -> None:
+    """Deterministic kernels and quiet libraries: same config and seed, same numbers."""
+    configure_determinism(compute.device if compute else torch.device("cpu"))
     for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -65,17 +66,21 @@ def run_experiment(
     console: Console,
     show_progress: bool = True,
     engines: dict[str, type[SimulationEngine]] = ENGINES,
+    default_threads: int | None = None,
 ) -> RunResult:
-    """``engines``: the engine per ``Method.engine`` (the distributed engine passes its own)."""
-    configure_runtime()
+    """``engines``: the engine per ``Method.engine`` (the distributed engine passes its own);
+    ``default_threads``: CPU threads unless ``compute.threads`` says (a rank's 1)."""
     config = load_config(config_file, overrides)
-    experiments.validate(config)
+    compute = experiments.validate(config)
+    configure_threads(config.compute, default_threads)
+    configure_runtime(compute)
     out = out or Path("runs") / config.experiment.name
     rundir.prepare(out, config, resume)
     console.print(
         f"[bold]{config.experiment.name}[/]: method {config.method.name}, model "
-        f"{config.model.name}, data {config.data.dataset} -> {out}",
+        f"{config.model.name}, data {config.data.dataset}, on {compute.describe()} -> {out}",
         highlight=False,
+        soft_wrap=True,
     )
     experiment = experiments.build(config)
     engine = engines[experiment.method.engine](experiment, out, console)

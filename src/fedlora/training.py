@@ -14,8 +14,16 @@ import numpy as np
 import torch
 
 from fedlora.adapters import AdapterSlots, TensorDict, is_head
+from fedlora.compute import CPU, Compute
 from fedlora.config import TrainConfig
 from fedlora.data.tokenized import TokenizedSet
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch cut on the CPU, moved to where the model computes."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def derived_seed(*parts: int) -> int:
@@ -94,13 +102,14 @@ def set_learning_rate(
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> TensorDict:
-    """The optimizer's per-parameter state as a flat tensor dict (checkpointable as safetensors)."""
+def optimizer_tensors(optimizer: torch.optim.Optimizer, compute: Compute = CPU) -> TensorDict:
+    """The optimizer's per-parameter state as a flat tensor dict (checkpointable as safetensors),
+    where ``compute`` keeps it while its client waits (CPU memory unless states_on_device)."""
     flat: TensorDict = {}
     for index, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
             tensor = value if torch.is_tensor(value) else torch.tensor(float(value))
-            flat[f"{index}.{key}"] = tensor.detach().clone()
+            flat[f"{index}.{key}"] = compute.idle(tensor)
     return flat
 
 
@@ -139,8 +148,10 @@ class LocalTrainer:
         seed: int,
         rounds: int,
         make_optimizer: OptimizerFactory = standard_optimizer,
+        compute: Compute = CPU,
     ):
         self.make_optimizer = make_optimizer  # the method's ``local_optimizer``
+        self.compute = compute
         self.slots = slots
         self.data = data
         self.config = config
@@ -174,6 +185,8 @@ class LocalTrainer:
         batches = batch_stream(
             rows, config.batch_size, derived_seed(self.seed, round_index, client, 2)
         )
+        compute = self.compute
+        scaler = compute.grad_scaler()  # float16 only; a fresh one per client turn
         losses = []
         examples = 0
         for step in range(steps):
@@ -181,19 +194,28 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
             for _ in range(config.grad_accum):
                 batch_rows = next(batches)
-                loss = model(**self.data.batch(batch_rows)).loss / config.grad_accum
-                loss.backward()
+                batch = to_device(self.data.batch(batch_rows), compute.device)
+                with compute.autocast():
+                    loss = model(**batch).loss / config.grad_accum
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 losses.append(loss.item() * config.grad_accum)
                 examples += len(batch_rows)
             if regularizer is not None:
-                regularizer(dict(params)).backward()
+                penalty = regularizer(dict(params))
+                (penalty if scaler is None else scaler.scale(penalty)).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
         model.eval()
         return LocalResult(
             state=self.slots.read(),
-            optimizer_state=optimizer_tensors(optimizer),
+            optimizer_state=optimizer_tensors(optimizer, compute),
             steps=steps,
             loss=float(np.mean(losses)) if losses else float("nan"),
             examples=examples,

@@ -21,6 +21,7 @@ model is untouched, so the same base can serve evaluation and other users.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fedlora.adapters import LoraModule, TensorDict
 from fedlora.channel import Channel
+from fedlora.compute import CPU, Compute
 from fedlora.dlora.flops import head_flops, lora_backward_flops, lora_forward_flops
 from fedlora.models import ModelSpec
 
 CLOUD = "server"  # the cloud is the ledger's server side: "up" = edge -> cloud
+CPU_DEVICE = torch.device("cpu")
 PEFT_PREFIX = "base_model.model."
 
 KilledForward = Literal["cloud", "edge", "drop"]
@@ -86,9 +89,14 @@ class EdgeAdapters:
         head_prefix: str | None,
         task: str,
         dropout: float = 0.0,
+        device: torch.device = CPU_DEVICE,
     ) -> None:
         self.modules = {m.key: m for m in modules}
-        self.params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in state.items()}
+        self.device = device
+        self.params = {
+            k: torch.nn.Parameter(v.detach().to(device, torch.float32, copy=True))
+            for k, v in state.items()
+        }
         self.embeddings = embeddings
         trained = (
             {}
@@ -105,7 +113,7 @@ class EdgeAdapters:
         self.dropout = dropout
 
     def state(self) -> TensorDict:
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
 
     def load(self, state: TensorDict) -> None:
         with torch.no_grad():
@@ -182,6 +190,7 @@ class CloudEdgeLink:
         edge: EdgeAdapters,
         channel: Channel,
         killed_forward: KilledForward = "cloud",
+        cloud_device: torch.device = CPU_DEVICE,
     ) -> None:
         self.user = user
         self.edge = edge
@@ -193,6 +202,15 @@ class CloudEdgeLink:
         self.step = 0
         self.round = 0
         self.flops = {"modules": 0, "head": 0}
+        # Where each direction's receiver computes: down -> the device, up -> the cloud.
+        self.devices: dict[str, torch.device] = {"down": edge.device, "up": cloud_device}
+
+    def place(self, tensors: TensorDict, direction: Literal["down", "up"]) -> TensorDict:
+        """Decoded (CPU) tensors onto the receiver's device."""
+        where = self.devices[direction]
+        if where.type == "cpu":
+            return tensors
+        return {name: t.to(where) for name, t in tensors.items()}
 
     def begin_step(self, step: int, round_index: int) -> None:
         self.step, self.round = step, round_index
@@ -209,7 +227,7 @@ class CloudEdgeLink:
         expect = {name: tuple(t.shape) for name, t in tensors.items()}
         received = self.channel.send(tensors, sender, receiver, self.round, expect)
         self.note(kind, module, direction, tensors, self.channel.ledger.records[-1].bytes)
-        return received
+        return self.place(received, direction)
 
     def note(
         self,
@@ -344,6 +362,14 @@ class _EdgeModule(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), None, None, None
 
 
+def _edge_copy(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` itself if it already sits on ``device`` in float32, else a float32 copy there."""
+    weight = next(module.parameters())
+    if weight.device == device and weight.dtype == torch.float32:
+        return module
+    return copy.deepcopy(module).to(device, torch.float32)
+
+
 def output_head(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
     if spec.task == "causal":
         return model.get_output_embeddings()
@@ -366,8 +392,10 @@ class CloudModel:
         spec: ModelSpec,
         modules: list[LoraModule],
         plain: Callable[[], AbstractContextManager] = nullcontext,
+        compute: Compute = CPU,
     ) -> None:
         self.model = model
+        self.compute = compute  # the cloud's device and compute dtype
         self.spec = spec
         self.modules = {m.key: m for m in modules}
         self.linears: dict[str, torch.nn.Module] = {}
@@ -378,15 +406,19 @@ class CloudModel:
         self.plain = plain
 
     def edge(self, state: TensorDict, dropout: float = 0.0) -> EdgeAdapters:
-        """A new user's device, starting from ``state`` (PEFT wire format)."""
+        """A new user's device (on ``compute.edge_device``), starting from ``state`` (PEFT wire
+        format). Its embeddings and frozen head are the base's own modules where the device
+        computes like the cloud, else float32 copies on the device (public weights)."""
+        device = self.compute.edge_device
         return EdgeAdapters(
             list(self.modules.values()),
             state,
-            self.model.get_input_embeddings(),
-            self.head,
+            _edge_copy(self.model.get_input_embeddings(), device),
+            _edge_copy(self.head, device),
             f"{PEFT_PREFIX}{self.spec.head}." if self.spec.head else None,
             self.spec.task,
             dropout,
+            device,
         )
 
     def _route(
@@ -423,9 +455,12 @@ class CloudModel:
     def forward(
         self, link: CloudEdgeLink, embeds: torch.Tensor, mask: torch.Tensor, head_on: HeadOn
     ) -> torch.Tensor:
-        """The base from the word embeddings up to the head input (or the logits)."""
+        """The base from the word embeddings up to the head input (or the logits). The
+        embeddings arrive as float32 (the wire's type) and continue in the base's own storage
+        dtype, as in the monolithic model."""
+        embeds = embeds.to(self.model.dtype)
         try:
-            with self._serving(link, head_on):
+            with self._serving(link, head_on), self.compute.autocast():
                 output = self.model(inputs_embeds=embeds, attention_mask=mask)
         except _HeadReached as reached:
             return reached.tensor

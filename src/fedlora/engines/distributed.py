@@ -46,7 +46,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.progress import Progress
@@ -55,6 +54,7 @@ from fedlora import experiment as experiments
 from fedlora import rundir
 from fedlora.adapters import TensorDict
 from fedlora.channel import Transfer
+from fedlora.compute import configure_threads, rank_backend
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.engines.gossip import GossipEngine, node_name
 from fedlora.engines.simulation import SERVER, RunResult, SimulationEngine, client_name
@@ -326,6 +326,9 @@ def placement_for(config: Config, world: int) -> Placement:
     return Placement(clients, world, distributed_engines()[cls.engine].rank0_hosts)
 
 
+RANK_THREADS = 1  # N ranks share the cores; more threads each only oversubscribe
+
+
 def run_rank(
     config_file: Path,
     overrides: list[str],
@@ -335,20 +338,26 @@ def run_rank(
     show_progress: bool,
     timeout: float,
 ) -> None:
-    """This process's part of a launched run (by ``launch`` or by torchrun)."""
-    torch.set_num_threads(1)  # N ranks share the cores; more threads each only oversubscribe
-    connect(timedelta(seconds=timeout))
+    """This process's part of a launched run (by ``launch`` or by torchrun). A rank computes
+    on its own GPU (``LOCAL_RANK``) when the config's device is CUDA, and the ranks then talk
+    over nccl (``rank_backend``); on the CPU over gloo, one thread each unless
+    ``compute.threads`` says."""
+    config = load_config(config_file, overrides)
+    compute = experiments.validate(config)
+    connect(timedelta(seconds=timeout), rank_backend(compute))
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank == OBSERVER:
             engines = ENGINES if world == 1 else distributed_engines()
-            run_experiment(config_file, overrides, out, resume, console, show_progress, engines)
+            run_experiment(
+                config_file, overrides, out, resume, console, show_progress, engines, RANK_THREADS
+            )
             return
-        config = load_config(config_file, overrides)
         if rank in placement_for(config, world).idle():
             console.print(f"rank {rank}: hosts no client, idle", highlight=False)
             return
-        configure_runtime()
+        configure_threads(config.compute, RANK_THREADS)
+        configure_runtime(compute)
         experiment = experiments.build(config)
         engine = distributed_engines()[experiment.method.engine](
             experiment, out or Path("."), console

@@ -119,8 +119,9 @@ class _RemoteEnd(CloudEdgeLink):
         channel: Channel,
         killed_forward: KilledForward,
         endpoint: Endpoint,
+        cloud_device: torch.device,
     ) -> None:
-        super().__init__(user, edge, channel, killed_forward)
+        super().__init__(user, edge, channel, killed_forward, cloud_device)
         self.endpoint = endpoint
 
     def post(self, kind: str, module: str, tensors: TensorDict, **extra: object) -> bytes:
@@ -149,7 +150,7 @@ class _RemoteEnd(CloudEdgeLink):
                 f"{self.user}: {message.kind!r} of {message.module!r} carries {got}, "
                 f"expected {shapes}"
             )
-        return tensors
+        return self.place(tensors, "up" if self.outgoing == "down" else "down")
 
     def take_reply(self, kind: str, module: str, shapes: dict[str, Shape]) -> TensorDict:
         """The reply the protocol expects next: ``kind`` of ``module``, these tensors."""
@@ -296,7 +297,14 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
 
     def _link(self, user: str, edge: EdgeAdapters) -> CloudEdgeLink:
         end = CloudEnd if self.on_cloud else EdgeEnd
-        return end(user, edge, self.wire, self.method.opts.killed_forward, self.endpoint)
+        return end(
+            user,
+            edge,
+            self.wire,
+            self.method.opts.killed_forward,
+            self.endpoint,
+            self.exp.compute.device,
+        )
 
     # -- the edge (rank 1) -----------------------------------------------------------------
     def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:

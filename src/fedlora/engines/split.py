@@ -48,6 +48,7 @@ from fedlora.training import (
     set_learning_rate,
     standard_optimizer,
     steps_per_round,
+    to_device,
 )
 
 KR = "kr."
@@ -103,6 +104,7 @@ class SplitEngine(SimulationEngine):
             experiment.spec,
             slots.modules,
             plain=slots.model.disable_adapter,
+            compute=experiment.compute,
         )
         self.keys = [m.key for m in slots.modules]
         self.wire = Channel()  # per-message ledger of the current round, folded into self.channel
@@ -119,12 +121,14 @@ class SplitEngine(SimulationEngine):
 
     def _link(self, user: str, edge: EdgeAdapters) -> CloudEdgeLink:
         """The wire between the cloud and one user's device (here both are in this process)."""
-        return CloudEdgeLink(user, edge, self.wire, self.method.opts.killed_forward)
+        return CloudEdgeLink(
+            user, edge, self.wire, self.method.opts.killed_forward, self.exp.compute.device
+        )
 
     # -- state in the stores (checkpointed by the simulation engine) --------------------------
     def _save_user(self, user: _User) -> None:
         store: TensorDict = {EDGE + k: v for k, v in user.link.edge.state().items()}
-        store.update({KR + k: v for k, v in user.kr.state_dict().items()})
+        store.update({KR + k: v.to("cpu") for k, v in user.kr.state_dict().items()})
         store[SCHEDULE] = torch.stack(user.schedule).to(torch.uint8)
         store[ACCOUNT] = torch.tensor(user.account, dtype=torch.float64)
         self.stores[user.index] = store
@@ -183,7 +187,7 @@ class SplitEngine(SimulationEngine):
             mask = kr.active.clone()
             tokens, step_losses = 0, []
             for _ in range(train.grad_accum):
-                batch = self.exp.train_set.batch(next(batches))
+                batch = to_device(self.exp.train_set.batch(next(batches)), edge.device)
                 step_losses.append(self._step(link, batch, 1 / train.grad_accum))
                 tokens += batch["input_ids"].numel()
                 examples += len(batch["input_ids"])

@@ -42,10 +42,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def connect(timeout: timedelta) -> None:
-    """Join the group the environment describes: gloo on CPU, nccl when GPUs are present.
-    ``timeout`` bounds every wait on a peer."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+def connect(timeout: timedelta, backend: str = "gloo") -> None:
+    """Join the group the environment describes over ``backend`` (nccl between ranks with a GPU
+    each, by ``LOCAL_RANK``; gloo otherwise). ``timeout`` bounds every wait on a peer."""
     dist.init_process_group(backend, init_method="env://", timeout=timeout)
     if backend == "nccl":
         torch.cuda.set_device(device())

@@ -1,0 +1,168 @@
+"""Where a process computes, and in what precision (``[compute]``).
+
+The frozen base runs on ``device`` in the compute ``dtype`` (stored in it on accelerators, which
+halves its memory; on the CPU it stays stored in float32 and autocast lowers the matmuls). What a
+party trains (LoRA factors, heads, full-weight slots) and its optimizer state are float32 master
+copies whatever the compute dtype, and everything that crosses a party boundary is moved to the
+CPU and sent as float32 (``fedlora.channel.encode``), so the bytes on the wire never depend on
+where or how precisely a party computed.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.config import ComputeConfig, ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_devices() -> list[str]:
+    """The devices this machine offers, as ``compute.device`` names them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(name: str, key: str = "compute.device") -> torch.device:
+    """``auto`` -> cuda, else mps, else cpu; a named device must exist here (else a
+    ``ConfigError`` naming it and what is available). Under torchrun, ``cuda`` means this
+    rank's GPU (``LOCAL_RANK``)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _has_mps() else "cpu"
+    available = available_devices()
+    if name not in available:
+        raise ConfigError(
+            f"{key} {name!r}: this machine has no such device; available: {', '.join(available)}"
+        )
+    if name == "cuda":  # several local ranks on fewer GPUs share them round-robin
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def _has_mps() -> bool:
+    return torch.backends.mps.is_available()
+
+
+def _supports_bfloat16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        try:
+            torch.ones(1, dtype=torch.bfloat16, device=device)
+        except (RuntimeError, TypeError):
+            return False
+        return True
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on an accelerator that supports it, float32 otherwise (the CPUs we
+    run on have no bfloat16 matmul hardware: ~400x slower)."""
+    if name == "auto":
+        return torch.bfloat16 if _supports_bfloat16(device) else torch.float32
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A resolved ``[compute]`` table: what the model, trainer and engines need to know."""
+
+    device: torch.device
+    dtype: torch.dtype
+    edge_device: torch.device
+    gradient_checkpointing: bool = False
+    states_on_device: bool = False
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the base computes below float32 (autocast on, a grad scaler for float16)."""
+        return self.dtype != torch.float32
+
+    @property
+    def stores_base_in_dtype(self) -> bool:
+        """Accelerators store the frozen base in the compute dtype; the CPU keeps float32."""
+        return self.mixed and self.device.type != "cpu"
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed-precision compute of the base on ``device`` (a no-op in float32)."""
+        if not self.mixed:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """float16 needs loss scaling against gradient underflow; bfloat16 and float32 do not."""
+        if self.dtype != torch.float16:
+            return None
+        return torch.amp.GradScaler(self.device.type)
+
+    def idle(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Where an optimizer state tensor waits while its client is not training."""
+        if self.states_on_device:
+            return tensor.detach().clone()
+        return tensor.detach().to("cpu", copy=True)
+
+    def describe(self) -> str:
+        where = str(self.device)
+        if self.device.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(self.device)})"
+        count = torch.get_num_threads()
+        threads = f", {count} CPU thread{'s' * (count > 1)}" if self.device.type == "cpu" else ""
+        checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        return f"{where}, {str(self.dtype).removeprefix('torch.')}{threads}{checkpointing}"
+
+
+def rank_backend(compute: Compute) -> str:
+    """torch.distributed's backend for a rank: nccl when every local rank has a GPU of its own
+    (nccl refuses two ranks on one GPU), else gloo (messages are CPU bytes either way)."""
+    if compute.device.type != "cuda":
+        return "gloo"
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "nccl" if local_ranks <= torch.cuda.device_count() else "gloo"
+
+
+CPU = Compute(torch.device("cpu"), torch.float32, torch.device("cpu"))
+
+
+def resolve(config: ComputeConfig) -> Compute:
+    """The machine's answer to ``[compute]``; ``ConfigError`` for what it cannot do."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if dtype == torch.bfloat16 and device.type != "cpu" and not _supports_bfloat16(device):
+        raise ConfigError(f"compute.dtype 'bfloat16': {device} does not support it; use float16")
+    if dtype == torch.float16 and device.type == "mps":
+        raise ConfigError("compute.dtype 'float16': no gradient scaler on mps; use bfloat16")
+    return Compute(
+        device,
+        dtype,
+        resolve_device(config.edge_device, "compute.edge_device"),
+        config.gradient_checkpointing,
+        config.states_on_device,
+    )
+
+
+def configure_threads(config: ComputeConfig, default: int | None = None) -> None:
+    """``compute.threads``, or ``default`` (a distributed rank's 1), or torch's own choice."""
+    threads = config.threads or default
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def configure_determinism(device: torch.device) -> None:
+    """Deterministic kernels: strict on the CPU (bit-identical reruns); on CUDA cuBLAS needs a
+    fixed workspace (set before its first use) and a few kernels have no deterministic version,
+    which then warn instead of stopping the run (docs/benchmarks.md says what reproduces)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(True)
