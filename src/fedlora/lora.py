@@ -141,3 +141,36 @@ def sketch_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B[:, I], A[I, :]): with scale s·r/k these give s·B S A for S = (r/k) Σ_{j∈I} e_j e_jᵀ."""
     return b[:, index].clone(), a[index, :].clone()
+
+
+# -- corrections and splits of the 2025 baselines --------------------------------------------
+
+
+def ridge_b_correction(
+    bs: Sequence[torch.Tensor],
+    as_: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    b_bar: torch.Tensor,
+    a_bar: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """LoRA-FAIR's correction ΔB = argmin ‖Σ p_i B_i A_i − (B̄ + ΔB)Ā‖²_F + λ‖ΔB‖²_F.
+
+    Setting the gradient to zero gives ΔB (ĀĀᵀ + λI) = (Σ p_i B_i A_i − B̄Ā)Āᵀ; the right side is
+    Σ p_i B_i (A_i Āᵀ) − B̄ (ĀĀᵀ), so only r×r Gram products and d×r factors are formed, never
+    the d×k average. ``weights`` are normalised to sum to 1."""
+    p = normalized(weights)
+    gram = a_bar @ a_bar.T
+    target = sum(w * b @ (a @ a_bar.T) for w, b, a in zip(p, bs, as_, strict=True)) - b_bar @ gram
+    system = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(system, target.T).T  # system is symmetric: (X S⁻¹)ᵀ = S⁻¹ Xᵀ
+
+
+def principal_factors(
+    weight: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PiSSA split of W: with W = U Σ Vᵀ, B = U_r √(Σ_r/s) and A = √(Σ_r/s) V_rᵀ, so s·B·A is
+    W's best rank-r approximation (Eckart–Young) and both factors carry the same energy."""
+    u, sigma, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = torch.sqrt(sigma[:rank] / scale)
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -88,6 +89,14 @@ class SimulationEngine:
         self.stores: dict[int, TensorDict] = {c: {} for c in range(len(experiment.clients))}
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
+        if experiment.method.needs_base_weights:
+            weights = experiment.slots.model.state_dict()
+            experiment.method.attach_base(
+                {
+                    m.key: weights[f"{m.key}.base_layer.weight"].to("cpu", torch.float32, copy=True)
+                    for m in experiment.slots.modules
+                }
+            )
 
     # -- one hop through the channel -------------------------------------------------------
     def _transfer(
@@ -136,6 +145,7 @@ class SimulationEngine:
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         config = self.exp.config
         rounds = config.experiment.rounds
+        self._sync_base()  # a method may start from a moved base (FRLoRA: W0 − s·B0·A0)
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),

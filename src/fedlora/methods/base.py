@@ -72,6 +72,7 @@ class Method(ABC):
     per_client_eval: ClassVar[bool] = False  # evaluate each client's own model
     heterogeneous_ranks: ClassVar[bool] = False  # reads per-client ranks from [ranks]
     full_weights: ClassVar[bool] = False  # trains whole target matrices instead of LoRA
+    needs_base_weights: ClassVar[bool] = False  # the engine calls ``attach_base`` (FRLoRA)
     engine: ClassVar[str] = (
         "simulation"  # "simulation": server rounds; "gossip": peers over a graph
     )
@@ -142,6 +143,13 @@ class Method(ABC):
         """The cumulative update merged into the frozen base, per module key (d_out x d_in), or
         None. The engine sets W = W0 + offset after every aggregation and after a resume, so
         methods that merge (FLoRA) keep the offset in their checkpointed state."""
+        return None
+
+    def attach_base(self, weights: TensorDict) -> None:
+        """The frozen base's pristine target weights W0 per module key (d_out x d_in, float32,
+        CPU), given once by the engine of every process before the first round to methods that
+        declare ``needs_base_weights``. The pretrained model is public, so every party has them
+        (FRLoRA restarts its factors from their singular vectors)."""
         return None
 
     # -- checkpointing -------------------------------------------------------------------
