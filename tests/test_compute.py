@@ -322,3 +322,21 @@ def test_an_unknown_architecture_lists_its_linear_modules(tmp_path: Path) -> Non
         TINY / "fedit.toml", [f"model.name='{opt}'", "lora.target_modules=['q_proj', 'v_proj']"]
     )
     assert validate(chosen) == CPU
+
+
+def test_the_gpu_check_comparison_flags_what_disagrees(fedit_run: Path, tmp_path: Path) -> None:
+    """benchmarks/compare_runs.py, which gpu_check.sh uses to hold CUDA float32 to the CPU."""
+    import shutil
+
+    from benchmarks.compare_runs import differences
+
+    assert differences(fedit_run, fedit_run, 1e-3, 0.02) == []
+    other = tmp_path / "other"
+    shutil.copytree(fedit_run, other)
+    rows = read_metrics(other)
+    rows[1]["train_loss"] *= 1.01
+    rows[0]["accuracy"] += 0.05
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = differences(other, fedit_run, 1e-3, 0.02)
+    assert len(found) == 2
+    assert found[0].startswith("round 1 accuracy") and found[1].startswith("round 2 train_loss")

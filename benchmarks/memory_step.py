@@ -1,0 +1,138 @@
+"""Step time and peak memory of local LoRA training, per model, compute dtype and gradient
+checkpointing (issue 9).
+
+Each case runs in a fresh process, built by fedlora itself from ``configs/default.toml`` with
+``[compute]`` overrides (so it measures exactly what ``fedlora run`` does): one warm-up step,
+then ``--steps`` timed optimizer steps of FedIT's local trainer on one client. Peak memory is
+the process's peak RSS on the CPU, and ``torch.cuda.max_memory_allocated`` on a GPU.
+
+    python -P benchmarks/memory_step.py [--models minilm-l6 smollm2-135m] [--dtypes float32]
+        [--device auto] [--batch 8] [--length 64] [--steps 5]
+
+bfloat16 on this project's CPUs has no hardware support (~400x slower), so ``--dtypes`` defaults
+to float32 on the CPU and to float32 and bfloat16 on an accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = {"minilm-l6": "bbc-news", "smollm2-135m": "chatterbot"}
+
+
+def child(case: dict) -> None:
+    import torch
+
+    from fedlora.config import load_config
+    from fedlora.experiment import build
+    from fedlora.session import configure_runtime
+
+    config = load_config(
+        REPO / "configs" / "default.toml",
+        [
+            f"model.name='{case['model']}'",
+            f"data.dataset='{DATA.get(case['model'], 'bbc-news')}'",
+            f"model.max_length={case['length']}",
+            f"train.batch_size={case['batch']}",
+            "train.local_steps=1",
+            "partition.kind='iid'",
+            "partition.num_clients=1",
+            "data.max_test_examples=8",
+            f"compute.device='{case['device']}'",
+            f"compute.dtype='{case['dtype']}'",
+            f"compute.gradient_checkpointing={str(case['checkpointing']).lower()}",
+        ],
+    )
+    experiment = build(config)
+    configure_runtime(experiment.compute)
+    trainer, device = experiment.trainer, experiment.compute.device
+    rows = experiment.clients[0]
+    start = experiment.method.context.initial
+
+    def train(steps: int) -> None:
+        trainer.config = config.train.model_copy(update={"local_steps": steps})
+        trainer.train(start, rows, 0, 0, experiment.method.trainable)
+
+    train(1)  # warm-up: kernels, allocator, lazy initialisation
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    train(case["steps"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - began) / case["steps"]
+    result = {
+        "step_seconds": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "where": experiment.compute.describe(),
+    }
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps(result))
+
+
+def measure(case: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-P", __file__, "--child", json.dumps(case)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
+    parser.add_argument("--dtypes", nargs="+", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    import torch
+
+    accelerator = args.device != "cpu" and (
+        torch.cuda.is_available() or torch.backends.mps.is_available()
+    )
+    dtypes = args.dtypes or (["float32", "bfloat16"] if accelerator else ["float32"])
+    print(f"{platform.node()}, {date.today()}, batch {args.batch} x length {args.length}")
+    print("| model | where | checkpointing | step (s) | peak RSS (MiB) | peak GPU (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models:
+        for dtype in dtypes:
+            for checkpointing in (False, True):
+                case = {
+                    "model": model,
+                    "dtype": dtype,
+                    "checkpointing": checkpointing,
+                    "device": args.device,
+                    "batch": args.batch,
+                    "length": args.length,
+                    "steps": args.steps,
+                }
+                r = measure(case)
+                gpu = f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-"
+                print(
+                    f"| {model} | {r['where']} | {'on' if checkpointing else 'off'} | "
+                    f"{r['step_seconds']:.3f} | {r['peak_rss_mib']:.0f} | {gpu} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
