@@ -11,17 +11,18 @@ it maps the slot gradient G_B to R's gradient Bᵀ G_B (exact, since ∂(B R)/�
 projection), steps its inner AdamW/SGD on R, and writes B·R back. B has orthonormal columns, so
 the client recovers R = Bᵀ·(slot B) exactly and the exported adapter is a plain PEFT LoRA one.
 
-Follows the paper: fixed B and A from a truncated SVD of an estimate of the first update, R
-initialised from its singular values (the code sets R = Σ_r of that SVD), FedAvg of R, only R
-and the head on the wire after the initialisation. Reconstruction (the paper's code estimates
-the first update from sign(∇W) of the full weights on the pooled training data, which a
-federated run does not have and our slots cannot compute): ``init_rounds`` rounds of FedIT-style
-LoRA training (default 1), whose exactly averaged update Σ p_i s B_i A_i is factored by a
-truncated SVD (from the factors, never the d×k product): B = U_r, A = V_rᵀ, R = Σ_r / s, so the
-global model after the last of those rounds is the best rank-r approximation of their exact
-average, and training continues in its fixed singular subspaces. The server sends B and A to
-each client once (it keeps a per-client flag), R and the head every round. Gradient clipping,
-if set, clips the slot gradient before the projection.
+Follows the paper: fixed B and A from a truncated SVD of an estimate of the first update (B the
+left, A the right singular vectors), R initialised from its singular values (the code sets R = Σ_r),
+FedAvg of R, only R and the head on the wire after the initialisation. Reconstruction: the code's
+estimate is −lr·sign(Σ ∇W) of the full weights over a few batches (50-170 examples) of the pooled
+training data, which a federated run does not have and LoRA slots cannot compute; here
+``init_rounds`` rounds (default 1) of FedIT-style LoRA training, whose exactly averaged update Σ p_i
+s B_i A_i is factored by a truncated SVD (from the factors, never the d×k product): B = U_r, A =
+V_rᵀ, R = Σ_r / s, so the global model after the last of those rounds is the best rank-r
+approximation of their exact average (the code's R = Σ_r under the scale s instead starts the model
+at s times its estimate), and training continues in those fixed singular subspaces. The server sends
+B and A to each client once (it keeps a per-client flag), R and the head every round. Gradient
+clipping, if set, clips the slot gradient before the projection.
 """
 
 from __future__ import annotations

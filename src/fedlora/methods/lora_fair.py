@@ -12,8 +12,8 @@ server, no extra communication. Reconstruction: the paper states the objective w
 similarity between the ideal and the corrected update plus a weight λ on ‖ΔB‖; we take the
 squared Frobenius distance and λ‖ΔB‖²_F, whose minimiser has the closed form
 ΔB = (Σ p_i B_i A_i − B̄Ā)Āᵀ(ĀĀᵀ + λI)⁻¹ (``fedlora.lora.ridge_b_correction``, computed from
-r×r Gram products, never the d×k average); λ (``lam``) is ours, 0.01 by default (ĀĀᵀ has entries
-of order 1/3 at PEFT's init, so λ = 0.01 barely damps the correction).
+r×r Gram products, never the d×k average); λ (``lam``) is ours, 0.01 by default, small against
+ĀĀᵀ, whose diagonal entries are ≈ 1/3 at PEFT's init, so it barely damps the correction.
 """
 
 from __future__ import annotations
