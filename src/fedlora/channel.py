@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from fedlora.codecs import Codec
 
 TensorDict = dict[str, torch.Tensor]
+# What a receiver expects: tensor name -> shape, a None dimension matching any size.
+Schema = dict[str, tuple[int | None, ...]]
+
+
+def schema_of(tensors: TensorDict) -> Schema:
+    return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
 class MessageError(ValueError):
@@ -34,6 +40,7 @@ class Transfer:
     receiver: str
     bytes: int
     tensors: int
+    rejected: str = ""  # why the receiver refused the message ("" = accepted)
 
 
 class Ledger:
@@ -58,7 +65,14 @@ class Ledger:
         return sum(r.bytes for r in self.records if r.round <= round_index)
 
     def to_json(self) -> list[dict]:
-        return [asdict(r) for r in self.records]
+        return [{k: v for k, v in asdict(r).items() if k != "rejected" or v} for r in self.records]
+
+    def rejections(self, round_index: int | None = None) -> list[Transfer]:
+        return [
+            r
+            for r in self.records
+            if r.rejected and (round_index is None or r.round == round_index)
+        ]
 
     @classmethod
     def from_json(cls, rows: list[dict]) -> Ledger:
@@ -84,20 +98,31 @@ def encode(tensors: TensorDict) -> bytes:
     return save_bytes({k: on_the_wire(v) for k, v in tensors.items()})
 
 
+def fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        want is None or got == want for got, want in zip(shape, expected, strict=True)
+    )
+
+
 def decode(
-    payload: bytes, expect: dict[str, tuple[int, ...]] | None = None, codec: Codec | None = None
+    payload: bytes,
+    expect: Schema | None = None,
+    codec: Codec | None = None,
+    limit: int | None = None,
 ) -> TensorDict:
-    """Bytes -> tensors, refusing anything that is not a well-formed float message of the
-    expected keys and shapes."""
+    """Bytes -> tensors, refusing anything that is not a well-formed float32 message of the
+    expected keys and shapes, finite, and at most ``limit`` bytes long."""
+    if limit is not None and len(payload) > limit:
+        raise MessageError(f"message of {len(payload)} bytes exceeds the limit of {limit}")
     try:
         tensors = load_bytes(payload)
-    except (SafetensorError, ValueError) as error:
+    except (SafetensorError, ValueError, RuntimeError) as error:
         raise MessageError(f"message is not valid safetensors: {error}") from None
     if codec is not None:
         tensors = codec.decode(tensors)
     for name, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected a float tensor")
+        if tensor.dtype != torch.float32:
+            raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected float32")
         if not torch.isfinite(tensor).all():
             raise MessageError(f"tensor {name!r} contains NaN or infinite values")
     if expect is not None:
@@ -108,7 +133,7 @@ def decode(
                 f"message keys differ: missing {missing[:3]}, unexpected {extra[:3]}"
             )
         for name, shape in expect.items():
-            if tuple(tensors[name].shape) != tuple(shape):
+            if not fits(tuple(tensors[name].shape), shape):
                 raise MessageError(
                     f"tensor {name!r} has shape {list(tensors[name].shape)}; expected {list(shape)}"
                 )
@@ -116,11 +141,15 @@ def decode(
 
 
 class Channel:
-    """Carries tensor dicts between named parties and records every transfer in the ledger."""
+    """Carries tensor dicts between named parties and records every transfer in the ledger,
+    with the receiver's reason when it refused one."""
 
-    def __init__(self, ledger: Ledger | None = None, codec: Codec | None = None) -> None:
+    def __init__(
+        self, ledger: Ledger | None = None, codec: Codec | None = None, limit: int | None = None
+    ) -> None:
         self.ledger = ledger or Ledger()
         self.codec = codec  # None: exact float messages; else compressed before counting
+        self.limit = limit  # the largest message a receiver accepts, in bytes
 
     def send(
         self,
@@ -128,13 +157,15 @@ class Channel:
         sender: str,
         receiver: str,
         round_index: int,
-        expect: dict[str, tuple[int, ...]] | None = None,
+        expect: Schema | None = None,
     ) -> TensorDict:
+        """Pack, count and deliver; a message the receiver refuses raises ``MessageError``
+        after its transfer is recorded with the reason."""
         if not tensors:
             return {}
-        payload = self.pack(tensors, sender, round_index)
-        self.ledger.add(Transfer(round_index, sender, receiver, len(payload), len(tensors)))
-        return self.unpack(payload, expect)
+        return self.receive(
+            self.pack(tensors, sender, round_index), sender, receiver, round_index, expect
+        )
 
     # ``send`` in two halves, for engines whose parties live in different processes: the sender
     # packs, the bytes travel, the receiver unpacks; whoever keeps the ledger records the transfer.
@@ -143,11 +174,22 @@ class Channel:
         wire = tensors if self.codec is None else self.codec.encode(tensors, round_index, sender)
         return encode(wire)
 
-    def unpack(
-        self, payload: bytes, expect: dict[str, tuple[int, ...]] | None = None
-    ) -> TensorDict:
+    def unpack(self, payload: bytes, expect: Schema | None = None) -> TensorDict:
         """Bytes from ``pack`` -> validated tensors (decoded by the codec if there is one)."""
-        return decode(payload, expect, self.codec)
+        return decode(payload, expect, self.codec, self.limit)
+
+    def receive(
+        self, payload: bytes, sender: str, receiver: str, round_index: int, expect: Schema | None
+    ) -> TensorDict:
+        """Record the transfer of ``payload`` and unpack it; a refused message is recorded with
+        the reason, then ``MessageError`` is raised for the caller to leave it out."""
+        try:
+            tensors = self.unpack(payload, expect)
+        except MessageError as error:
+            self.ledger.add(Transfer(round_index, sender, receiver, len(payload), 0, str(error)))
+            raise
+        self.ledger.add(Transfer(round_index, sender, receiver, len(payload), len(tensors)))
+        return tensors
 
 
 def human_bytes(count: float) -> str:

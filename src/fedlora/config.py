@@ -83,16 +83,51 @@ class PartitionConfig(Section):
     column: str | None = Field(None, description="natural: the column that names the client")
 
 
+Aggregator = Literal["mean", "median", "trimmed_mean", "norm_clip"]
+
+
 class FederationConfig(Section):
     clients_per_round: int | None = Field(None, ge=1, description="None: all clients")
     fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
     weighting: Literal["size", "uniform"] = "size"
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="probability a sampled client fails to reply (seeded)"
+    )
+    min_replies: int = Field(1, ge=1, description="fewer accepted replies: the round is skipped")
+    deadline_steps: int | None = Field(
+        None, ge=1, description="local steps a client may run per round (simulated deadline)"
+    )
+    stragglers: Literal["cut", "drop"] = Field(
+        "cut", description="a client needing more steps than the deadline: cut short or dropped"
+    )
+    aggregator: Aggregator = Field("mean", description="mean, median, trimmed_mean, norm_clip")
+    trim_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="trimmed_mean: share cut from each end, per coordinate"
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="norm_clip: bound on each client's update norm"
+    )
+    max_message_bytes: int = Field(
+        16 * 2**30, ge=1, description="largest message a party accepts (bytes)"
+    )
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
         if self.clients_per_round is not None and self.fraction is not None:
             raise ValueError("set either clients_per_round or fraction, not both")
+        if self.aggregator == "norm_clip" and self.clip_norm is None:
+            raise ValueError("aggregator 'norm_clip' needs clip_norm")
         return self
+
+
+class AttackConfig(Section):
+    """Simulated adversarial clients (tests and robustness studies): each listed client
+    tampers with its reply before sending it."""
+
+    clients: list[int] = Field([], description="indices of the attacking clients")
+    kind: Literal["scale", "noise", "sign_flip", "nan", "wrong_shape"] = "scale"
+    factor: float = Field(10.0, description="scale: the update is multiplied by this")
+    noise_std: float = Field(1.0, gt=0, description="noise: std of the Gaussian added")
 
 
 class TrainConfig(Section):
@@ -244,6 +279,7 @@ class Config(Section):
     ranks: RanksConfig = RanksConfig()
     topology: TopologyConfig = TopologyConfig()
     compute: ComputeConfig = ComputeConfig()
+    attack: AttackConfig = AttackConfig()
     method: MethodConfig = MethodConfig()
 
 

@@ -15,7 +15,7 @@ from fedlora.data.partition import label_histograms, partition
 from fedlora.data.sources import SplitData, load_split
 from fedlora.data.tokenized import TokenizedSet, tokenize
 from fedlora.evaluation import Evaluator
-from fedlora.methods import build_method, method_class, method_options
+from fedlora.methods import build_method, method_class, method_options, registry
 from fedlora.methods.base import Method, MethodContext
 from fedlora.models import (
     ModelSpec,
@@ -63,7 +63,25 @@ def validate(config: Config) -> Compute:
             f"model.quantize_4bit: method {config.method.name!r} fine-tunes the full target "
             "weights, which cannot be 4-bit; use quantize_4bit = false"
         )
+    check_reliability(config)
     return compute
+
+
+def check_reliability(config: Config) -> None:
+    """Robust aggregators need a mean of replies; attackers must be clients of the run."""
+    aggregator = config.federation.aggregator
+    cls = method_class(config.method.name)
+    if aggregator != "mean" and not cls.mean_of_replies:
+        able = ", ".join(name for name, c in registry().items() if c.mean_of_replies)
+        raise ConfigError(
+            f"federation.aggregator {aggregator!r}: method {config.method.name!r} does not "
+            f"aggregate by a mean of replies (its server step is its own); methods that "
+            f"support robust aggregation: {able}"
+        )
+    clients = 1 if cls.pooled_data else config.partition.num_clients
+    outside = [c for c in config.attack.clients if not 0 <= c < clients]
+    if outside:
+        raise ConfigError(f"attack.clients {outside}: the run has clients 0..{clients - 1}")
 
 
 def build(config: Config) -> Experiment:

@@ -87,6 +87,7 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
     ]
     for client, row in enumerate(experiment.histograms):
         lines.append(f"| {client} | " + " | ".join(str(x) for x in row) + f" | {sum(row)} |")
+    lines += reliability_lines(result)
     ranks = experiment.method.context.ranks
     lines += [
         "",
@@ -95,6 +96,29 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
         ", ".join(f"client {c}: r={r}" for c, r in enumerate(ranks)),
     ]
     return "\n".join([*lines, *result.notes]) + "\n"
+
+
+def reliability_lines(result: RunResult) -> list[str]:
+    """Missing and refused replies, and skipped rounds, when there were any."""
+    absent = [
+        (m["round"], c, why) for m in result.metrics for c, why in m.get("absent", {}).items()
+    ]
+    skipped = [m["round"] for m in result.metrics if m.get("skipped")]
+    rejected = result.ledger.rejections()
+    if not absent and not skipped and not rejected:
+        return []
+    lines = [
+        "",
+        "## Reliability",
+        "",
+        f"{len(rejected)} messages refused by their receiver, {len(absent)} client replies "
+        f"missing (dropouts, stragglers, refused messages), {len(skipped)} rounds skipped "
+        f"(fewer accepted replies than federation.min_replies)"
+        + (f": rounds {', '.join(map(str, skipped))}" if skipped else ""),
+        "",
+    ]
+    lines += [f"- round {r}: client {c}: {why}" for r, c, why in absent[:50]]
+    return lines
 
 
 def finish(experiment: Experiment, result: RunResult, out: Path) -> None:

@@ -167,10 +167,12 @@ class LocalTrainer:
         trainable: Callable[[str], bool],
         optimizer_state: TensorDict | None = None,
         regularizer: Callable[[dict[str, torch.nn.Parameter]], torch.Tensor] | None = None,
+        max_steps: int | None = None,
     ) -> LocalResult:
         """``regularizer``, if given, is a penalty on the named trainable tensors added to the
         loss once per optimizer step (HetLoRA's self-pruning term); the reported loss excludes
-        it."""
+        it. ``max_steps`` cuts the round short (a straggler at its deadline); the schedule
+        still counts the full round's steps."""
         config = self.config
         self.slots.load(start)
         params = self.slots.parameters(trainable)
@@ -181,6 +183,8 @@ class LocalTrainer:
         model.train()
         steps = steps_per_round(config, len(rows))
         total = steps * self.rounds
+        schedule_steps = steps
+        steps = min(steps, max_steps) if max_steps is not None else steps
         torch.manual_seed(derived_seed(self.seed, round_index, client, 1))  # dropout
         batches = batch_stream(
             rows, config.batch_size, derived_seed(self.seed, round_index, client, 2)
@@ -190,7 +194,7 @@ class LocalTrainer:
         losses = []
         examples = 0
         for step in range(steps):
-            set_learning_rate(optimizer, config, round_index * steps + step, total)
+            set_learning_rate(optimizer, config, round_index * schedule_steps + step, total)
             optimizer.zero_grad(set_to_none=True)
             for _ in range(config.grad_accum):
                 batch_rows = next(batches)

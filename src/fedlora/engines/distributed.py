@@ -53,7 +53,7 @@ from rich.progress import Progress
 from fedlora import experiment as experiments
 from fedlora import rundir
 from fedlora.adapters import TensorDict
-from fedlora.channel import Transfer
+from fedlora.channel import MessageError, Transfer
 from fedlora.compute import configure_threads, rank_backend
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.engines.gossip import GossipEngine, node_name
@@ -184,29 +184,54 @@ class DistributedSimulationEngine(RankEngine):
 
     def _train_clients(
         self, sampled: list[int], round_index: int
-    ) -> Iterator[tuple[int, TensorDict, LocalResult]]:
+    ) -> Iterator[tuple[int, TensorDict | None, LocalResult | None]]:
         method, placement = self.exp.method, self.placement
         # The merged base (FLoRA) is shared by all parties in one process; here workers get it.
         offset = method.base_offset() or {}
         for peer in placement.workers():
             send_tensors(offset, peer)
         sends = Sends()
-        down: dict[int, tuple[bytes, int]] = {}
+        down: dict[int, tuple[bytes, TensorDict]] = {}
         for client in sampled:
             message = method.server_message(client, round_index)
-            down[client] = (self._pack(message, SERVER, round_index), len(message))
+            down[client] = (self._pack(message, SERVER, round_index), message)
             sends.bytes(down[client][0], placement.owner(client))
         for client in sampled:
-            owner = placement.owner(client)
-            self._count(*down[client], SERVER, client_name(client), round_index)
+            owner, name = placement.owner(client), client_name(client)
+            payload, sent = down[client]
+            self._count(payload, len(sent), SERVER, name, round_index)
+            if reason := self.missing(client, round_index):  # the worker knows it too
+                self.absent[client] = reason
+                yield client, None, None
+                continue
             payload = recv_bytes(owner)
-            reply = self._unpack(payload)
-            self._count(payload, len(reply), client_name(client), SERVER, round_index)
-            yield client, reply, from_outcome(recv_json(owner)["outcome"])
+            report = recv_json(owner)
+            if report["outcome"] is None:
+                self.absent[client] = report["reason"]
+                yield client, None, None
+                continue
+            yield (
+                client,
+                self._receive(client, payload, sent, round_index),
+                from_outcome(report["outcome"]),
+            )
         sends.wait()
         for peer in placement.workers():
             clients = [c for c in sampled if placement.owner(c) == peer]
             recv_states(peer, clients, self.stores, self.optimizers)
+
+    def _receive(
+        self, client: int, payload: bytes, sent: TensorDict, round_index: int
+    ) -> TensorDict | None:
+        """A worker's reply, checked and counted as the in-process engine's ``_accept`` does."""
+        if not self.exp.method.communicates or not payload:
+            return self._unpack(payload)
+        expect = self.exp.method.expected_reply(client, sent)
+        try:
+            return self.channel.receive(payload, client_name(client), SERVER, round_index, expect)
+        except MessageError as error:
+            self.absent[client] = f"reply refused: {error}"
+            return None
 
     def serve(self) -> None:
         start = self._receive_start()
@@ -216,7 +241,17 @@ class DistributedSimulationEngine(RankEngine):
                 self.exp.slots.merge_into_base(offset)
             mine = [c for c in self.sampled(round_index) if self.placement.owner(c) == self.rank]
             for client in mine:
-                message = self._unpack(recv_bytes(OBSERVER))
+                payload = recv_bytes(OBSERVER)
+                if self.missing(client, round_index):
+                    continue
+                try:
+                    message = self._unpack(payload)
+                except MessageError as error:
+                    send_bytes(b"", OBSERVER)
+                    send_json(
+                        {"outcome": None, "reason": f"refused the download: {error}"}, OBSERVER
+                    )
+                    continue
                 reply, result = self.client_work(client, message, round_index)
                 send_bytes(self._pack(reply, client_name(client), round_index), OBSERVER)
                 send_json({"outcome": outcome(result)}, OBSERVER)

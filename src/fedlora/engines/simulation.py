@@ -26,11 +26,12 @@ from rich.progress import (
 )
 
 from fedlora.adapters import TensorDict
-from fedlora.channel import Channel, Ledger
+from fedlora.attack import tamper
+from fedlora.channel import Channel, Ledger, MessageError, Schema, schema_of
 from fedlora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
-from fedlora.training import LocalResult, derived_seed
+from fedlora.training import LocalResult, derived_seed, steps_per_round
 
 SERVER = "server"
 
@@ -85,8 +86,9 @@ class SimulationEngine:
         self.exp = experiment
         self.run_dir = run_dir
         self.console = console or Console()
-        self.channel = Channel()
+        self.channel = Channel(limit=experiment.config.federation.max_message_bytes)
         self.stores: dict[int, TensorDict] = {c: {} for c in range(len(experiment.clients))}
+        self.absent: dict[int, str] = {}  # this round's clients that sent no reply, and why
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
         if experiment.method.needs_base_weights:
@@ -100,11 +102,38 @@ class SimulationEngine:
 
     # -- one hop through the channel -------------------------------------------------------
     def _transfer(
-        self, tensors: TensorDict, sender: str, receiver: str, round_index: int
+        self,
+        tensors: TensorDict,
+        sender: str,
+        receiver: str,
+        round_index: int,
+        expect: Schema | None = None,
     ) -> TensorDict:
+        """Deliver ``tensors``, checked against ``expect`` at the receiver (``MessageError``
+        if refused, recorded in the ledger with the reason)."""
         if not self.exp.method.communicates:
             return tensors
-        return self.channel.send(tensors, sender, receiver, round_index)
+        return self.channel.send(tensors, sender, receiver, round_index, expect)
+
+    # -- clients that do not answer --------------------------------------------------------
+    def required_steps(self, client: int) -> int:
+        return steps_per_round(self.exp.config.train, len(self.exp.clients[client]))
+
+    def missing(self, client: int, round_index: int) -> str | None:
+        """Why a sampled client sends no reply this round, or None: a seeded dropout, or a
+        straggler dropped at the deadline. A pure function of the config, so every process
+        agrees without asking."""
+        federation = self.exp.config.federation
+        if federation.dropout > 0:
+            rng = np.random.default_rng(
+                derived_seed(self.exp.config.experiment.seed, round_index, client, 0xD0)
+            )
+            if rng.random() < federation.dropout:
+                return "dropout"
+        deadline, needs = federation.deadline_steps, self.required_steps(client)
+        if deadline is not None and federation.stragglers == "drop" and needs > deadline:
+            return f"straggler: needs {needs} steps, deadline {deadline}"
+        return None
 
     def _keeps_optimizer(self) -> bool:
         configured = self.exp.config.train.keep_optimizer_state
@@ -190,7 +219,7 @@ class SimulationEngine:
     ) -> tuple[TensorDict, LocalResult]:
         """One client's half of a round, from the decoded message to the reply it sends back;
         wherever the client lives (this process, or a worker of the distributed engine)."""
-        exp, method = self.exp, self.exp.method
+        exp, method, config = self.exp, self.exp.method, self.exp.config
         start = method.client_start(client, message, self.stores[client])
         keep = self._keeps_optimizer()
         with exp.slots.scaled(method.client_scales(client)):
@@ -202,47 +231,107 @@ class SimulationEngine:
                 method.trainable,
                 self.optimizers.get(client) if keep else None,
                 regularizer=method.regularizer(client, message),
+                max_steps=config.federation.deadline_steps,  # stragglers "cut": stop there
             )
         if keep:
             self.optimizers[client] = result.optimizer_state
-        return method.client_reply(client, result.state, message, self.stores[client]), result
+        reply = method.client_reply(client, result.state, message, self.stores[client])
+        seed = config.experiment.seed
+        return tamper(reply, message, config.attack, client, seed, round_index), result
 
     def _train_clients(
         self, sampled: list[int], round_index: int
-    ) -> Iterator[tuple[int, TensorDict, LocalResult]]:
-        """(client, reply as the server decoded it, local result), client by client in order."""
+    ) -> Iterator[tuple[int, TensorDict | None, LocalResult | None]]:
+        """(client, reply as the server accepted it, local result), client by client in order;
+        None for a reply that never came or that the server refused (``absent`` says why)."""
         method = self.exp.method
         for client in sampled:
-            message = self._transfer(
-                method.server_message(client, round_index), SERVER, client_name(client), round_index
-            )
+            name = client_name(client)
+            sent = method.server_message(client, round_index)
+            try:
+                message = self._transfer(sent, SERVER, name, round_index, schema_of(sent))
+            except MessageError as error:
+                self.absent[client] = f"refused the download: {error}"
+                yield client, None, None
+                continue
+            if reason := self.missing(client, round_index):
+                self.absent[client] = reason
+                yield client, None, None
+                continue
             reply, result = self.client_work(client, message, round_index)
-            yield client, self._transfer(reply, client_name(client), SERVER, round_index), result
+            yield client, self._accept(client, reply, sent, round_index), result
+
+    def _accept(
+        self, client: int, reply: TensorDict, sent: TensorDict, round_index: int
+    ) -> TensorDict | None:
+        """The reply as the server decoded it against the method's expected schema, or None
+        if refused (the ledger holds the reason; the round goes on without it)."""
+        expect = self.exp.method.expected_reply(client, sent)
+        try:
+            return self._transfer(reply, client_name(client), SERVER, round_index, expect)
+        except MessageError as error:
+            self.absent[client] = f"reply refused: {error}"
+            return None
 
     def run_round(self, round_index: int, progress: Progress) -> dict:
-        exp, config = self.exp, self.exp.config
-        method = exp.method
+        config = self.exp.config
         began = time.perf_counter()
         sampled = self.sampled(round_index)
-        sizes = [len(exp.clients[c]) for c in sampled]
-        raw = sizes if config.federation.weighting == "size" else [1] * len(sampled)
-        weights = dict(zip(sampled, normalized(raw), strict=True))
+        self.absent = {}
         task = progress.add_task(
             f"round {round_index + 1}/{config.experiment.rounds}", total=len(sampled), status=""
         )
         replies: dict[int, TensorDict] = {}
         losses, steps, examples = [], 0, 0
         for client, reply, result in self._train_clients(sampled, round_index):
-            replies[client] = reply
-            losses.append(result.loss)
-            steps += result.steps
-            examples += result.examples
-            progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
-        method.aggregate(round_index, replies, weights)
-        self._sync_base()
+            if reply is not None:
+                replies[client] = reply
+            if result is not None:
+                losses.append(result.loss)
+                steps += result.steps
+                examples += result.examples
+            status = f"loss {np.mean(losses):.4f}" if losses else "no reply"
+            progress.update(task, advance=1, status=status)
+        skipped = self._aggregate(round_index, replies)
         train_seconds = time.perf_counter() - began
         record = self._round_record(round_index, sampled, losses, steps, examples)
+        record.update(self._reliability(round_index, sampled, replies, skipped))
         return self._close_record(record, round_index, progress, task, began, train_seconds)
+
+    def weights(self, clients: list[int]) -> dict[int, float]:
+        """Aggregation weights over the clients whose replies were accepted."""
+        sizes = [len(self.exp.clients[c]) for c in clients]
+        raw = sizes if self.exp.config.federation.weighting == "size" else [1] * len(clients)
+        return dict(zip(clients, normalized(raw), strict=True))
+
+    def _aggregate(self, round_index: int, replies: dict[int, TensorDict]) -> bool:
+        """The method's server step over the accepted replies; with fewer than
+        ``federation.min_replies`` the round is skipped (the global state stays). Returns
+        whether it was skipped."""
+        if len(replies) < self.exp.config.federation.min_replies:
+            return True
+        self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
+        self._sync_base()
+        return False
+
+    def _reliability(
+        self, round_index: int, sampled: list[int], replies: dict[int, TensorDict], skipped: bool
+    ) -> dict:
+        """What went missing this round (only when something did): clients without a reply
+        and why, the refused messages (sender, reason), the clients aggregated, a skip."""
+        if not self.absent and not skipped:
+            return {}
+        rejected = [
+            {"sender": r.sender, "reason": r.rejected}
+            for r in self.channel.ledger.rejections(round_index)
+        ]
+        absent = {str(c): why for c, why in sorted(self.absent.items())}  # JSON keys
+        record: dict = {"aggregated": sorted(replies), "absent": absent}
+        if rejected:
+            record["rejected"] = rejected
+        if skipped:
+            record["skipped"] = True
+        return record
 
     def _round_record(
         self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
@@ -252,7 +341,7 @@ class SimulationEngine:
         return {
             "round": round_index + 1,
             "clients": clients,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "steps": steps,
             "examples": examples,
             "bytes_up": ledger.total("up", round_index),

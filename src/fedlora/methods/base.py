@@ -23,7 +23,9 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from fedlora import robust
 from fedlora.adapters import LoraModule, TensorDict
+from fedlora.channel import Schema, schema_of
 from fedlora.config import Config, TrainConfig
 from fedlora.training import standard_optimizer
 
@@ -72,6 +74,8 @@ class Method(ABC):
     per_client_eval: ClassVar[bool] = False  # evaluate each client's own model
     heterogeneous_ranks: ClassVar[bool] = False  # reads per-client ranks from [ranks]
     full_weights: ClassVar[bool] = False  # trains whole target matrices instead of LoRA
+    # Its server step is a mean of replies, taken by ``combine``: robust aggregators apply.
+    mean_of_replies: ClassVar[bool] = False
     needs_base_weights: ClassVar[bool] = False  # the engine calls ``attach_base`` (FRLoRA)
     engine: ClassVar[str] = (
         "simulation"  # "simulation": server rounds; "gossip": peers over a graph
@@ -95,6 +99,29 @@ class Method(ABC):
     def global_state(self) -> TensorDict | None:
         """The full adapter state of the global model, or None if there is none."""
         return None
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """The names and shapes the server accepts from ``client`` after sending it
+        ``message`` (a ``None`` dimension: any size). Default: the download's own schema;
+        methods whose replies differ from their downloads say so."""
+        return schema_of(message)
+
+    def combine(
+        self,
+        replies: dict[int, TensorDict],
+        weights: dict[int, float],
+        reference: TensorDict | None = None,
+    ) -> TensorDict:
+        """The weighted mean of the replies, or the robust rule of ``federation.aggregator``
+        (methods with ``mean_of_replies``); ``reference``: the state the clients started from,
+        for norm clipping (None: the replies are updates already)."""
+        clients = sorted(replies)
+        return robust.combine(
+            [replies[c] for c in clients],
+            [weights[c] for c in clients],
+            self.context.config.federation,
+            reference,
+        )
 
     # -- client side ---------------------------------------------------------------------
     @abstractmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapters import LoraModule, TensorDict
+from fedlora.channel import Schema
 from fedlora.config import LoraConfig
 from fedlora.lora import lora_scale, pad_factors, weighted_average
 from fedlora.methods.base import MethodContext
@@ -51,6 +52,16 @@ def padded_start(message: TensorDict, modules: list[LoraModule]) -> TensorDict:
 def truncated_reply(trained: TensorDict, modules: list[LoraModule], rank: int) -> TensorDict:
     """What a rank-``rank`` client sends back: its first ``rank`` components and the head."""
     return {**pack(factors_of(trained, modules, rank), modules), **head_of(trained, modules)}
+
+
+def rank_reply_schema(message: TensorDict, modules: list[LoraModule], rank: int | None) -> Schema:
+    """What a server accepts from a client replying at ``rank`` (None: any rank up to what
+    the client prunes to): each module's B (d_out x rank) and A (rank x d_in), and the head
+    the message carried."""
+    schema: Schema = {k: tuple(v.shape) for k, v in head_of(message, modules).items()}
+    for m in modules:
+        schema[m.b], schema[m.a] = (m.d_out, rank), (rank, m.d_in)
+    return schema
 
 
 def averaged_head(

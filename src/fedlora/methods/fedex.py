@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema, schema_of
 from fedlora.lora import normalized, product_svd, stack_factors
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
@@ -53,6 +54,7 @@ class FedExOptions(BaseModel):
 
 class FedExLoRA(FedIT):
     name = "fedex"
+    mean_of_replies = False  # the residual needs the exact mean of the products
     summary = "FedEx-LoRA: FedIT plus the exact residual Σp·sBA − s·B̄Ā merged into the base (2024)"
     Options = FedExOptions
 
@@ -63,6 +65,10 @@ class FedExLoRA(FedIT):
 
     def server_message(self, client: int, round_index: int) -> TensorDict:
         return {**self.state, **self.residual}
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """The trained adapter, without the residual the download carried."""
+        return schema_of(self.context.initial)
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
         return {k: v for k, v in message.items() if k in self.context.initial}

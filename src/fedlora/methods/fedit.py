@@ -5,13 +5,13 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import weighted_average
 from fedlora.methods.base import Method, MethodContext
 
 
 class FedIT(Method):
     name = "fedit"
     summary = "FedAvg of A and B separately, weighted by data size (Zhang et al. 2023)"
+    mean_of_replies = True
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)
@@ -31,8 +31,7 @@ class FedIT(Method):
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
-        clients = sorted(replies)
-        self.state = weighted_average([replies[c] for c in clients], [weights[c] for c in clients])
+        self.state = self.combine(replies, weights, reference=self.state)
 
     def global_state(self) -> TensorDict:
         return self.state

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
-from fedlora.lora import weighted_average
 from fedlora.methods.base import Method, MethodContext
 
 OWN = "own."  # store prefix of the client's full trained adapter state
@@ -23,6 +22,7 @@ class FedSALoRA(Method):
         "FedSA-LoRA: A averaged, B and head kept by each client; per-client eval (Guo et al. 2025)"
     )
     per_client_eval = True
+    mean_of_replies = True
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)
@@ -49,8 +49,7 @@ class FedSALoRA(Method):
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
-        clients = sorted(replies)
-        self.state = weighted_average([replies[c] for c in clients], [weights[c] for c in clients])
+        self.state = self.combine(replies, weights, reference=self.state)
 
     def state_dict(self) -> TensorDict:
         return dict(self.state)

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError, TrainConfig
 from fedlora.lora import weighted_average, weighted_product_svd
 from fedlora.methods.base import Method, MethodContext, store_under, stored
@@ -163,6 +164,15 @@ class FedSB(Method):
             return standard_optimizer(params, config)
         bases = {m.b: self.current[m.key + BASIS_B] for m in self.context.modules}
         return CoreOptimizer(params, bases, config)
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """The whole adapter during the init rounds; afterwards R (r x r) and the head."""
+        if not self.basis:
+            return schema_of(self.context.initial)
+        schema = schema_of(head_of(self.context.initial, self.context.modules))
+        for m in self.context.modules:
+            schema[m.key + CORE] = (m.rank, m.rank)
+        return schema
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema
 from fedlora.lora import fresh_a, stack_factors
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import (
@@ -28,6 +29,7 @@ from fedlora.methods.factors import (
     averaged_head,
     head_of,
     pack,
+    rank_reply_schema,
     slot_state,
     truncated_reply,
 )
@@ -62,6 +64,9 @@ class FLoRA(RankedClients, Method):
             m.key: (torch.zeros(m.d_out, rank), fresh_a(rank, m.d_in, generator)) for m in modules
         }
         return slot_state(fresh, head_of(message, modules), modules)
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        return rank_reply_schema(message, self.context.modules, self.context.rank(client))
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict

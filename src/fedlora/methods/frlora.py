@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError
 from fedlora.lora import principal_factors, weighted_average
 from fedlora.methods.base import Method, MethodContext
@@ -120,6 +121,10 @@ class FRLoRA(Method):
         """The restart factors (sent in "updated" mode, every party's own otherwise) and the
         head; the update factors are for a deployment's base merge, not for training."""
         return {**self.start, **{k: v for k, v in message.items() if k in self.context.initial}}
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """The whole trained adapter (the download carries updates and a restart)."""
+        return schema_of(self.context.initial)
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict

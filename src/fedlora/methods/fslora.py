@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema
 from fedlora.lora import sketch_factors, sketch_indices
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import factors_of, head_of, pack, slot_state
@@ -90,6 +91,10 @@ class FSLoRA(Method):
         modules = self.context.modules
         head = {k: v for k, v in head_of(message, modules).items() if not k.endswith(INDEX)}
         return slot_state(factors_of(message, modules), head, modules)
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """The sketched factors and head it was sent, as deltas; not the index sets."""
+        return {k: tuple(v.shape) for k, v in message.items() if not k.endswith(INDEX)}
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema
 from fedlora.lora import lora_scale, pad_factors, sparsity_weights
 from fedlora.methods.base import Method, MethodContext, Regularizer
 from fedlora.methods.factors import (
@@ -34,6 +35,7 @@ from fedlora.methods.factors import (
     head_of,
     pack,
     padded_start,
+    rank_reply_schema,
     rank_scales,
     truncated_reply,
 )
@@ -113,6 +115,10 @@ class HetLoRA(Method):
 
     def client_start(self, client: int, message: TensorDict, store: TensorDict) -> TensorDict:
         return padded_start(message, self.context.modules)
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """Its rank: the one sent, or lower where the client self-pruned."""
+        return rank_reply_schema(message, self.context.modules, None)
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict

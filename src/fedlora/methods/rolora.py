@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.adapters import TensorDict
+from fedlora.channel import Schema
 from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
@@ -36,6 +37,7 @@ class RoLoRAOptions(BaseModel):
 
 class RoLoRA(FedIT):
     name = "rolora"
+    mean_of_replies = False  # each aggregation is exact only as a mean
     summary = "RoLoRA: rounds alternate training/averaging B (A frozen) and A (B frozen) (2025)"
     Options = RoLoRAOptions
 
@@ -61,6 +63,11 @@ class RoLoRA(FedIT):
 
     def trainable(self, name: str) -> bool:
         return name not in self.frozen(self.trains_a)
+
+    def expected_reply(self, client: int, message: TensorDict) -> Schema:
+        """The factor trained this round (and the head), not the frozen one nor the phase."""
+        frozen = self.frozen(bool(message[PHASE].item()))
+        return {k: tuple(v.shape) for k, v in self.state.items() if k not in frozen}
 
     def client_reply(
         self, client: int, trained: TensorDict, message: TensorDict, store: TensorDict
