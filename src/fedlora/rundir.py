@@ -18,6 +18,7 @@ import tomli_w
 
 from fedlora.channel import human_bytes
 from fedlora.checkpoint import FILE as CHECKPOINT
+from fedlora.checkpoint import remove_partial
 from fedlora.config import Config, ConfigError
 from fedlora.engines.simulation import RunResult
 from fedlora.experiment import Experiment
@@ -25,6 +26,9 @@ from fedlora.report import RunView, markdown_table, plot_runs
 
 
 def prepare(out: Path, config: Config, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose a directory")
+    remove_partial(out)
     has_checkpoint = (out / CHECKPOINT).is_file()
     if resume and not has_checkpoint:
         raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")

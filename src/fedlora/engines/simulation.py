@@ -28,7 +28,14 @@ from rich.progress import (
 from fedlora.adapters import TensorDict
 from fedlora.attack import tamper
 from fedlora.channel import Channel, Ledger, MessageError, Schema, schema_of
-from fedlora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlora.checkpoint import FILE as CHECKPOINT
+from fedlora.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_fits,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
 from fedlora.training import LocalResult, derived_seed, steps_per_round
@@ -163,7 +170,16 @@ class SimulationEngine:
         checkpoint = load_checkpoint(self.run_dir)
         if checkpoint is None:
             return 0
-        self.exp.method.load_state_dict(checkpoint.method)
+        path = self.run_dir / CHECKPOINT
+        check_fits(path, checkpoint.method, self.exp.method.state_dict(), "method tensor")
+        clients = len(self.exp.clients)
+        outside = sorted(c for c in (*checkpoint.stores, *checkpoint.optimizers) if c >= clients)
+        if outside:
+            raise CheckpointError(f"checkpoint {path}: client {outside[0]}, the run has {clients}")
+        try:
+            self.exp.method.load_state_dict(checkpoint.method)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {path} does not fit method state: {error}") from None
         self._sync_base()
         self.stores.update(checkpoint.stores)
         self.optimizers = checkpoint.optimizers
