@@ -68,6 +68,7 @@ from fedlora.engines.transport import (
     send_bytes,
     send_json,
     send_tensors,
+    set_limit,
 )
 from fedlora.methods import method_class
 from fedlora.session import ENGINES, configure_runtime, run_experiment
@@ -380,6 +381,7 @@ def run_rank(
     config = load_config(config_file, overrides)
     compute = experiments.validate(config)
     connect(timedelta(seconds=timeout), rank_backend(compute))
+    set_limit(config.federation.max_message_bytes)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank == OBSERVER:

@@ -62,7 +62,13 @@ from fedlora.dlora.split import (
 )
 from fedlora.engines.distributed import OBSERVER, RankEngine, recv_states, send_states
 from fedlora.engines.split import SCHEDULE, SplitEngine, _User
-from fedlora.engines.transport import recv_bytes, recv_json, send_bytes, send_json
+from fedlora.engines.transport import (
+    ProtocolError,
+    recv_bytes,
+    recv_json,
+    send_bytes,
+    send_json,
+)
 
 CLOUD_RANK = OBSERVER  # the cloud, which also evaluates and writes the run directory
 EDGE_RANK = 1  # the device of every user
@@ -100,8 +106,17 @@ class Endpoint:
     def take(self) -> Message:
         frame = recv_bytes(self.peer)
         size = int.from_bytes(frame[:4], "big")
-        header = json.loads(frame[4 : 4 + size])
-        kind, user, module = header.pop("kind"), header.pop("user"), header.pop("module")
+        try:
+            if len(frame) < 4 + size:
+                raise ValueError(f"header of {size} bytes in a frame of {len(frame)}")
+            header = json.loads(frame[4 : 4 + size])
+            kind, user, module = header.pop("kind"), header.pop("user"), header.pop("module")
+            if not all(isinstance(v, str) for v in (kind, user, module)):
+                raise ValueError("kind, user and module must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ProtocolError(
+                f"rank {dist.get_rank()}: malformed DLoRA frame from rank {self.peer}: {error!r}"
+            ) from None
         return Message(kind, user, module, frame[4 + size :], header)
 
 
@@ -134,21 +149,28 @@ class _RemoteEnd(CloudEdgeLink):
         """The next message of this user (of one of ``kinds``, if given)."""
         message = self.endpoint.take()
         if message.user != self.user or (kinds and message.kind not in kinds):
-            raise MessageError(
-                f"{self.user}: expected {' or '.join(kinds) or 'a message'}, got "
-                f"{message.kind!r} of {message.user or 'no user'} {message.module!r}"
+            raise ProtocolError(
+                f"rank {dist.get_rank()}: rank {self.endpoint.peer} sent {message.kind!r} of "
+                f"{message.user or 'no user'} {message.module!r} where {self.user}'s "
+                f"{' or '.join(kinds) or 'message'} was due"
             )
         return message
 
     def open(self, message: Message, shapes: dict[str, Shape]) -> TensorDict:
-        tensors = self.channel.unpack(message.payload)
+        try:
+            tensors = self.channel.unpack(message.payload)
+        except MessageError as error:
+            raise ProtocolError(
+                f"rank {dist.get_rank()}: {message.kind!r} of {message.module!r} from rank "
+                f"{self.endpoint.peer}: {error}"
+            ) from None
         got = {name: tuple(t.shape) for name, t in tensors.items()}
         if got.keys() != shapes.keys() or any(
             shape is not None and got[name] != shape for name, shape in shapes.items()
         ):
-            raise MessageError(
-                f"{self.user}: {message.kind!r} of {message.module!r} carries {got}, "
-                f"expected {shapes}"
+            raise ProtocolError(
+                f"rank {dist.get_rank()}: {self.user}'s {message.kind!r} of {message.module!r} "
+                f"from rank {self.endpoint.peer} carries {got}, expected {shapes}"
             )
         return self.place(tensors, "up" if self.outgoing == "down" else "down")
 
@@ -156,7 +178,10 @@ class _RemoteEnd(CloudEdgeLink):
         """The reply the protocol expects next: ``kind`` of ``module``, these tensors."""
         message = self.take(kind)
         if message.module != module:
-            raise MessageError(f"{self.user}: {kind!r} of {message.module!r}, not {module!r}")
+            raise ProtocolError(
+                f"rank {dist.get_rank()}: rank {self.endpoint.peer} sent {self.user}'s {kind!r} "
+                f"of {message.module!r}, not of {module!r}"
+            )
         return self.open(message, shapes)
 
     def take_one(self, kind: str, module: str, shape: Shape) -> torch.Tensor:
@@ -351,7 +376,10 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         head_on = self.method.opts.head_on
         while (message := self.endpoint.take()).kind != "end":
             if message.user not in users:
-                raise MessageError(f"the cloud got {message.kind!r} for unknown {message.user!r}")
+                raise ProtocolError(
+                    f"rank {CLOUD_RANK}: rank {EDGE_RANK} sent {message.kind!r} for unknown user "
+                    f"{message.user!r}"
+                )
             position, user = users[message.user]
             link = user.link
             assert isinstance(link, CloudEnd)
@@ -366,7 +394,10 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
             elif message.kind == "revive":
                 link.revive(message.module)
             else:
-                raise MessageError(f"the cloud got an unexpected {message.kind!r} message")
+                raise ProtocolError(
+                    f"rank {CLOUD_RANK}: rank {EDGE_RANK} sent {message.kind!r}, which is not "
+                    "part of the protocol between steps"
+                )
         self.cloud.model.eval()
         return self._receive_report(round_index, progress, task)
 

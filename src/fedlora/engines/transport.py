@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
 from fedlora.adapters import TensorDict
@@ -28,6 +29,20 @@ ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 class PeerError(RuntimeError):
     """Another rank stopped answering: it died, or it waited longer than the timeout."""
+
+
+class ProtocolError(PeerError):
+    """Another rank sent something outside the protocol: an oversized or malformed frame, or a
+    message this rank did not expect at this point."""
+
+
+# The largest frame a rank accepts from a peer (``federation.max_message_bytes``, set when the
+# run's config is known); a peer announcing more is refused before anything is allocated.
+_limits = {"bytes": 16 * 2**30}
+
+
+def set_limit(max_bytes: int) -> None:
+    _limits["bytes"] = max_bytes
 
 
 def launched() -> bool:
@@ -96,10 +111,18 @@ def recv_bytes(peer: int) -> bytes:
     try:
         length = torch.zeros(1, dtype=torch.int64, device=where)
         dist.recv(length, peer)
-        if int(length) == 0:
+        size = int(length)
+        if size == 0:
             return b""
-        data = torch.empty(int(length), dtype=torch.uint8, device=where)
+        if not 0 < size <= _limits["bytes"]:
+            raise ProtocolError(
+                f"rank {dist.get_rank()}: rank {peer} announced a message of {size} bytes; the "
+                f"limit is {_limits['bytes']} (federation.max_message_bytes)"
+            )
+        data = torch.empty(size, dtype=torch.uint8, device=where)
         dist.recv(data, peer)
+    except ProtocolError:
+        raise
     except RuntimeError as error:
         raise _failed(peer, error) from None
     return data.cpu().numpy().tobytes()
@@ -110,7 +133,16 @@ def send_json(record: dict, peer: int) -> None:
 
 
 def recv_json(peer: int) -> dict:
-    return json.loads(recv_bytes(peer))
+    payload = recv_bytes(peer)
+    try:
+        record = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ProtocolError(
+            f"rank {dist.get_rank()}: rank {peer} sent a malformed control record: {error}"
+        ) from None
+    if not isinstance(record, dict):
+        raise ProtocolError(f"rank {dist.get_rank()}: rank {peer} sent {type(record).__name__}")
+    return record
 
 
 def send_tensors(tensors: TensorDict, peer: int) -> None:
@@ -121,4 +153,9 @@ def send_tensors(tensors: TensorDict, peer: int) -> None:
 
 def recv_tensors(peer: int) -> TensorDict:
     payload = recv_bytes(peer)
-    return load_bytes(payload) if payload else {}
+    try:
+        return load_bytes(payload) if payload else {}
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise ProtocolError(
+            f"rank {dist.get_rank()}: rank {peer} sent state that is not safetensors: {error}"
+        ) from None
