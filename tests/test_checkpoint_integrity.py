@@ -68,13 +68,8 @@ def test_an_unknown_key_group_is_refused(finished: Path) -> None:
     tensors = {"method/x": torch.ones(2), "bogus/y": torch.zeros(1)}
     from fedlora.checkpoint import FORMAT, digest
 
-    metadata = {
-        "format": FORMAT,
-        "sha256": digest(tensors),
-        "completed_rounds": "1",
-        "metrics": "[]",
-        "ledger": "[]",
-    }
+    metadata = {"format": FORMAT, "completed_rounds": "1", "metrics": "[]", "ledger": "[]"}
+    metadata["sha256"] = digest(tensors, metadata)
     save_file(tensors, str(finished / FILE), metadata=metadata)
     code, output = resume(finished)
     assert code == 2 and "key 'bogus/y' is under an unknown group" in output

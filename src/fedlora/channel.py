@@ -116,10 +116,15 @@ def decode(
         raise MessageError(f"message of {len(payload)} bytes exceeds the limit of {limit}")
     try:
         tensors = load_bytes(payload)
-    except (SafetensorError, ValueError, RuntimeError) as error:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as error:
         raise MessageError(f"message is not valid safetensors: {error}") from None
     if codec is not None:
-        tensors = codec.decode(tensors)
+        try:
+            tensors = codec.decode(tensors)
+        except MessageError:
+            raise
+        except (ValueError, TypeError, RuntimeError, IndexError, OverflowError) as error:
+            raise MessageError(f"message does not decode: {error}") from None
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float32:
             raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected float32")

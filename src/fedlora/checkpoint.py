@@ -33,9 +33,13 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from: the message names the file and the problem."""
 
 
-def digest(tensors: TensorDict) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+def digest(tensors: TensorDict, metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and raw bytes, in name order, and the
+    metadata (metrics, ledger, round) except the digest itself."""
     hasher = hashlib.sha256()
+    for key, value in sorted((metadata or {}).items()):
+        if key != "sha256":
+            hasher.update(f"{key}={value}|".encode())
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous()
         hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -68,12 +72,12 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     tensors = _flatten(checkpoint)
     metadata = {
         "format": FORMAT,
-        "sha256": digest(tensors),
         "completed_rounds": str(checkpoint.completed_rounds),
         "metrics": json.dumps(checkpoint.metrics),
         "ledger": json.dumps(checkpoint.ledger),
         "extra": json.dumps(checkpoint.extra),
     }
+    metadata["sha256"] = digest(tensors, metadata)
     save_file(tensors, str(partial), metadata=metadata)
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
@@ -95,7 +99,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         ) from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fedlora checkpoint ({FORMAT})")
-    if digest(tensors) != metadata.get("sha256"):
+    if digest(tensors, metadata) != metadata.get("sha256"):
         raise CheckpointError(
             f"checkpoint {path} is corrupted: its content hash does not match the one saved "
             "with it (flipped bits or a partial copy); delete the run or restore the file"

@@ -115,7 +115,13 @@ class StochasticQuantizer:
             if missing:
                 raise MessageError(f"quantized tensor {name!r} lacks {missing}")
             packed, scale, shape = parts[CODES], parts[SCALE], parts[SHAPE]
-            if packed.dtype != torch.uint8 or shape.dtype != torch.int32 or scale.shape != (1,):
+            if (
+                packed.dtype != torch.uint8
+                or packed.dim() != 1
+                or shape.dtype != torch.int32
+                or shape.dim() != 1
+                or scale.shape != (1,)
+            ):
                 raise MessageError(f"quantized tensor {name!r} has malformed parts")
             if not torch.isfinite(scale).all() or float(scale) < 0:
                 raise MessageError(f"quantized tensor {name!r} has an invalid scale {float(scale)}")
