@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.adapters import LoraModule
 from fedlora.config import config_from_dict
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment
 from fedlora.methods import method_class, registry
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.fedsb import CORE, CoreOptimizer
+from fedlora.tensors import LoraModule
 from tests.conftest import without_timing
 from tests.test_methods_server import framed, local_least_squares, run
 

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora import experiment as experiments
-from fedlora.adapters import LoraModule, TensorDict
 from fedlora.config import Config, TopologyConfig, load_config
 from fedlora.engines.gossip import GossipEngine, consensus_distance, node_name
 from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext, NoOptions
 from fedlora.methods.declora import DecLoRA
+from fedlora.tensors import LoraModule, TensorDict
 from fedlora.topology import Topology, erdos_renyi, laplacian, ring, ring_weights
 from tests.conftest import TINY, run_cli, timeless_metrics
 

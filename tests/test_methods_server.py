@@ -15,13 +15,13 @@ import torch
 from rich.console import Console
 from safetensors.torch import save as safetensors_bytes
 
-from fedlora.adapters import LoraModule
 from fedlora.config import Config, config_from_dict, load_config
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment, build
 from fedlora.methods import method_class, registry
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.fedit import FedIT
+from fedlora.tensors import LoraModule
 from tests.conftest import TINY, without_timing
 
 ISSUE3 = ["ffa", "fedsa", "flexlora", "hetlora", "flora", "fslora", "fslora_code_compat"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.adapters import is_head
 from fedlora.config import TrainConfig, load_config
 from fedlora.engines.simulation import sample_clients
 from fedlora.experiment import build
+from fedlora.tensors import is_head
 from fedlora.training import (
     batch_stream,
     learning_rate,

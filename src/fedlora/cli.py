@@ -52,6 +52,13 @@ def run(
 ) -> None:
     """Run an experiment from a config file."""
     try:
+        # The config's own mistakes first, before the heavy stack is imported (fast answers).
+        from fedlora.config import load_config
+
+        config = load_config(config_file, set_ or [])  # the schema: pydantic only
+        from fedlora.preflight import preflight  # methods and devices: torch, not the stack
+
+        preflight(config)
         if engine == "simulation":
             if nproc is not None:
                 fail("--nproc needs --engine distributed")

@@ -11,10 +11,11 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.adapters import AdapterSlots, TensorDict
+from fedlora.adapters import AdapterSlots
 from fedlora.compute import CPU, Compute
 from fedlora.config import EvalConfig
 from fedlora.data.tokenized import IGNORE, TokenizedSet
+from fedlora.tensors import TensorDict
 from fedlora.training import to_device
 
 

@@ -7,15 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora import compute as computes
 from fedlora.adapters import AdapterSlots
 from fedlora.compute import Compute
-from fedlora.config import Config, ConfigError
+from fedlora.config import Config
 from fedlora.data.partition import label_histograms, partition
 from fedlora.data.sources import SplitData, load_split
 from fedlora.data.tokenized import TokenizedSet, tokenize
 from fedlora.evaluation import Evaluator
-from fedlora.methods import build_method, method_class, method_options, registry
+from fedlora.methods import build_method, method_class
 from fedlora.methods.base import Method, MethodContext
 from fedlora.models import (
     ModelSpec,
@@ -26,6 +25,7 @@ from fedlora.models import (
     place_base,
 )
 from fedlora.nf4 import quantize_nf4
+from fedlora.preflight import preflight
 from fedlora.ranks import client_ranks
 from fedlora.training import LocalTrainer, derived_seed
 
@@ -46,42 +46,12 @@ class Experiment:
 
 
 def validate(config: Config) -> Compute:
-    """Cheap checks first, so a typo fails in milliseconds rather than after model loading.
-    Returns where the run computes (a device the machine lacks is refused here)."""
-    method_options(config.method)
-    compute = computes.resolve(config.compute)
+    """Every check that can run before training: the quick ones first (``preflight``), then
+    the model's (its name, its LoRA targets). Returns where the run computes."""
+    compute = preflight(config)
     model_spec(config.model.name)
     check_targets(config.model.name, config.lora.target_modules)
-    if config.ranks.profile != "homo" and not method_class(config.method.name).heterogeneous_ranks:
-        raise ConfigError(
-            f"ranks.profile {config.ranks.profile!r}: method {config.method.name!r} trains every "
-            "client at lora.rank; use a heterogeneous-rank method or profile 'homo'"
-        )
-    client_ranks(config, 1)  # range check of ranks.values against lora.rank
-    if config.model.quantize_4bit and method_class(config.method.name).full_weights:
-        raise ConfigError(
-            f"model.quantize_4bit: method {config.method.name!r} fine-tunes the full target "
-            "weights, which cannot be 4-bit; use quantize_4bit = false"
-        )
-    check_reliability(config)
     return compute
-
-
-def check_reliability(config: Config) -> None:
-    """Robust aggregators need a mean of replies; attackers must be clients of the run."""
-    aggregator = config.federation.aggregator
-    cls = method_class(config.method.name)
-    if aggregator != "mean" and not cls.mean_of_replies:
-        able = ", ".join(name for name, c in registry().items() if c.mean_of_replies)
-        raise ConfigError(
-            f"federation.aggregator {aggregator!r}: method {config.method.name!r} does not "
-            f"aggregate by a mean of replies (its server step is its own); methods that "
-            f"support robust aggregation: {able}"
-        )
-    clients = 1 if cls.pooled_data else config.partition.num_clients
-    outside = [c for c in config.attack.clients if not 0 <= c < clients]
-    if outside:
-        raise ConfigError(f"attack.clients {outside}: the run has clients 0..{clients - 1}")
 
 
 def build(config: Config) -> Experiment:

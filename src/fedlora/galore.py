@@ -11,7 +11,7 @@ and restored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from galore_torch import GaLoreAdamW
@@ -20,7 +20,9 @@ from galore_torch.galore_projector import GaLoreProjector
 from fedlora.config import TrainConfig
 from fedlora.training import parameter_groups
 
-ProjectionType = Literal["std", "reverse_std", "right", "left"]
+if TYPE_CHECKING:
+    from fedlora.methods.fedftg import ProjectionType
+
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 

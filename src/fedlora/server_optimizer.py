@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
+from fedlora.tensors import TensorDict
 from fedlora.training import optimizer_tensors, restore_optimizer
 
 ServerKind = Literal["plain", "adam"]

@@ -9,14 +9,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fedlora.adapters import AdapterSlots, TensorDict, is_head
 from fedlora.compute import CPU, Compute
 from fedlora.config import TrainConfig
-from fedlora.data.tokenized import TokenizedSet
+from fedlora.tensors import TensorDict, is_head
+
+if TYPE_CHECKING:  # the trainer's collaborators, imported only by those who build them
+    from fedlora.adapters import AdapterSlots
+    from fedlora.data.tokenized import TokenizedSet
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

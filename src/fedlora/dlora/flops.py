@@ -8,7 +8,7 @@ against FlopCounterMode on a tiny model.
 
 from __future__ import annotations
 
-from fedlora.adapters import LoraModule
+from fedlora.tensors import LoraModule
 
 
 def lora_forward_flops(module: LoraModule, tokens: int) -> int:

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedlora.adapters import TensorDict
+from fedlora.tensors import TensorDict
 from fedlora.training import derived_seed
 
 Norm = Literal["relative", "absolute"]

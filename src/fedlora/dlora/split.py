@@ -32,18 +32,16 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from fedlora.adapters import LoraModule, TensorDict
 from fedlora.channel import Channel
 from fedlora.compute import CPU, Compute
 from fedlora.dlora.flops import head_flops, lora_backward_flops, lora_forward_flops
+from fedlora.dlora.protocol import HeadOn, KilledForward
 from fedlora.models import ModelSpec
+from fedlora.tensors import LoraModule, TensorDict
 
 CLOUD = "server"  # the cloud is the ledger's server side: "up" = edge -> cloud
 CPU_DEVICE = torch.device("cpu")
 PEFT_PREFIX = "base_model.model."
-
-KilledForward = Literal["cloud", "edge", "drop"]
-HeadOn = Literal["edge", "cloud"]
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

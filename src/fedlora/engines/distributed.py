@@ -52,7 +52,6 @@ from rich.progress import Progress
 
 from fedlora import experiment as experiments
 from fedlora import rundir
-from fedlora.adapters import TensorDict
 from fedlora.channel import MessageError, Transfer
 from fedlora.compute import configure_threads, rank_backend
 from fedlora.config import Config, ConfigError, load_config
@@ -72,6 +71,7 @@ from fedlora.engines.transport import (
 )
 from fedlora.methods import method_class
 from fedlora.session import ENGINES, configure_runtime, run_experiment
+from fedlora.tensors import TensorDict
 from fedlora.topology import RoundGraph
 from fedlora.training import LocalResult
 

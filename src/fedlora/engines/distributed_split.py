@@ -49,7 +49,6 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from fedlora import experiment as experiments
-from fedlora.adapters import TensorDict
 from fedlora.channel import Channel, MessageError, Transfer
 from fedlora.dlora.split import (
     CloudEdgeLink,
@@ -69,6 +68,7 @@ from fedlora.engines.transport import (
     send_bytes,
     send_json,
 )
+from fedlora.tensors import TensorDict
 
 CLOUD_RANK = OBSERVER  # the cloud, which also evaluates and writes the run directory
 EDGE_RANK = 1  # the device of every user

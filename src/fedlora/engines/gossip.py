@@ -28,13 +28,13 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Channel
 from fedlora.codecs import make_codec
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment
 from fedlora.methods.base import store_under, stored
 from fedlora.methods.peer import PeerMethod
+from fedlora.tensors import TensorDict
 from fedlora.topology import RoundGraph, Topology, draw
 from fedlora.training import LocalResult, derived_seed
 

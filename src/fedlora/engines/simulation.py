@@ -25,7 +25,6 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fedlora.adapters import TensorDict
 from fedlora.attack import tamper
 from fedlora.channel import Channel, Ledger, MessageError, Schema, schema_of
 from fedlora.checkpoint import FILE as CHECKPOINT
@@ -38,6 +37,7 @@ from fedlora.checkpoint import (
 )
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
+from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, derived_seed, steps_per_round
 
 SERVER = "server"

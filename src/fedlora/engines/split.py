@@ -26,7 +26,6 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Channel, Transfer, human_bytes
 from fedlora.dlora.flops import lora_backward_flops, lora_forward_flops
 from fedlora.dlora.kill_revive import KillRevive
@@ -40,6 +39,7 @@ from fedlora.engines.simulation import (
 )
 from fedlora.experiment import Experiment
 from fedlora.methods.dlora import EDGE, DLoRA
+from fedlora.tensors import TensorDict
 from fedlora.training import (
     batch_stream,
     derived_seed,

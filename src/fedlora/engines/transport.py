@@ -20,8 +20,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import encode
+from fedlora.tensors import TensorDict
 
 # Ranks a launcher started: torchrun and ``fedlora run --engine distributed`` both set these.
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

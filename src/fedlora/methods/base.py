@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedlora import robust
-from fedlora.adapters import LoraModule, TensorDict
 from fedlora.channel import Schema, schema_of
 from fedlora.config import Config, TrainConfig
+from fedlora.tensors import LoraModule, TensorDict
 from fedlora.training import standard_optimizer
 
 

@@ -14,9 +14,9 @@ whether its state survives a round (``train.keep_optimizer_state``; reset by def
 
 from __future__ import annotations
 
-from fedlora.adapters import TensorDict
 from fedlora.lora import normalized, weighted_average, weighted_product_svd
 from fedlora.methods.peer import PeerMethod
+from fedlora.tensors import TensorDict
 
 
 class DecLoRA(PeerMethod):

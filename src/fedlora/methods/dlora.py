@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.config import ConfigError
 from fedlora.dlora.kill_revive import KillReviveRule, Norm, RevivePolicy
-from fedlora.dlora.split import HeadOn, KilledForward
+from fedlora.dlora.protocol import HeadOn, KilledForward
 from fedlora.methods.base import Method, MethodContext
+from fedlora.tensors import TensorDict
 from fedlora.training import derived_seed
 
 EDGE = "edge."  # store prefix of a user's adapter state

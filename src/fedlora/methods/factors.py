@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.adapters import LoraModule, TensorDict
 from fedlora.channel import Schema
 from fedlora.config import LoraConfig
 from fedlora.lora import lora_scale, pad_factors, weighted_average
 from fedlora.methods.base import MethodContext
+from fedlora.tensors import LoraModule, TensorDict
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key -> (B, A)
 

@@ -34,11 +34,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema, schema_of
 from fedlora.lora import normalized, product_svd, stack_factors
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
+from fedlora.tensors import TensorDict
 
 OFFSET = "offset."  # method-state prefix of the cumulative merged residual per module key
 RESIDUAL = "residual."  # method-state prefix of the residual message sent next round

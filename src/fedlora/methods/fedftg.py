@@ -9,14 +9,17 @@ step is projected back times ``scale``; the head trains with plain AdamW. As in 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import FULL_COPY
 from fedlora.config import ConfigError, TrainConfig
-from fedlora.galore import ProjectionType, galore_adamw
 from fedlora.methods.base import MethodContext
 from fedlora.methods.dwa import DirectWeightAveraging
+from fedlora.tensors import FULL_COPY
+
+ProjectionType = Literal["std", "reverse_std", "right", "left"]
 
 
 class GaLoreOptions(BaseModel):
@@ -52,6 +55,8 @@ class FedFTG(DirectWeightAveraging):
         self, params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
     ) -> torch.optim.Optimizer:
         options = self.options
+        from fedlora.galore import galore_adamw  # galore-torch loads bitsandbytes: only here
+
         return galore_adamw(
             params,
             self.projected,

@@ -9,7 +9,6 @@ can compare it with ``fedftg``.
 from __future__ import annotations
 
 import torch
-from galore_torch import GaLoreAdamW
 
 from fedlora.config import TrainConfig
 from fedlora.methods.dwa import DirectWeightAveraging
@@ -24,6 +23,8 @@ class FedFTGCodeCompat(DirectWeightAveraging):
     def local_optimizer(
         self, params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig
     ) -> torch.optim.Optimizer:
+        from galore_torch import GaLoreAdamW  # it loads bitsandbytes: only when training
+
         return GaLoreAdamW(
             parameter_groups(params, config),
             lr=config.lr,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from fedlora.adapters import TensorDict
 from fedlora.methods.base import Method, MethodContext
+from fedlora.tensors import TensorDict
 
 
 class FedIT(Method):

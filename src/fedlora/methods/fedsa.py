@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from fedlora.adapters import TensorDict
 from fedlora.methods.base import Method, MethodContext
+from fedlora.tensors import TensorDict
 
 OWN = "own."  # store prefix of the client's full trained adapter state
 

@@ -32,12 +32,12 @@ from collections.abc import Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError, TrainConfig
 from fedlora.lora import weighted_average, weighted_product_svd
 from fedlora.methods.base import Method, MethodContext, store_under, stored
 from fedlora.methods.factors import averaged_head, head_of
+from fedlora.tensors import TensorDict
 from fedlora.training import parameter_groups, standard_optimizer
 
 CORE, BASIS_B, BASIS_A = ".fedsb_R", ".fedsb_B", ".fedsb_A"  # suffixes to module keys

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from fedlora.adapters import TensorDict
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
+from fedlora.tensors import TensorDict
 
 
 class FFALoRA(FedIT):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from fedlora.adapters import TensorDict
 from fedlora.lora import pad_factors, weighted_product_svd
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import (
@@ -24,6 +23,7 @@ from fedlora.methods.factors import (
     padded_start,
     truncated_reply,
 )
+from fedlora.tensors import TensorDict
 
 
 class FlexLoRA(RankedClients, Method):

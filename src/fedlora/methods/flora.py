@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema
 from fedlora.lora import fresh_a, stack_factors
 from fedlora.methods.base import Method, MethodContext
@@ -33,6 +32,7 @@ from fedlora.methods.factors import (
     slot_state,
     truncated_reply,
 )
+from fedlora.tensors import TensorDict
 from fedlora.training import derived_seed
 
 OFFSET = "offset."  # method-state prefix of the merged cumulative update per module key

@@ -32,12 +32,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError
 from fedlora.lora import principal_factors, weighted_average
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import Factors, averaged_head, factors_of, head_of, pack
+from fedlora.tensors import TensorDict
 
 MERGED = "merged."  # method-state prefix: Σ_t ΔW_t per module key
 START = "start."  # method-state prefix: the current restart factors, wire names

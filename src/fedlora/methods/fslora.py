@@ -21,12 +21,12 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema
 from fedlora.lora import sketch_factors, sketch_indices
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import factors_of, head_of, pack, slot_state
 from fedlora.server_optimizer import ServerKind, ServerOptimizer, ServerOptions
+from fedlora.tensors import TensorDict
 from fedlora.training import derived_seed
 
 INDEX = ".sketch_index"  # suffix of the index-set tensor of a module in a download

@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema
 from fedlora.lora import lora_scale, pad_factors, sparsity_weights
 from fedlora.methods.base import Method, MethodContext, Regularizer
@@ -39,6 +38,7 @@ from fedlora.methods.factors import (
     rank_scales,
     truncated_reply,
 )
+from fedlora.tensors import TensorDict
 
 RANKS = "hetlora.client_ranks"  # method-state key of the clients' current ranks
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedlora.adapters import TensorDict
 from fedlora.methods.base import Method, store_under, stored
+from fedlora.tensors import TensorDict
 
 PREFIX = "adapter."
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.lora import ridge_b_correction
 from fedlora.methods.fedit import FedIT
+from fedlora.tensors import TensorDict
 
 
 class LoRAFairOptions(BaseModel):

@@ -20,8 +20,8 @@ from typing import NoReturn
 
 from pydantic import BaseModel
 
-from fedlora.adapters import TensorDict
 from fedlora.methods.base import Method, MethodContext, store_under, stored
+from fedlora.tensors import TensorDict
 
 MODEL = "model."
 

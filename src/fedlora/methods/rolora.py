@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlora.adapters import TensorDict
 from fedlora.channel import Schema
 from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
+from fedlora.tensors import TensorDict
 
 PHASE = "rolora.trains_a"  # message flag: 1.0 in A-rounds, 0.0 in B-rounds
 
