@@ -142,7 +142,13 @@ def present(values) -> list[float]:
 
 
 def extra_value(run: RunView, key: str) -> float | None:
-    """``key`` from the run's last metrics row, else from its ``accounting.json`` (DLoRA)."""
+    """``key`` from the run's last metrics row, else from its ``accounting.json`` (DLoRA);
+    ``rounds:KEY`` counts the rounds whose KEY is set (``rounds:skipped``), ``total:KEY`` adds
+    up the sizes of the rounds' KEY lists or tables (``total:absent``, ``total:rejected``)."""
+    if key.startswith("rounds:"):
+        return float(sum(1 for m in run.metrics if m.get(key.removeprefix("rounds:"))))
+    if key.startswith("total:"):
+        return float(sum(len(m.get(key.removeprefix("total:"), ())) for m in run.metrics))
     if key in run.metrics[-1]:
         return run.metrics[-1][key]
     accounting = run.path / "accounting.json"
