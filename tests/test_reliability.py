@@ -336,3 +336,26 @@ def test_attacks_change_the_update_as_stated() -> None:
     assert attacked("wrong_shape")["h"].shape == (3,)
     honest = tamper(reply, message, AttackConfig(clients=[3], kind="scale"), 2, 0, 0)
     assert honest is reply
+
+
+def test_a_gossip_node_refuses_a_poisoned_neighbour_and_mixes_the_rest(tmp_path: Path) -> None:
+    experiment = build(load_config(TINY / "declora.toml", ["experiment.rounds=1"]))
+    out = tmp_path / "gossip"
+    out.mkdir()
+    engine = ENGINES[experiment.method.engine](experiment, out, Console(quiet=True))
+    graph = engine.topology.at(0)
+    nodes = range(len(experiment.clients))
+    messages = {n: dict(experiment.method.context.initial) for n in nodes}
+    poisoned = next(iter(graph.neighbours(0)))
+    first = sorted(messages[poisoned])[0]
+    bad = messages[poisoned][first].clone()
+    bad.view(-1)[0] = float("nan")
+    messages[poisoned] = {**messages[poisoned], first: bad}
+    received = engine._exchange(messages, graph, 0)
+    for node in nodes:
+        neighbours = set(graph.neighbours(node))
+        expected = neighbours - {poisoned}
+        assert set(received[node]) == expected, node
+    refused = engine.channel.ledger.rejections(0)
+    assert {r.sender for r in refused} == {f"node{poisoned}"}
+    assert all("NaN" in r.rejected for r in refused)

@@ -62,9 +62,17 @@ def run(
         if engine == "simulation":
             if nproc is not None:
                 fail("--nproc needs --engine distributed")
+            from fedlora.channel import MessageError
             from fedlora.session import run_experiment
 
-            run_experiment(config_file, set_ or [], out, resume, console, show_progress=not quiet)
+            try:
+                run_experiment(
+                    config_file, set_ or [], out, resume, console, show_progress=not quiet
+                )
+            except MessageError as error:  # a step that cannot go on without the message
+                message = f"[bold red]error:[/] a party refused a message it needed: {error}"
+                console.print(message, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
         elif engine == "distributed":
             from fedlora.engines.distributed import LaunchError, launch
             from fedlora.engines.transport import PeerError

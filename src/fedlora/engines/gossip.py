@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from fedlora.channel import Channel
+from fedlora.channel import Channel, MessageError
 from fedlora.codecs import make_codec
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment
@@ -97,16 +97,19 @@ class GossipEngine(SimulationEngine):
     def _exchange(
         self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
     ) -> dict[int, dict[int, TensorDict]]:
-        """received[i][j]: node j's message as node i decoded it, for each edge (j → i)."""
-        return {
-            i: {
-                j: self.channel.send(
-                    messages[j], node_name(j), node_name(i), round_index, self.shapes
-                )
-                for j in graph.neighbours(i)
-            }
-            for i in messages
-        }
+        """received[i][j]: node j's message as node i decoded it, for each edge (j → i); a
+        message node i refuses is left out (the ledger records why) and i mixes the rest."""
+        received: dict[int, dict[int, TensorDict]] = {}
+        for i in messages:
+            received[i] = {}
+            for j in graph.neighbours(i):
+                try:
+                    received[i][j] = self.channel.send(
+                        messages[j], node_name(j), node_name(i), round_index, self.shapes
+                    )
+                except MessageError:
+                    continue
+        return received
 
     def _gossip(
         self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
@@ -225,6 +228,11 @@ class GossipEngine(SimulationEngine):
             "consensus_before_mix": consensus_distance([messages[n] for n in nodes], self.factors),
             "consensus_distance": consensus_distance(self.states(), self.factors),
         }
+        rejected = ledger.rejections(round_index)
+        if rejected:
+            record["rejected"] = [
+                {"sender": r.sender, "receiver": r.receiver, "reason": r.rejected} for r in rejected
+            ]
         record.update(self.timing)
         train_seconds = time.perf_counter() - began
         return self._close_record(record, round_index, progress, task, began, train_seconds)
