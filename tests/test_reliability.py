@@ -359,3 +359,24 @@ def test_a_gossip_node_refuses_a_poisoned_neighbour_and_mixes_the_rest(tmp_path:
     refused = engine.channel.ledger.rejections(0)
     assert {r.sender for r in refused} == {f"node{poisoned}"}
     assert all("NaN" in r.rejected for r in refused)
+
+
+def test_fslora_robust_scatter_combines_each_component_over_its_drawers(tmp_path: Path) -> None:
+    overrides = ["experiment.rounds=1", "federation.aggregator='median'"]
+    experiment, engine = engine_for(overrides, tmp_path, "fslora.toml")
+    method = experiment.method
+    replies = {}
+    for client in range(len(experiment.clients)):
+        reply, _ = engine.client_work(client, method.server_message(client, 0), 0)
+        replies[client] = reply
+    delta = method._robust_delta(0, replies)
+    for position, m in enumerate(method.context.modules):
+        expected_b = np.zeros((m.d_out, m.rank))
+        drawers: dict[int, list[np.ndarray]] = {}
+        for client, reply in replies.items():
+            for column, j in enumerate(method._index(0, client, position).tolist()):
+                drawers.setdefault(j, []).append(reply[m.b][:, column].numpy())
+        assert any(len(v) < len(replies) for v in drawers.values())  # sketches really differ
+        for j, columns in drawers.items():
+            expected_b[:, j] = np.median(np.stack(columns), axis=0)
+        np.testing.assert_allclose(delta[m.b].numpy(), expected_b, rtol=1e-6, atol=1e-8)

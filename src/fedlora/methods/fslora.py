@@ -25,6 +25,7 @@ from fedlora.channel import Schema
 from fedlora.lora import sketch_factors, sketch_indices
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import factors_of, head_of, pack, slot_state
+from fedlora.robust import clipped_updates, combine
 from fedlora.server_optimizer import ServerKind, ServerOptimizer, ServerOptions
 from fedlora.tensors import TensorDict
 from fedlora.training import derived_seed
@@ -47,6 +48,7 @@ class FSLoRAOptions(ServerOptions):
 
 class FSLoRA(Method):
     name = "fslora"
+    mean_of_replies = True  # a scatter mean: robust rules apply per drawn component
     summary = (
         "FSLoRA: global rank-r LoRA, clients train random k_i-of-r sketches (Fang et al. 2025)"
     )
@@ -108,6 +110,15 @@ class FSLoRA(Method):
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
+        rule = self.context.config.federation
+        if rule.aggregator == "norm_clip":  # bound each client's whole update, then as usual
+            assert rule.clip_norm is not None
+            order = sorted(replies)
+            clipped = clipped_updates([replies[c] for c in order], None, rule.clip_norm)
+            replies = dict(zip(order, clipped, strict=True))
+        elif rule.aggregator != "mean":
+            self.server.apply(self._robust_delta(round_index, replies))
+            return
         modules, clients, r = self.context.modules, sorted(replies), self.context.config.lora.rank
         state = self.server.values()
         delta = {
@@ -132,6 +143,27 @@ class FSLoRA(Method):
             )
             delta[m.b], delta[m.a] = d_b / divisor, d_a / divisor[:, None]
         self.server.apply(delta)
+
+    def _robust_delta(self, round_index: int, replies: dict[int, TensorDict]) -> TensorDict:
+        """The scatter mean under a coordinate-wise robust rule (median, trimmed mean): each
+        component j of each module (column j of ΔB, row j of ΔA) is combined over the clients
+        that drew it, the head over all of them (the replies are updates: no reference)."""
+        modules, clients = self.context.modules, sorted(replies)
+        rule = self.context.config.federation
+        state = self.server.values()
+        heads = [head_of(replies[c], modules) for c in clients]
+        delta = combine(heads, [1.0] * len(clients), rule) if heads[0] else {}
+        for position, m in enumerate(modules):
+            delta[m.b], delta[m.a] = torch.zeros_like(state[m.b]), torch.zeros_like(state[m.a])
+            drawn: dict[int, list[TensorDict]] = {}
+            for c in clients:
+                for column, j in enumerate(self._index(round_index, c, position).tolist()):
+                    part = {"b": replies[c][m.b][:, column], "a": replies[c][m.a][column]}
+                    drawn.setdefault(j, []).append(part)
+            for j, parts in drawn.items():
+                combined = combine(parts, [1.0] * len(parts), rule)
+                delta[m.b][:, j], delta[m.a][j] = combined["b"], combined["a"]
+        return delta
 
     def global_state(self) -> TensorDict:
         return {k: v.clone() for k, v in self.server.values().items()}
