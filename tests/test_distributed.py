@@ -190,3 +190,30 @@ def test_nproc_must_agree_with_an_external_launcher(
     args = ["--out", str(tmp_path / "x"), "--engine", "distributed", "--nproc", "3"]
     code, output = run_cli("run", str(TINY / "fedit.toml"), *args)
     assert code == 2 and "--nproc 3, but the launcher started WORLD_SIZE=2" in output, output
+
+
+FAULTS = [
+    "--set",
+    "experiment.rounds=3",
+    "--set",
+    "federation.dropout=0.3",
+    "--set",
+    "attack.clients=[2]",
+    "--set",
+    "attack.kind='nan'",
+]
+
+
+def test_dropouts_and_refused_replies_match_the_simulation_across_processes(
+    tmp_path: Path,
+) -> None:
+    """Workers skip the same dropped clients the server skips, the server refuses the same
+    poisoned replies: the same run, ledger rejections included, as in one process."""
+    run = launch("fedit.toml", tmp_path / "dist", tmp_path / "dist.log", "--nproc", "3", *FAULTS)
+    expected = reference("fedit.toml", tmp_path / "ref", *FAULTS)
+    finish(run, tmp_path / "dist.log")
+    assert_same_run(expected, tmp_path / "dist")
+    rounds = metrics(expected)
+    assert any(why == "dropout" for m in rounds for why in m.get("absent", {}).values())
+    assert all(m["rejected"][0]["sender"] == "client2" for m in rounds if "rejected" in m)
+    assert any("rejected" in m for m in rounds)
