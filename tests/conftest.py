@@ -48,6 +48,34 @@ def fedit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def run(name: str, out: Path, rounds: int | None = None):
+    """configs/tiny/<name>.toml built, with an in-process engine writing to ``out``."""
+    from rich.console import Console
+
+    from fedlora.config import load_config
+    from fedlora.engines.simulation import SimulationEngine
+    from fedlora.experiment import build
+
+    config = load_config(TINY / f"{name}.toml", [f"experiment.rounds={rounds}"] if rounds else [])
+    experiment = build(config)
+    out.mkdir(parents=True, exist_ok=True)
+    return experiment, SimulationEngine(experiment, out, Console(quiet=True))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory):
+    """2-round tiny runs, made once per method and test module and shared by its tests."""
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            experiment, engine = run(name, tmp_path_factory.mktemp(name))
+            done[name] = experiment, engine, engine.run(show_progress=False)
+        return done[name]
+
+    return get
+
+
 def assert_adapter_reloads(run: Path) -> None:
     """The run's exported PEFT adapter, loaded by ``PeftModel.from_pretrained`` on a fresh base,
     gives exactly the logits of the run's final state in fedlora's own slots."""

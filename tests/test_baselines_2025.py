@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from fedlora.config import config_from_dict
-from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment
 from fedlora.methods import method_class, registry
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.fedsb import CORE, CoreOptimizer
 from fedlora.tensors import LoraModule
-from tests.conftest import without_timing
-from tests.test_methods_server import framed, local_least_squares, run
+from tests.conftest import run, without_timing
+from tests.test_methods_server import framed, local_least_squares
 
 NEW = ["fedex", "rolora", "lora_fair", "fedsb", "frlora"]
 D, K, R, CLIENTS = 10, 8, 2, 3
@@ -307,19 +306,6 @@ def test_frlora_merges_every_round_and_restarts_from_principal_factors(restart: 
 
 
 # -- end to end: 2 tiny rounds, bytes from the message shapes ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory):
-    done: dict[str, tuple[Experiment, SimulationEngine, RunResult]] = {}
-
-    def get(name: str) -> tuple[Experiment, SimulationEngine, RunResult]:
-        if name not in done:
-            experiment, engine = run(name, tmp_path_factory.mktemp(name))
-            done[name] = experiment, engine, engine.run(show_progress=False)
-        return done[name]
-
-    return get
 
 
 def expected_shapes(name: str, experiment: Experiment, round_index: int, up: bool) -> dict:

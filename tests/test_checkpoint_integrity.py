@@ -23,8 +23,8 @@ FEDIT = str(TINY / "fedit.toml")
 
 
 @pytest.fixture
-def finished(fedit_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the session's finished tiny FedIT run, to damage."""
+def run_copy(fedit_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's run_copy tiny FedIT run, to damage."""
     copy = tmp_path / "run"
     shutil.copytree(fedit_run, copy)
     return copy
@@ -35,27 +35,27 @@ def resume(run: Path) -> tuple[int, str]:
     return code, " ".join(output.split())
 
 
-def test_a_truncated_checkpoint_is_refused(finished: Path) -> None:
-    path = finished / FILE
+def test_a_truncated_checkpoint_is_refused(run_copy: Path) -> None:
+    path = run_copy / FILE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    code, output = resume(finished)
+    code, output = resume(run_copy)
     assert code == 2 and "Traceback" not in output
     assert f"checkpoint {path} is unreadable (truncated" in output
 
 
-def test_a_flipped_bit_is_detected(finished: Path) -> None:
-    path = finished / FILE
+def test_a_flipped_bit_is_detected(run_copy: Path) -> None:
+    path = run_copy / FILE
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x10  # inside the tensor data, after the header
     path.write_bytes(bytes(data))
-    code, output = resume(finished)
+    code, output = resume(run_copy)
     assert code == 2
     assert f"checkpoint {path} is corrupted: its content hash does not match" in output
 
 
-def test_a_foreign_safetensors_file_is_refused(finished: Path) -> None:
-    save_file({"weight": torch.ones(3)}, str(finished / FILE))
-    code, output = resume(finished)
+def test_a_foreign_safetensors_file_is_refused(run_copy: Path) -> None:
+    save_file({"weight": torch.ones(3)}, str(run_copy / FILE))
+    code, output = resume(run_copy)
     assert code == 2 and "is not a fedlora checkpoint" in output
 
 
@@ -64,27 +64,27 @@ def write_valid(run: Path, method: dict[str, torch.Tensor], stores: dict | None 
     save_checkpoint(run, Checkpoint(1, method, stores or {}, {}, [], []))
 
 
-def test_an_unknown_key_group_is_refused(finished: Path) -> None:
+def test_an_unknown_key_group_is_refused(run_copy: Path) -> None:
     tensors = {"method/x": torch.ones(2), "bogus/y": torch.zeros(1)}
     from fedlora.checkpoint import FORMAT, digest
 
     metadata = {"format": FORMAT, "completed_rounds": "1", "metrics": "[]", "ledger": "[]"}
     metadata["sha256"] = digest(tensors, metadata)
-    save_file(tensors, str(finished / FILE), metadata=metadata)
-    code, output = resume(finished)
+    save_file(tensors, str(run_copy / FILE), metadata=metadata)
+    code, output = resume(run_copy)
     assert code == 2 and "key 'bogus/y' is under an unknown group" in output
 
 
-def test_a_checkpoint_of_another_shape_is_refused(finished: Path) -> None:
-    saved = load_checkpoint(finished)
+def test_a_checkpoint_of_another_shape_is_refused(run_copy: Path) -> None:
+    saved = load_checkpoint(run_copy)
     assert saved is not None
     name = next(k for k in saved.method if ".lora_A." in k)
-    write_valid(finished, {**saved.method, name: torch.zeros(7, 32)})
-    code, output = resume(finished)
+    write_valid(run_copy, {**saved.method, name: torch.zeros(7, 32)})
+    code, output = resume(run_copy)
     assert code == 2
     assert f"method tensor '{name}' is torch.float32 [7, 32], the configured run has" in output
-    write_valid(finished, saved.method, stores={9: {"x": torch.ones(1)}})
-    code, output = resume(finished)
+    write_valid(run_copy, saved.method, stores={9: {"x": torch.ones(1)}})
+    code, output = resume(run_copy)
     assert code == 2 and "client 9, the run has 4" in output
 
 
@@ -127,7 +127,7 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
 
 def kill_while_writing(out: Path) -> bool:
     """Start a run and SIGKILL it the moment a checkpoint save is under way (its partial file
-    exists); False if the run finished before one was caught."""
+    exists); False if the run run_copy before one was caught."""
     run = start(out)
     partial = out / PARTIAL
     deadline = time.monotonic() + 120

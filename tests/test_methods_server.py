@@ -12,41 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import save as safetensors_bytes
 
 from fedlora.config import Config, config_from_dict, load_config
-from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.experiment import Experiment, build
 from fedlora.methods import method_class, registry
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.fedit import FedIT
 from fedlora.tensors import LoraModule
-from tests.conftest import TINY, without_timing
+from tests.conftest import TINY, run, without_timing
 
 ISSUE3 = ["ffa", "fedsa", "flexlora", "hetlora", "flora", "fslora", "fslora_code_compat"]
 FULL_WEIGHTS = ["dwa", "fedftg", "fedftg_code_compat"]
-
-
-def run(name: str, out: Path, rounds: int | None = None) -> tuple[Experiment, SimulationEngine]:
-    config = load_config(TINY / f"{name}.toml", [f"experiment.rounds={rounds}"] if rounds else [])
-    experiment = build(config)
-    out.mkdir(parents=True, exist_ok=True)
-    return experiment, SimulationEngine(experiment, out, Console(quiet=True))
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory):
-    """2-round runs, made once per method and shared by the tests of this file."""
-    done: dict[str, tuple[Experiment, SimulationEngine, RunResult]] = {}
-
-    def get(name: str) -> tuple[Experiment, SimulationEngine, RunResult]:
-        if name not in done:
-            experiment, engine = run(name, tmp_path_factory.mktemp(name))
-            done[name] = experiment, engine, engine.run(show_progress=False)
-        return done[name]
-
-    return get
 
 
 # -- §7 T1/T2 on real adapters ----------------------------------------------------------------
