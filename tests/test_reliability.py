@@ -307,6 +307,16 @@ def test_a_method_without_a_mean_refuses_robust_aggregation(tmp_path: Path) -> N
     assert "fedit" in text and "fedsa" in text
 
 
+@pytest.mark.parametrize("config", ["declora.toml", "dlora.toml"])
+def test_faults_are_refused_where_no_server_round_simulates_them(config: str) -> None:
+    code, output = run_cli(
+        "run", str(TINY / config), "--set", "federation.dropout=0.2", "--set", "attack.clients=[1]"
+    )
+    text = " ".join(output.split())
+    assert code == 2 and "federation.dropout, attack.clients: method" in text
+    assert "simulated faults and attackers apply to server-based methods" in text
+
+
 def test_norm_clip_needs_a_bound_and_attackers_must_exist(tmp_path: Path) -> None:
     code, output = run_cli("run", str(FEDIT), "--set", "federation.aggregator='norm_clip'")
     assert code == 2 and "needs clip_norm" in output

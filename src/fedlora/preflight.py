@@ -43,6 +43,17 @@ def check_reliability(config: Config) -> None:
             f"aggregate by a mean of replies (its server step is its own); methods that "
             f"support robust aggregation: {able}"
         )
+    federation, defaults = config.federation, type(config.federation)()
+    faults = [
+        f"federation.{name}"
+        for name in ("dropout", "min_replies", "deadline_steps")
+        if getattr(federation, name) != getattr(defaults, name)
+    ] + (["attack.clients"] if config.attack.clients else [])
+    if faults and cls.engine != "simulation":
+        raise ConfigError(
+            f"{', '.join(faults)}: method {config.method.name!r} runs on the {cls.engine!r} "
+            "engine; simulated faults and attackers apply to server-based methods"
+        )
     clients = 1 if cls.pooled_data else config.partition.num_clients
     outside = [c for c in config.attack.clients if not 0 <= c < clients]
     if outside:
