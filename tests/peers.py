@@ -34,8 +34,8 @@ def misbehave(scenario: str) -> None:
     elif scenario == "header_fields":  # valid JSON without the protocol's fields
         header = b'{"kind": 3}'
         send_bytes(len(header).to_bytes(4, "big") + header, 0)
-    elif scenario == "hang":  # alive, connected, silent
-        time.sleep(30)
+    elif scenario == "hang":  # alive, connected, silent (the test kills it)
+        time.sleep(120)
 
 
 def receive(scenario: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,9 @@ from fedlora.engines.distributed import free_port
 PEER = Path(__file__).with_name("peers.py")
 
 
-def pair(scenario: str, timeout: float = 30) -> tuple[str, float]:
-    """Run rank 0 (receiver) and rank 1 (misbehaving) of SCENARIO; rank 0's output, seconds."""
+def pair(scenario: str, timeout: float = 30) -> tuple[str, bool]:
+    """Run rank 0 (receiver) and rank 1 (misbehaving) of SCENARIO; rank 0's output, and
+    whether rank 1 was still running when rank 0 had finished."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -27,7 +27,6 @@ def pair(scenario: str, timeout: float = 30) -> tuple[str, float]:
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, str(PEER), scenario, str(timeout)]
-    began = time.monotonic()
     ranks = [
         subprocess.Popen(
             command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -36,12 +35,12 @@ def pair(scenario: str, timeout: float = 30) -> tuple[str, float]:
     ]
     try:
         output = ranks[0].communicate(timeout=120)[0].decode()
-        elapsed = time.monotonic() - began
+        peer_running = ranks[1].poll() is None
     finally:
         for process in ranks:
             process.kill()
             process.wait()
-    return output, elapsed
+    return output, peer_running
 
 
 @pytest.mark.parametrize(
@@ -64,6 +63,8 @@ def test_a_misbehaving_peer_is_a_protocol_error_naming_it(scenario: str, expecte
 
 
 def test_a_hung_peer_ends_at_the_timeout_naming_it() -> None:
-    output, elapsed = pair("hang", timeout=3)
+    """Rank 1 stays connected and silent for two minutes; rank 0 gives up at its 3 s timeout,
+    naming rank 1, while rank 1 is still silent."""
+    output, peer_running = pair("hang", timeout=3)
     assert "PeerError: rank 0: exchange with rank 1 failed" in output, output
-    assert elapsed < 25
+    assert peer_running
