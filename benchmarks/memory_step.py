@@ -34,12 +34,16 @@ def child(case: dict) -> None:
 
     from fedlora.config import load_config
     from fedlora.experiment import build
+    from fedlora.models import model_spec
     from fedlora.session import configure_runtime
+
+    targets = list(model_spec(case["model"]).default_targets)  # default.toml names BERT's
 
     config = load_config(
         REPO / "configs" / "default.toml",
         [
             f"model.name='{case['model']}'",
+            f"lora.target_modules={targets}",
             f"data.dataset='{DATA.get(case['model'], 'bbc-news')}'",
             f"model.max_length={case['length']}",
             f"train.batch_size={case['batch']}",
