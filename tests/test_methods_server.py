@@ -193,11 +193,14 @@ def test_two_round_run_and_measured_bytes_match_the_formula(name: str, finished)
         )
 
 
-def test_flora_resume_rebuilds_the_merged_base_exactly(tmp_path: Path, finished) -> None:
-    _, straight, full = finished("flora")
-    _, first = run("flora", tmp_path / "resumed", rounds=1)
+@pytest.mark.parametrize("name", ["flora", "fedex", "fedsb", "frlora"])
+def test_resume_rebuilds_method_state_and_base_exactly(name: str, tmp_path: Path, finished) -> None:
+    """Methods that merge into the frozen base (or keep server state beyond the adapter):
+    a run resumed after round 1 ends with the metrics and base weights of a straight run."""
+    _, straight, full = finished(name)
+    _, first = run(name, tmp_path / "resumed", rounds=1)
     first.run(show_progress=False)
-    experiment, engine = run("flora", tmp_path / "resumed")
+    experiment, engine = run(name, tmp_path / "resumed")
     assert engine.resume() == 1
     resumed = engine.run(1, show_progress=False)
     assert without_timing(resumed.metrics) == without_timing(full.metrics)
