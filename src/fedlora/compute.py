@@ -36,7 +36,13 @@ def resolve_device(name: str, key: str = "compute.device") -> torch.device:
     ``ConfigError`` naming it and what is available). Under torchrun, ``cuda`` means this
     rank's GPU (``LOCAL_RANK``)."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if _has_mps() else "cpu"
+        name = (
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if torch.backends.mps.is_available()
+            else "cpu"
+        )
     available = available_devices()
     if name not in available:
         raise ConfigError(
@@ -46,10 +52,6 @@ def resolve_device(name: str, key: str = "compute.device") -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
-
-
-def _has_mps() -> bool:
-    return torch.backends.mps.is_available()
 
 
 def _supports_bfloat16(device: torch.device) -> bool:
