@@ -257,6 +257,72 @@ class ComputeConfig(Section):
     )
 
 
+class PrivacyConfig(Section):
+    """Formal privacy (``fedlora.privacy``): differentially private local training
+    (``dp_sgd``), user-level DP at the server (``central``) and secure aggregation, which
+    composes with either. The spent (ε, δ) is accounted per round in metrics.jsonl."""
+
+    mechanism: Literal["none", "dp_sgd", "central"] = Field(
+        "none", description="none, dp_sgd (per-example clipping + noise), central (server DP)"
+    )
+    clip_norm: float = Field(
+        1.0, gt=0, description="dp_sgd: per-example gradient norm; central: per-client update norm"
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="noise std / clip_norm; None: solved from target_epsilon"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="ε to reach after all rounds (with delta), instead of noise"
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="δ of the (ε, δ) guarantee; None: 1/n (n: examples/clients)"
+    )
+    max_epsilon: float | None = Field(
+        None, gt=0, description="stop cleanly (last checkpoint kept) before ε would exceed this"
+    )
+    sampling: Literal["poisson", "fixed"] = Field(
+        "poisson", description="dp_sgd batches: Poisson (rate batch/n, accounted) or fixed size"
+    )
+    adaptive_clipping: bool = Field(
+        False, description="central: clip norm follows a quantile of update norms (Andrew 2021)"
+    )
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="adaptive_clipping: share of updates left unclipped"
+    )
+    clip_learning_rate: float = Field(
+        0.2, gt=0, description="adaptive_clipping: geometric step of the clip norm per round"
+    )
+    clipped_count_stddev: float | None = Field(
+        None, ge=0, description="adaptive_clipping: noise on the unclipped count; None: n/20"
+    )
+    secure_aggregation: bool = Field(
+        False, description="pairwise-masked replies: the server learns only their sum"
+    )
+    threshold: int | None = Field(
+        None, ge=2, description="secure_aggregation: shares to recover a seed; None: ⌊2n/3⌋+1"
+    )
+    fixed_point_bits: int = Field(
+        16, ge=4, le=24, description="secure_aggregation: fractional bits of the mod-2^32 code"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyConfig:
+        if self.mechanism == "none":
+            if self.noise_multiplier is not None or self.target_epsilon is not None:
+                raise ValueError("noise_multiplier/target_epsilon need mechanism dp_sgd or central")
+            if self.adaptive_clipping:
+                raise ValueError("adaptive_clipping needs mechanism 'central'")
+            return self
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                f"mechanism {self.mechanism!r} needs exactly one of "
+                "noise_multiplier and target_epsilon"
+            )
+        if self.adaptive_clipping and self.mechanism != "central":
+            raise ValueError("adaptive_clipping needs mechanism 'central'")
+        return self
+
+
 class MethodConfig(BaseModel):
     """``name`` plus the method's own options, validated later by the method's schema."""
 
@@ -280,6 +346,7 @@ class Config(Section):
     topology: TopologyConfig = TopologyConfig()
     compute: ComputeConfig = ComputeConfig()
     attack: AttackConfig = AttackConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     method: MethodConfig = MethodConfig()
 
 
