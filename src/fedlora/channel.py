@@ -12,15 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
+
+from fedlora.lazy import torch
+from fedlora.tensors import TensorDict
 
 if TYPE_CHECKING:
     from fedlora.codecs import Codec
 
-TensorDict = dict[str, torch.Tensor]
 # What a receiver expects: tensor name -> shape, a None dimension matching any size.
 Schema = dict[str, tuple[int | None, ...]]
 
@@ -82,19 +81,18 @@ class Ledger:
         path.write_text("".join(json.dumps(row) + "\n" for row in self.to_json()))
 
 
-HALF = (torch.bfloat16, torch.float16)
-
-
 def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
     """What leaves a party: a CPU tensor, and float32 where the party computed in half
     precision (bytes on the wire never depend on a party's device or compute dtype)."""
     tensor = tensor.detach()
-    if tensor.dtype in HALF:
+    if tensor.dtype in (torch.bfloat16, torch.float16):
         tensor = tensor.float()
     return tensor.to("cpu").contiguous()
 
 
 def encode(tensors: TensorDict) -> bytes:
+    from safetensors.torch import save as save_bytes  # it reads torch.* at import: lazily
+
     return save_bytes({k: on_the_wire(v) for k, v in tensors.items()})
 
 
@@ -115,6 +113,8 @@ def decode(
     if limit is not None and len(payload) > limit:
         raise MessageError(f"message of {len(payload)} bytes exceeds the limit of {limit}")
     try:
+        from safetensors.torch import load as load_bytes  # it reads torch.* at import
+
         tensors = load_bytes(payload)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as error:
         raise MessageError(f"message is not valid safetensors: {error}") from None

@@ -56,9 +56,10 @@ def run(
         from fedlora.config import load_config
 
         config = load_config(config_file, set_ or [])  # the schema: pydantic only
-        from fedlora.preflight import preflight  # methods and devices: torch, not the stack
+        from fedlora.preflight import check_config, preflight
 
-        preflight(config)
+        check_config(config)  # methods, options, ranks, aggregators: still no torch
+        preflight(config)  # the machine's devices: torch, not yet transformers or peft
         if engine == "simulation":
             if nproc is not None:
                 fail("--nproc needs --engine distributed")

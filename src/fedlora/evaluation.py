@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import AdapterSlots
-from fedlora.compute import CPU, Compute
+from fedlora.compute import Compute, on_cpu
 from fedlora.config import EvalConfig
 from fedlora.data.tokenized import IGNORE, TokenizedSet
 from fedlora.tensors import TensorDict
@@ -26,9 +26,9 @@ class Evaluator:
         test: TokenizedSet,
         tokenizer: PreTrainedTokenizerBase,
         config: EvalConfig,
-        compute: Compute = CPU,
+        compute: Compute | None = None,
     ):
-        self.compute = compute
+        self.compute = compute or on_cpu()
         self.slots = slots
         self.test = test
         self.tokenizer = tokenizer

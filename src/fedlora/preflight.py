@@ -1,6 +1,7 @@
-"""The checks of a config that need no model, no data and nothing heavier than torch, run
-before anything is loaded: a mistake is answered in about a second, not after the whole
-transformers/peft stack has been imported."""
+"""The checks of a config that need no model and no data, run before anything is loaded: a
+mistake is answered in well under a second, not after the whole torch/transformers/peft stack
+has been imported. ``check_config`` needs no torch at all (the method modules import it lazily,
+``fedlora.lazy``); only asking the machine for its devices (``preflight``) loads torch."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from fedlora.ranks import client_ranks
 
 
 def preflight(config: Config) -> Compute:
-    """Method and options, device and dtype, ranks, 4-bit compatibility, robust aggregation
-    and attackers; returns where the run computes."""
+    """``check_config``, then device and dtype against this machine; returns where the run
+    computes."""
+    check_config(config)
+    return computes.resolve(config.compute)
+
+
+def check_config(config: Config) -> None:
+    """Method and options, ranks, 4-bit compatibility, robust aggregation and attackers."""
     method_options(config.method)
-    compute = computes.resolve(config.compute)
     cls = method_class(config.method.name)
     if config.ranks.profile != "homo" and not cls.heterogeneous_ranks:
         raise ConfigError(
@@ -29,7 +35,6 @@ def preflight(config: Config) -> Compute:
             "weights, which cannot be 4-bit; use quantize_4bit = false"
         )
     check_reliability(config)
-    return compute
 
 
 def check_reliability(config: Config) -> None:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from fedlora.compute import CPU, Compute
+from fedlora.compute import Compute, on_cpu
 from fedlora.config import TrainConfig
+from fedlora.lazy import torch
 from fedlora.tensors import TensorDict, is_head
 
 if TYPE_CHECKING:  # the trainer's collaborators, imported only by those who build them
@@ -106,9 +106,12 @@ def set_learning_rate(
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, compute: Compute = CPU) -> TensorDict:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, compute: Compute | None = None
+) -> TensorDict:
     """The optimizer's per-parameter state as a flat tensor dict (checkpointable as safetensors),
     where ``compute`` keeps it while its client waits (CPU memory unless states_on_device)."""
+    compute = compute or on_cpu()
     flat: TensorDict = {}
     for index, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
@@ -128,7 +131,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, flat: TensorDict) -> Non
 
 
 OptimizerFactory = Callable[
-    [list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer
+    [list[tuple[str, "torch.nn.Parameter"]], TrainConfig], "torch.optim.Optimizer"
 ]
 
 
@@ -152,10 +155,10 @@ class LocalTrainer:
         seed: int,
         rounds: int,
         make_optimizer: OptimizerFactory = standard_optimizer,
-        compute: Compute = CPU,
+        compute: Compute | None = None,
     ):
         self.make_optimizer = make_optimizer  # the method's ``local_optimizer``
-        self.compute = compute
+        self.compute = compute or on_cpu()
         self.slots = slots
         self.data = data
         self.config = config

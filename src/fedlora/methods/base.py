@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedlora import robust
 from fedlora.channel import Schema, schema_of
 from fedlora.config import Config, TrainConfig
+from fedlora.lazy import torch
 from fedlora.tensors import LoraModule, TensorDict
 from fedlora.training import standard_optimizer
 
@@ -59,7 +59,7 @@ def store_under(store: TensorDict, prefix: str, state: TensorDict) -> None:
     store.update({prefix + k: v for k, v in state.items()})
 
 
-Regularizer = Callable[[dict[str, torch.nn.Parameter]], torch.Tensor]
+Regularizer = Callable[[dict[str, "torch.nn.Parameter"]], "torch.Tensor"]
 
 
 class Method(ABC):

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema, schema_of
+from fedlora.lazy import torch
 from fedlora.lora import normalized, product_svd, stack_factors
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT

@@ -17,10 +17,10 @@ because stacking is exact whatever the A_k.
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import fresh_a, stack_factors
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import (

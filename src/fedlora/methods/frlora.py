@@ -29,11 +29,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError
+from fedlora.lazy import torch
 from fedlora.lora import principal_factors, weighted_average
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import Factors, averaged_head, factors_of, head_of, pack

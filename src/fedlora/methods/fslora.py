@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import sketch_factors, sketch_indices
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import factors_of, head_of, pack, slot_state

@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import lora_scale, pad_factors, sparsity_weights
 from fedlora.methods.base import Method, MethodContext, Regularizer
 from fedlora.methods.factors import (

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
