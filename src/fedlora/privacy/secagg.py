@@ -153,6 +153,16 @@ class Client:
         self.mask_public: dict[int, bytes] = {}
         self.sharers: list[int] = []  # U2
         self.held: dict[int, tuple[int, int]] = {}  # from u: (share of s_u, share of b_u)
+        self.share_keys_with: dict[int, bytes] = {}  # the AES-GCM key of the shares with v
+
+    def _share_key(self, peer: int) -> bytes:
+        """The key sealing the shares between this client and ``peer`` (both directions; the
+        associated data tells them apart)."""
+        if peer not in self.share_keys_with:
+            self.share_keys_with[peer] = agree(
+                self.cipher_key, self.cipher_public[peer], "share encryption"
+            )
+        return self.share_keys_with[peer]
 
     def _aad(self, sender: int, receiver: int) -> bytes:
         return f"fedlora secure aggregation: shares {sender}->{receiver}".encode()
@@ -191,10 +201,10 @@ class Client:
             if c == self.index:
                 self.held[c] = pair
                 continue
-            key = agree(self.cipher_key, self.cipher_public[c], "share encryption")
             nonce = secrets.token_bytes(NONCE_BYTES)
             plain = shamir.to_bytes(pair[0]) + shamir.to_bytes(pair[1])
-            sealed.append(nonce + AESGCM(key).encrypt(nonce, plain, self._aad(self.index, c)))
+            box = AESGCM(self._share_key(c))
+            sealed.append(nonce + box.encrypt(nonce, plain, self._aad(self.index, c)))
         return {"ciphertexts": rows(sealed, SEALED_BYTES)}
 
     def shares_schema(self) -> Schema:
@@ -209,9 +219,8 @@ class Client:
         self._enough(sharers, "clients shared their keys")
         for sender, sealed in zip(senders, message["ciphertexts"], strict=True):
             blob = bytes(sealed.numpy())
-            key = agree(self.cipher_key, self.cipher_public[sender], "share encryption")
             try:
-                plain = AESGCM(key).decrypt(
+                plain = AESGCM(self._share_key(sender)).decrypt(
                     blob[:NONCE_BYTES], blob[NONCE_BYTES:], self._aad(sender, self.index)
                 )
                 half = shamir.SHARE_BYTES
@@ -264,6 +273,8 @@ class Server:
         # v -> its shares of the survivors' seeds, and of the dropped clients' mask keys
         self.seed_shares: dict[int, list[int]] = {}
         self.key_shares: dict[int, list[int]] = {}
+        self.chosen: list[int] = []  # the t clients whose shares rebuild the secrets
+        self.weights: dict[int, int] = {}  # their Lagrange weights at 0
 
     def _enough(self, clients: Collection[int], what: str) -> None:
         if len(clients) < self.threshold:
@@ -339,12 +350,10 @@ class Server:
 
     def _rebuild(self, client: int, answers: dict[int, list[int]], column: int) -> bytes:
         """The 32-byte secret of ``client``, column ``column`` of ``answers``, from the shares
-        of the first t clients that answered."""
-        chosen = sorted(answers)[: self.threshold]
+        of the first t clients that answered (the same t for every secret of the round)."""
+        shares = {point(v): answers[v][column] for v in self.chosen}
         try:
-            return shamir.reconstruct({point(v): answers[v][column] for v in chosen}).to_bytes(
-                KEY_BYTES, "big"
-            )
+            return shamir.reconstruct(shares, self.weights).to_bytes(KEY_BYTES, "big")
         except OverflowError:
             raise SecureAggregationError(
                 f"secure aggregation: the shares of client {client} do not rebuild a key"
@@ -353,6 +362,8 @@ class Server:
     def total(self) -> np.ndarray:
         """Σ_{u∈U3} x_u mod 2^32: the masked inputs less the rebuilt masks."""
         self._enough(self.seed_shares, "answered the unmasking")
+        self.chosen = sorted(self.seed_shares)[: self.threshold]
+        self.weights = shamir.lagrange_at_zero([point(v) for v in self.chosen])
         survivors = sorted(self.masked)
         dropped = [u for u in self.sharers if u not in self.masked]
         total = np.zeros(self.length, dtype=np.uint32)

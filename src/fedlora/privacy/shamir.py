@@ -10,7 +10,7 @@ element, which keeps the code to one polynomial per secret.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 PRIME = 2**521 - 1
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # a field element on the wire: 66 bytes
@@ -37,18 +37,25 @@ def split(secret: int, points: Sequence[int], threshold: int) -> dict[int, int]:
     return {x: evaluate(coefficients, x) for x in points}
 
 
-def reconstruct(shares: Mapping[int, int]) -> int:
-    """f(0) of the polynomial of lowest degree through the points {x: y} (Lagrange): the secret
-    given at least ``threshold`` shares of it, an unrelated field element given fewer."""
-    total = 0
-    for x_i, y_i in shares.items():
+def lagrange_at_zero(points: Collection[int]) -> dict[int, int]:
+    """The weights λ_x with f(0) = Σ_x λ_x·f(x) for every f of degree < len(points)."""
+    weights = {}
+    for x_i in points:
         numerator, denominator = 1, 1
-        for x_j in shares:
+        for x_j in points:
             if x_j != x_i:
                 numerator = numerator * -x_j % PRIME
                 denominator = denominator * (x_i - x_j) % PRIME
-        total = (total + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
-    return total
+        weights[x_i] = numerator * pow(denominator, -1, PRIME) % PRIME
+    return weights
+
+
+def reconstruct(shares: Mapping[int, int], weights: Mapping[int, int] | None = None) -> int:
+    """f(0) of the polynomial of lowest degree through the points {x: y} (Lagrange): the secret
+    given at least ``threshold`` shares of it, an unrelated field element given fewer.
+    ``weights``: ``lagrange_at_zero`` of the same points, for many secrets shared at them."""
+    weights = lagrange_at_zero(list(shares)) if weights is None else weights
+    return sum(weights[x] * y for x, y in shares.items()) % PRIME
 
 
 def to_bytes(element: int) -> bytes:
