@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from scipy import stats
 
-from fedlora.channel import Channel, Schema
+from fedlora.channel import Channel, MessageError, Schema
 from fedlora.config import config_from_dict, load_config
 from fedlora.engines.simulation import SimulationEngine
 from fedlora.experiment import build
@@ -118,6 +118,36 @@ def test_t_minus_1_clients_shares_do_not_rebuild_a_seed_or_a_mask_key() -> None:
             key_shares = {point(v): clients[v].held[0][0] for v in holders}
             assert (shamir.reconstruct(seed_shares) == seed) is expected
             assert (shamir.reconstruct(key_shares) == mask_key) is expected
+
+
+def test_bad_protocol_bytes_are_refused_with_a_message_error() -> None:
+    """Content the channel's schema check cannot see (ids, keys, ciphertexts, flags, field
+    elements) is checked by the receiving party: a ``MessageError`` names it."""
+    n, t = 4, 3
+    server, clients = Server(t, 8), {u: Client(u, t) for u in range(n)}
+    for u, client in clients.items():
+        server.accept_keys(u, client.advertise())
+    roster = server.roster_message()
+    twice = {**roster, "clients": torch.cat([roster["clients"][:1], roster["clients"][:-1]])}
+    with pytest.raises(MessageError, match="distinct clients"):
+        Client(0, t).share_keys(twice)
+    with pytest.raises(MessageError, match="own public keys"):
+        Client(0, t).share_keys(roster)  # a stranger's roster: not this client's keys
+    for u, client in clients.items():
+        server.accept_shares(u, client.share_keys(roster))
+    routed = server.shares_messages()
+    flipped = routed[0]["ciphertexts"].clone()
+    flipped[1, 20] ^= 1
+    with pytest.raises(MessageError, match="the shares of client 2 do not open"):
+        clients[0].receive_shares({**routed[0], "ciphertexts": flipped})
+    with pytest.raises(MessageError, match="only 0 and 1"):
+        clients[0].receive_shares({**routed[0], "members": torch.full((n,), 2, dtype=torch.uint8)})
+    for v, message in routed.items():
+        clients[v].receive_shares(message)
+        server.accept_masked(v, clients[v].masked_input(np.zeros(8, dtype=np.uint32)))
+    answer = clients[0].unmask(server.survivors_message())
+    with pytest.raises(MessageError, match="below 2\\^521 - 1"):
+        server.accept_unmasking(0, {"seed_shares": torch.full_like(answer["seed_shares"], 255)})
 
 
 # -- the fixed-point code and the sum -----------------------------------------------------------

@@ -105,14 +105,6 @@ def rows(blobs: list[bytes], width: int) -> torch.Tensor:
     return torch.from_numpy(flat.copy())
 
 
-def ids_tensor(clients: Iterable[int]) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(list(clients), dtype="<u4").view(np.uint8).reshape(-1, 4))
-
-
-def ids_of(tensor: torch.Tensor) -> list[int]:
-    return [int(c) for c in np.ascontiguousarray(tensor.numpy()).view("<u4").reshape(-1)]
-
-
 def members_tensor(roster: list[int], members: Collection[int]) -> torch.Tensor:
     """Which clients of the roster belong to a set, as a 0/1 byte per roster position."""
     return torch.tensor([c in members for c in roster], dtype=torch.uint8)
@@ -125,13 +117,14 @@ def members_of(tensor: torch.Tensor, roster: list[int]) -> list[int]:
     return [c for c, flag in zip(roster, flags, strict=True) if flag]
 
 
-def vector_tensor(vector: np.ndarray) -> torch.Tensor:
-    """uint32 words as their little-endian bytes."""
-    return torch.from_numpy(vector.astype("<u4").view(np.uint8).copy())
+def words_tensor(words: np.ndarray) -> torch.Tensor:
+    """uint32 words as their little-endian bytes (a flat uint8 tensor)."""
+    return torch.from_numpy(np.asarray(words, dtype="<u4").view(np.uint8).copy())
 
 
-def vector_of(tensor: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(tensor.numpy()).view("<u4").astype(np.uint32)
+def words_of(tensor: torch.Tensor) -> np.ndarray:
+    """The inverse of ``words_tensor`` (whatever the tensor's shape)."""
+    return np.ascontiguousarray(tensor.numpy()).reshape(-1).view("<u4").astype(np.uint32)
 
 
 def point(client: int) -> int:
@@ -153,16 +146,16 @@ class Client:
         self.mask_public: dict[int, bytes] = {}
         self.sharers: list[int] = []  # U2
         self.held: dict[int, tuple[int, int]] = {}  # from u: (share of s_u, share of b_u)
-        self.share_keys_with: dict[int, bytes] = {}  # the AES-GCM key of the shares with v
+        self.sealing_keys: dict[int, bytes] = {}  # the AES-GCM key of the shares with v
 
     def _share_key(self, peer: int) -> bytes:
         """The key sealing the shares between this client and ``peer`` (both directions; the
         associated data tells them apart)."""
-        if peer not in self.share_keys_with:
-            self.share_keys_with[peer] = agree(
+        if peer not in self.sealing_keys:
+            self.sealing_keys[peer] = agree(
                 self.cipher_key, self.cipher_public[peer], "share encryption"
             )
-        return self.share_keys_with[peer]
+        return self.sealing_keys[peer]
 
     def _aad(self, sender: int, receiver: int) -> bytes:
         return f"fedlora secure aggregation: shares {sender}->{receiver}".encode()
@@ -181,7 +174,7 @@ class Client:
     # round 1
     def share_keys(self, roster: TensorDict) -> TensorDict:
         """Check the roster, then seal a share of s_u and of b_u for every other client."""
-        clients = ids_of(roster["clients"])
+        clients = words_of(roster["clients"]).tolist()
         counts = {len(clients), len(roster["cipher_keys"]), len(roster["mask_keys"])}
         if len(counts) != 1 or len(set(clients)) != len(clients) or self.index not in clients:
             raise MessageError("the roster must list distinct clients, this one among them")
@@ -239,7 +232,7 @@ class Client:
                 continue
             mask = prg(agree(self.mask_key, self.mask_public[peer], "pairwise mask"), length)
             masked = masked + mask if peer > self.index else masked - mask
-        return {"masked": vector_tensor(masked)}
+        return {"masked": words_tensor(masked)}
 
     def survivors_schema(self) -> Schema:
         return {"survivors": (len(self.roster),)}
@@ -292,7 +285,7 @@ class Server:
         self.roster = sorted(self.mask_public)
         self._enough(self.roster, "advertised keys")
         return {
-            "clients": ids_tensor(self.roster),
+            "clients": words_tensor(np.array(self.roster)).reshape(-1, ID_BYTES),
             "cipher_keys": rows([self.cipher_public[c] for c in self.roster], KEY_BYTES),
             "mask_keys": rows([self.mask_public[c] for c in self.roster], KEY_BYTES),
         }
@@ -326,7 +319,7 @@ class Server:
         return {"masked": (4 * self.length,)}
 
     def accept_masked(self, client: int, message: TensorDict) -> None:
-        self.masked[client] = vector_of(message["masked"])
+        self.masked[client] = words_of(message["masked"])
 
     def survivors_message(self) -> TensorDict:
         self._enough(self.masked, "sent a masked input")
