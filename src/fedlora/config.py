@@ -120,6 +120,16 @@ class FederationConfig(Section):
         return self
 
 
+def round_size(num_clients: int, per_round: int | None, fraction: float | None) -> int:
+    """How many of ``num_clients`` clients a round samples (``federation.clients_per_round``
+    or ``fraction``; all if neither)."""
+    if per_round is not None:
+        return min(per_round, num_clients)
+    if fraction is not None:
+        return min(max(1, round(fraction * num_clients)), num_clients)
+    return num_clients
+
+
 class AttackConfig(Section):
     """Simulated adversarial clients (tests and robustness studies): each listed client
     tampers with its reply before sending it."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fedlora import compute as computes
 from fedlora.compute import Compute
-from fedlora.config import Config, ConfigError
+from fedlora.config import Config, ConfigError, round_size
 from fedlora.methods import method_class, method_options, registry
 from fedlora.ranks import client_ranks
 
@@ -20,7 +20,8 @@ def preflight(config: Config) -> Compute:
 
 
 def check_config(config: Config) -> None:
-    """Method and options, ranks, 4-bit compatibility, robust aggregation and attackers."""
+    """Method and options, ranks, 4-bit compatibility, robust aggregation, attackers and
+    secure aggregation."""
     method_options(config.method)
     cls = method_class(config.method.name)
     if config.ranks.profile != "homo" and not cls.heterogeneous_ranks:
@@ -35,6 +36,7 @@ def check_config(config: Config) -> None:
             "weights, which cannot be 4-bit; use quantize_4bit = false"
         )
     check_reliability(config)
+    check_secure_aggregation(config)
 
 
 def check_reliability(config: Config) -> None:
@@ -63,3 +65,48 @@ def check_reliability(config: Config) -> None:
     outside = [c for c in config.attack.clients if not 0 <= c < clients]
     if outside:
         raise ConfigError(f"attack.clients {outside}: the run has clients 0..{clients - 1}")
+
+
+def check_secure_aggregation(config: Config) -> None:
+    """Secure aggregation shows the server only the weighted sum of a round's replies: the
+    method's server step must need nothing else, the aggregator must be the plain mean, and a
+    round must have at least two clients and at least ``privacy.threshold``."""
+    if not config.privacy.secure_aggregation:
+        return
+    name, cls = config.method.name, method_class(config.method.name)
+    prefix = f"privacy.secure_aggregation: method {name!r}"
+    if cls.engine != "simulation":
+        raise ConfigError(f"{prefix} runs on the {cls.engine!r} engine: no server sums replies")
+    if not cls.communicates:
+        raise ConfigError(f"{prefix} sends nothing, so there is no sum to protect")
+    if cls.needs_each_reply:
+        able = ", ".join(
+            n
+            for n, c in registry().items()
+            if not c.needs_each_reply and c.communicates and c.engine == "simulation"
+        )
+        raise ConfigError(
+            f"{prefix} cannot run on the sum of the replies alone: {cls.needs_each_reply}; "
+            f"methods that support secure aggregation: {able}"
+        )
+    aggregator = config.federation.aggregator
+    if aggregator != "mean":
+        raise ConfigError(
+            f"federation.aggregator {aggregator!r} needs each client's reply, which secure "
+            "aggregation hides from the server; use aggregator = 'mean'"
+        )
+    federation = config.federation
+    clients = round_size(
+        config.partition.num_clients, federation.clients_per_round, federation.fraction
+    )
+    if clients < 2:
+        raise ConfigError(
+            f"privacy.secure_aggregation: a round has {clients} client, and the sum of one reply "
+            "is that reply; sample at least 2 clients a round"
+        )
+    threshold = config.privacy.threshold
+    if threshold is not None and threshold > clients:
+        raise ConfigError(
+            f"privacy.threshold {threshold} exceeds the {clients} clients of a round, so no "
+            f"round could recover its sum; use at most {clients}"
+        )

@@ -418,6 +418,12 @@ def refuse(config: Config, nproc: int) -> None:
             f"method {config.method.name!r} runs on the {engine!r} engine, which has no "
             "distributed version; use --engine simulation"
         )
+    if config.privacy.secure_aggregation and nproc > 1:
+        raise ConfigError(
+            "privacy.secure_aggregation runs on the in-process engine only (the distributed "
+            "engine does not carry the masking protocol between processes); use --engine "
+            "simulation"
+        )
     cls = engines[engine]
     if cls.world is not None and nproc != cls.world:
         raise ConfigError(

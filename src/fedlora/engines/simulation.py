@@ -35,8 +35,11 @@ from fedlora.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedlora.config import round_size
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
+from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
+from fedlora.privacy.secure_round import SecureAggregation, SecureMean
 from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, derived_seed, steps_per_round
 
@@ -53,8 +56,7 @@ def sample_clients(
     """The clients of one round: all, a count, or a fraction, drawn without replacement."""
     if per_round is None and fraction is None:
         return list(range(num_clients))
-    count = per_round if per_round is not None else max(1, round(fraction * num_clients))
-    count = min(count, num_clients)
+    count = round_size(num_clients, per_round, fraction)
     rng = np.random.default_rng(derived_seed(seed, round_index, 0xC1))
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
 
@@ -96,6 +98,13 @@ class SimulationEngine:
         self.channel = Channel(limit=experiment.config.federation.max_message_bytes)
         self.stores: dict[int, TensorDict] = {c: {} for c in range(len(experiment.clients))}
         self.absent: dict[int, str] = {}  # this round's clients that sent no reply, and why
+        self.reached: list[int] = []  # this round's clients that accepted the download
+        self.expected: dict[int, Schema] = {}  # what the server expects of each one's reply
+        self.skip_reason = ""  # why this round was skipped, if it was
+        federation, privacy = experiment.config.federation, experiment.config.privacy
+        clients = len(experiment.clients)
+        size = round_size(clients, federation.clients_per_round, federation.fraction)
+        self.secure = SecureAggregation(privacy, size) if privacy.secure_aggregation else None
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
         if experiment.method.needs_base_weights:
@@ -217,7 +226,8 @@ class SimulationEngine:
                         self.channel.ledger.to_json(),
                     ),
                 )
-        return RunResult(self.metrics, self.channel.ledger, self.stores)
+        notes = [self.secure.describe()] if self.secure is not None else []
+        return RunResult(self.metrics, self.channel.ledger, self.stores, notes)
 
     def sampled(self, round_index: int) -> list[int]:
         """This round's clients: a pure function of the config, so every process agrees."""
@@ -270,6 +280,7 @@ class SimulationEngine:
                 self.absent[client] = f"refused the download: {error}"
                 yield client, None, None
                 continue
+            self.reached.append(client)
             if reason := self.missing(client, round_index):
                 self.absent[client] = reason
                 yield client, None, None
@@ -281,8 +292,13 @@ class SimulationEngine:
         self, client: int, reply: TensorDict, sent: TensorDict, round_index: int
     ) -> TensorDict | None:
         """The reply as the server decoded it against the method's expected schema, or None
-        if refused (the ledger holds the reason; the round goes on without it)."""
+        if refused (the ledger holds the reason; the round goes on without it). Under secure
+        aggregation the reply stays with its client, prepared for masking: only its masked form
+        travels, in ``_aggregate``."""
         expect = self.exp.method.expected_reply(client, sent)
+        if self.secure is not None:
+            self.expected[client] = expect
+            return self.secure.prepare(client, reply, sent)
         try:
             return self._transfer(reply, client_name(client), SERVER, round_index, expect)
         except MessageError as error:
@@ -293,7 +309,7 @@ class SimulationEngine:
         config = self.exp.config
         began = time.perf_counter()
         sampled = self.sampled(round_index)
-        self.absent = {}
+        self.absent, self.reached, self.expected, self.skip_reason = {}, [], {}, ""
         task = progress.add_task(
             f"round {round_index + 1}/{config.experiment.rounds}", total=len(sampled), status=""
         )
@@ -308,10 +324,10 @@ class SimulationEngine:
                 examples += result.examples
             status = f"loss {np.mean(losses):.4f}" if losses else "no reply"
             progress.update(task, advance=1, status=status)
-        skipped = self._aggregate(round_index, replies)
+        aggregated = self._aggregate(round_index, replies)
         train_seconds = time.perf_counter() - began
         record = self._round_record(round_index, sampled, losses, steps, examples)
-        record.update(self._reliability(round_index, sampled, replies, skipped))
+        record.update(self._reliability(round_index, replies, aggregated))
         return self._close_record(record, round_index, progress, task, began, train_seconds)
 
     def weights(self, clients: list[int]) -> dict[int, float]:
@@ -320,21 +336,54 @@ class SimulationEngine:
         raw = sizes if self.exp.config.federation.weighting == "size" else [1] * len(clients)
         return dict(zip(clients, normalized(raw), strict=True))
 
-    def _aggregate(self, round_index: int, replies: dict[int, TensorDict]) -> bool:
-        """The method's server step over the accepted replies; with fewer than
-        ``federation.min_replies`` the round is skipped (the global state stays). Returns
-        whether it was skipped."""
-        if len(replies) < self.exp.config.federation.min_replies:
-            return True
-        self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
+    def _aggregate(self, round_index: int, replies: dict[int, TensorDict]) -> list[int] | None:
+        """The method's server step over the accepted replies (under secure aggregation, over
+        their securely summed mean); with fewer than ``federation.min_replies``, or a secure sum
+        that fails, the round is skipped (the global state stays). Returns the clients in the
+        aggregate, None if skipped."""
+        if self._too_few(len(replies)):
+            return None
+        if self.secure is None:
+            self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
+            aggregated = sorted(replies)
+        else:
+            secure = self._secure_mean(round_index, replies)
+            if secure is None:
+                return None
+            self.exp.method.aggregate_mean(round_index, secure.mean)
+            aggregated = secure.summed
         self._sync_base()
-        return False
+        return aggregated
+
+    def _secure_mean(self, round_index: int, held: dict[int, TensorDict]) -> SecureMean | None:
+        """The weighted mean of the replies the clients hold, through the masking protocol
+        among the clients that got the download (dropouts and stragglers leave it after
+        ShareKeys); None, with the reason, if it fails or sums too few replies."""
+        assert self.secure is not None
+        wire = ChannelWire(self.channel, round_index, client_name, SERVER)
+        weights = self.weights(self.sampled(round_index))  # known to all before the round
+        try:
+            secure = self.secure.mean(round_index, wire, held, self.expected, self.reached, weights)
+        except SecureAggregationError as error:
+            self.skip_reason = str(error)
+            return None
+        self.absent.update(secure.absent)
+        return None if self._too_few(len(secure.summed)) else secure
+
+    def _too_few(self, replies: int) -> bool:
+        """Whether ``replies`` are below ``federation.min_replies`` (the reason is kept)."""
+        minimum = self.exp.config.federation.min_replies
+        if replies < minimum:
+            self.skip_reason = f"{replies} replies, fewer than federation.min_replies = {minimum}"
+        return replies < minimum
 
     def _reliability(
-        self, round_index: int, sampled: list[int], replies: dict[int, TensorDict], skipped: bool
+        self, round_index: int, replies: dict[int, TensorDict], aggregated: list[int] | None
     ) -> dict:
         """What went missing this round (only when something did): clients without a reply
-        and why, the refused messages (sender, reason), the clients aggregated, a skip."""
+        and why, the refused messages (sender, reason), the clients aggregated, a skip and
+        why."""
+        skipped = aggregated is None
         if not self.absent and not skipped:
             return {}
         rejected = [
@@ -342,11 +391,13 @@ class SimulationEngine:
             for r in self.channel.ledger.rejections(round_index)
         ]
         absent = {str(c): why for c, why in sorted(self.absent.items())}  # JSON keys
-        record: dict = {"aggregated": sorted(replies), "absent": absent}
+        included = sorted(replies) if aggregated is None else aggregated
+        record: dict = {"aggregated": included, "absent": absent}
         if rejected:
             record["rejected"] = rejected
         if skipped:
             record["skipped"] = True
+            record["skip_reason"] = self.skip_reason
         return record
 
     def _round_record(

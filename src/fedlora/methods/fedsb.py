@@ -52,6 +52,9 @@ class FedSB(Method):
     name = "fedsb"
     summary = "Fed-SB: LoRA-SB's fixed B, A from an SVD; only r×r R trained and averaged (2025)"
     Options = FedSBOptions
+    needs_each_reply = (
+        "its init rounds take an SVD of Σ p_i s·B_i·A_i, which needs each client's product"
+    )
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

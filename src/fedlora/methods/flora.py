@@ -43,6 +43,7 @@ class FLoRA(RankedClients, Method):
     name = "flora"
     summary = "FLoRA: stacked Σ p_k s_k B_k A_k merged into the base each round (Wang et al. 2024)"
     heterogeneous_ranks = True
+    needs_each_reply = "it stacks every client's factors [B_1 … B_K] and [p_1·s_1·A_1; …]"
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

@@ -56,6 +56,7 @@ class FRLoRA(Method):
     summary = "FRLoRA: merge s(B̄Ā − B_sA_s) into the base each round, restart from W's SVD (2025)"
     Options = FRLoRAOptions
     needs_base_weights = True
+    needs_each_reply = ""  # it merges the product of the mean factors
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

@@ -54,6 +54,10 @@ class FSLoRA(Method):
     )
     Options = FSLoRAOptions
     heterogeneous_ranks = True
+    needs_each_reply = (
+        "each reply holds the client's own sketched components I_i (its shape and place "
+        "differ per client), scattered by the server"
+    )
     sketched: ClassVar[bool] = True  # False: every client trains all r components
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:

@@ -62,6 +62,9 @@ class HetLoRA(Method):
     )
     Options = HetLoRAOptions
     heterogeneous_ranks = True
+    needs_each_reply = (
+        "its weights p_i ∝ ‖s_i·B_i·A_i‖ come from each reply, and replies differ in rank"
+    )
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

@@ -38,6 +38,7 @@ class RoLoRAOptions(BaseModel):
 class RoLoRA(FedIT):
     name = "rolora"
     mean_of_replies = False  # each aggregation is exact only as a mean
+    needs_each_reply = ""  # the mean of the factor trained this round
     summary = "RoLoRA: rounds alternate training/averaging B (A frozen) and A (B frozen) (2025)"
     Options = RoLoRAOptions
 
