@@ -120,6 +120,15 @@ class FederationConfig(Section):
         return self
 
 
+def round_size(num_clients: int, per_round: int | None, fraction: float | None) -> int:
+    """How many clients a round samples: all, ``clients_per_round``, or ``fraction`` of them
+    (at least one, at most all)."""
+    if per_round is None and fraction is None:
+        return num_clients
+    count = per_round if per_round is not None else max(1, round(fraction * num_clients))
+    return min(count, num_clients)
+
+
 class AttackConfig(Section):
     """Simulated adversarial clients (tests and robustness studies): each listed client
     tampers with its reply before sending it."""
@@ -257,6 +266,9 @@ class ComputeConfig(Section):
     )
 
 
+DpSampling = Literal["poisson", "fixed"]
+
+
 class PrivacyConfig(Section):
     """Formal privacy (``fedlora.privacy``): differentially private local training
     (``dp_sgd``), user-level DP at the server (``central``) and secure aggregation, which
@@ -275,13 +287,16 @@ class PrivacyConfig(Section):
         None, gt=0, description="ε to reach after all rounds (with delta), instead of noise"
     )
     delta: float | None = Field(
-        None, gt=0, lt=1, description="δ of the (ε, δ) guarantee; None: 1/n (n: examples/clients)"
+        None,
+        gt=0,
+        lt=1,
+        description="δ of (ε, δ); None: 1/n (dp_sgd: all training examples; central: clients)",
     )
     max_epsilon: float | None = Field(
         None, gt=0, description="stop cleanly (last checkpoint kept) before ε would exceed this"
     )
-    sampling: Literal["poisson", "fixed"] = Field(
-        "poisson", description="dp_sgd batches: Poisson (rate batch/n, accounted) or fixed size"
+    sampling: DpSampling = Field(
+        "poisson", description="dp_sgd samples: poisson (rate L/n) or fixed (L without replacement)"
     )
     adaptive_clipping: bool = Field(
         False, description="central: clip norm follows a quantile of update norms (Andrew 2021)"
@@ -293,7 +308,7 @@ class PrivacyConfig(Section):
         0.2, gt=0, description="adaptive_clipping: geometric step of the clip norm per round"
     )
     clipped_count_stddev: float | None = Field(
-        None, ge=0, description="adaptive_clipping: noise on the unclipped count; None: n/20"
+        None, ge=0, description="adaptive_clipping: noise on the unclipped count; None: m/20"
     )
     secure_aggregation: bool = Field(
         False, description="pairwise-masked replies: the server learns only their sum"
@@ -308,8 +323,13 @@ class PrivacyConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:
         if self.mechanism == "none":
-            if self.noise_multiplier is not None or self.target_epsilon is not None:
-                raise ValueError("noise_multiplier/target_epsilon need mechanism dp_sgd or central")
+            needing = [
+                name
+                for name in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon")
+                if getattr(self, name) is not None
+            ]
+            if needing:
+                raise ValueError(f"{'/'.join(needing)} need mechanism dp_sgd or central")
             if self.adaptive_clipping:
                 raise ValueError("adaptive_clipping needs mechanism 'central'")
             return self

@@ -8,12 +8,13 @@ from fedlora import compute as computes
 from fedlora.compute import Compute
 from fedlora.config import Config, ConfigError
 from fedlora.methods import method_class, method_options, registry
+from fedlora.privacy.refusals import check_privacy
 from fedlora.ranks import client_ranks
 
 
 def preflight(config: Config) -> Compute:
-    """Method and options, device and dtype, ranks, 4-bit compatibility, robust aggregation
-    and attackers; returns where the run computes."""
+    """Method and options, device and dtype, ranks, 4-bit compatibility, robust aggregation,
+    attackers and privacy; returns where the run computes."""
     method_options(config.method)
     compute = computes.resolve(config.compute)
     cls = method_class(config.method.name)
@@ -29,6 +30,7 @@ def preflight(config: Config) -> Compute:
             "weights, which cannot be 4-bit; use quantize_4bit = false"
         )
     check_reliability(config)
+    check_privacy(config)
     return compute
 
 
