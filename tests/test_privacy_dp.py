@@ -251,6 +251,43 @@ def test_update_noise_multiplier_keeps_the_total_at_z() -> None:
         update_noise_multiplier(1.0, 0.5)
 
 
+def test_fslora_central_dp_clips_each_scattered_update_whole(tmp_path: Path) -> None:
+    """FSLoRA under central DP (no noise, a clip that binds): the server adds Σ_i clip(Δ_i) / m,
+    each client's sketched components placed at the indices its download named (numpy)."""
+    sets = [
+        "federation.weighting=uniform",
+        "privacy.mechanism=central",
+        "privacy.noise_multiplier=0",
+        "privacy.clip_norm=0.01",
+    ]
+    experiment = build(load_config(TINY / "fslora.toml", sets))
+    engine = SimulationEngine(experiment, tmp_path, Console(quiet=True))
+    method, modules = experiment.method, experiment.slots.modules
+    before = {k: v.double().numpy() for k, v in method.global_state().items()}
+    total = {k: np.zeros_like(v) for k, v in before.items()}
+    replies = {}
+    for client in range(len(experiment.clients)):
+        message = method.server_message(client, 0)
+        replies[client], _ = engine.client_work(client, message, 0)
+        update = {k: np.zeros_like(v) for k, v in before.items()}
+        for k, v in replies[client].items():
+            if k in total and v.shape == before[k].shape and ".lora_" not in k:
+                update[k] = v.double().numpy()  # the head's update
+        for m in modules:
+            index = message.get(m.key + ".sketch_index", torch.arange(m.rank)).long().numpy()
+            update[m.b][:, index] = replies[client][m.b].double().numpy()
+            update[m.a][index, :] = replies[client][m.a].double().numpy()
+        norm = math.sqrt(sum((u**2).sum() for u in update.values()))
+        assert norm > 0.01  # the clip binds
+        for k in total:
+            total[k] += update[k] * min(1.0, 0.01 / norm)
+    method.aggregate(0, replies, engine.weights(sorted(replies)))
+    after = method.global_state()
+    for k in before:
+        expected = before[k] + total[k] / len(experiment.clients)
+        np.testing.assert_allclose(after[k].double().numpy(), expected, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize(
     ("method", "extra", "reason"),
     [

@@ -190,6 +190,11 @@ class SimulationEngine:
         self.channel.ledger = Ledger.from_json(checkpoint.ledger)
         central = self.privacy.central if self.privacy else None
         if central is not None:
+            if "privacy" not in checkpoint.extra:
+                raise CheckpointError(
+                    f"checkpoint {path} holds no central DP state (the clip norm); it was not "
+                    "written by a run with privacy.mechanism 'central'"
+                )
             central.load_state(checkpoint.extra["privacy"])
         return checkpoint.completed_rounds
 
