@@ -6,7 +6,9 @@ batch-mean backward pass; the DP-SGD step is torch.func's per-example gradients 
 tensors (vmap over the batch), per-example clipping, the noise and the same optimizer step. The
 private sample is fixed-size (``privacy.sampling = "fixed"``), so both steps see ``--batch``
 examples. Each timing is one ``train`` call of ``--steps`` steps after a warm-up call; the median
-over ``--repeats`` calls is printed per method, with the load average, since the machine is shared.
+over ``--repeats`` calls is printed per method. The machine is shared, so both the process's CPU
+time (one thread: what the step costs, barely changed by other jobs) and the wall time (what it
+costs on this machine now) are printed, with the load average.
 
     python -P benchmarks/dp_step_time.py [--batch 16] [--length 64] [--steps 4] [--repeats 5]
 """
@@ -46,16 +48,18 @@ def experiment(method: str, private: bool, args: argparse.Namespace) -> Experime
     return build(load_config(CONFIG, overrides + (PRIVATE if private else [])))
 
 
-def seconds_per_step(exp: Experiment, args: argparse.Namespace) -> float:
+def seconds_per_step(exp: Experiment, args: argparse.Namespace) -> tuple[float, float]:
+    """(median CPU seconds, median wall seconds) per step."""
     method, rows = exp.method, exp.clients[0]
     start = method.client_start(0, method.server_message(0, 0), {})
     exp.trainer.train(start, rows, 0, 0, method.trainable)  # warm-up
-    times = []
+    cpu, wall = [], []
     for repeat in range(args.repeats):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         exp.trainer.train(start, rows, repeat + 1, 0, method.trainable)
-        times.append((time.perf_counter() - began) / args.steps)
-    return statistics.median(times)
+        cpu.append((time.process_time() - began_cpu) / args.steps)
+        wall.append((time.perf_counter() - began) / args.steps)
+    return statistics.median(cpu), statistics.median(wall)
 
 
 def main() -> None:
@@ -74,16 +78,19 @@ def main() -> None:
         f"x {args.repeats} repeats, {torch.get_num_threads()} thread(s), load average {load:.1f} "
         f"on {os.cpu_count()} cores"
     )
-    print("| method | trained tensors | plain step (s) | DP-SGD step (s) | DP-SGD / plain |")
-    print("|---|---|---|---|---|")
+    print(
+        "| method | trained tensors | plain CPU s/step | DP-SGD CPU s/step | DP-SGD / plain (CPU) "
+        "| plain wall s/step | DP-SGD wall s/step |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for method in ("fedit", "ffa"):
         plain = experiment(method, False, args)
         trained = sum(p.numel() for _, p in plain.slots.parameters(plain.method.trainable))
-        plain_s = seconds_per_step(plain, args)
-        private_s = seconds_per_step(experiment(method, True, args), args)
+        plain_cpu, plain_wall = seconds_per_step(plain, args)
+        private_cpu, private_wall = seconds_per_step(experiment(method, True, args), args)
         print(
-            f"| {method} | {trained:,} | {plain_s:.3f} | {private_s:.3f} | "
-            f"{private_s / plain_s:.2f}x |"
+            f"| {method} | {trained:,} | {plain_cpu:.3f} | {private_cpu:.3f} | "
+            f"{private_cpu / plain_cpu:.2f}x | {plain_wall:.3f} | {private_wall:.3f} |"
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 

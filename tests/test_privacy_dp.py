@@ -25,7 +25,8 @@ from fedlora.privacy.central import CentralDP, clip_update, noised_mean, update_
 from fedlora.privacy.dp_sgd import DpSgd, PerExampleGradients, clip_per_example
 from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.training import LocalTrainer
-from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
+from tests.conftest import TINY, read_metrics, run_cli
+from tests.test_distributed import assert_same_run, finish, launch
 
 
 @pytest.fixture(autouse=True)
@@ -337,7 +338,8 @@ def cli_run(out: Path, sets: list[str], config: str = "ffa.toml") -> str:
 
 def test_dp_sgd_run_reports_growing_epsilon_stops_at_the_budget_and_repeats(tmp_path: Path) -> None:
     """Noise solved for ε = 3 after 3 rounds, budget 2.99: rounds 1 and 2 run (ε grows), round 3
-    would reach 3, so the run stops cleanly before it; twice, with the same numbers."""
+    would reach 3, so the run stops cleanly before it. The same config and seed again, on three
+    processes (--engine distributed, whose workers must stop at the same round): the same run."""
     sets = [
         "experiment.rounds=3",
         "privacy.mechanism=dp_sgd",
@@ -345,6 +347,9 @@ def test_dp_sgd_run_reports_growing_epsilon_stops_at_the_budget_and_repeats(tmp_
         "privacy.delta=1e-5",
         "privacy.max_epsilon=2.99",
     ]
+    args = [arg for value in sets for arg in ("--set", value)]
+    again, log = tmp_path / "again", tmp_path / "again.log"
+    distributed = launch("ffa.toml", again, log, "--nproc", "3", *args)
     first = tmp_path / "first"
     output = cli_run(first, sets)
     metrics = read_metrics(first)
@@ -357,13 +362,11 @@ def test_dp_sgd_run_reports_growing_epsilon_stops_at_the_budget_and_repeats(tmp_
     assert "ε = 3.000" in output and f"{metrics[1]['epsilon']:.3f}" in output  # final table
     assert load_checkpoint(first).completed_rounds == 2
     assert "accuracy" in metrics[1]  # the last round the budget allows is evaluated
-    assert (first / "adapter").is_dir()
     summary = " ".join((first / "summary.md").read_text().split())
     assert "## Privacy" in summary and "Stopped early" in summary and "solved for target" in summary
 
-    again = tmp_path / "again"
-    cli_run(again, sets)
-    assert timeless_metrics(again) == timeless_metrics(first)  # same config and seed
+    finish(distributed, log)
+    assert_same_run(first, again)  # metrics, ledger, adapter: bit for bit
 
 
 def test_central_dp_clip_norm_follows_andrew_et_al_and_survives_resume(tmp_path: Path) -> None:
