@@ -89,10 +89,18 @@ class PrivacyBudget:
             )
         else:
             what = (
-                f"central DP: each client's update clipped to C = {plan.clip_norm:g} "
-                f"(initially, if adaptive), {noise}, {sampling.batch} of {sampling.population} "
-                "clients per round, uniform mean"
+                f"central DP: each client's update clipped to C = {plan.clip_norm:g}, {noise}, "
+                f"{sampling.batch} of {sampling.population} clients per round, uniform mean"
             )
+            central = self.central
+            if central is not None and central.adaptive is not None:
+                adaptive = central.adaptive
+                what += (
+                    f"; adaptive clipping from that C (target quantile "
+                    f"{adaptive.target_quantile:g}, step {adaptive.learning_rate:g}, count noise "
+                    f"σ_b = {adaptive.count_stddev:g}, update noise multiplier "
+                    f"{central.update_multiplier:.4g})"
+                )
         last = metrics[-1] if metrics else {}
         spent = format_epsilon(last["epsilon"]) if "epsilon" in last else "0 (no round ran)"
         lines = [
