@@ -15,7 +15,7 @@ from rich.console import Console
 
 from fedlora.adapters import AdapterSlots
 from fedlora.checkpoint import load_checkpoint
-from fedlora.config import LoraConfig, load_config
+from fedlora.config import ConfigError, LoraConfig, config_from_dict, load_config
 from fedlora.data.tokenized import IGNORE, TokenizedSet
 from fedlora.engines.simulation import SimulationEngine
 from fedlora.experiment import build
@@ -310,6 +310,14 @@ def test_central_dp_refusals_exit_2_with_the_reason(
     assert code == 2, output
     assert reason in " ".join(output.split()), output
     assert "Traceback" not in output
+
+
+def test_privacy_settings_without_a_mechanism_are_refused() -> None:
+    for table in ({"max_epsilon": 3.0}, {"delta": 1e-5, "noise_multiplier": 1.0}):
+        with pytest.raises(ConfigError, match="need mechanism dp_sgd or central"):
+            config_from_dict({"privacy": table})
+    with pytest.raises(ConfigError, match="exactly one of noise_multiplier and target_epsilon"):
+        config_from_dict({"privacy": {"mechanism": "dp_sgd"}})
 
 
 def test_dp_sgd_refuses_the_split_engine_and_max_grad_norm(tmp_path: Path) -> None:

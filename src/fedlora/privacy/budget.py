@@ -20,6 +20,10 @@ from fedlora.privacy.plan import SERVER, PrivacyPlan
 
 
 class PrivacyBudget:
+    """A run's accountant per party (one per distinct sampling), its per-round metrics, stop
+    rule and summary; ``central``, the server's mechanism, whose released clip norms it
+    reports."""
+
     def __init__(self, plan: PrivacyPlan, central: CentralDP | None = None):
         self.plan = plan
         self.central = central
