@@ -29,6 +29,7 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
 from fedlora.engines.distributed import layout_notes
 from tests.conftest import TINY, run_cli, timeless_metrics
+from tests.test_privacy_dp import BUDGET_STOP
 
 # Four rounds of 20 steps, optimizer states kept on the clients: there are worker-held states to
 # gather into checkpoints, and rounds long enough for a kill to land inside the run.
@@ -217,3 +218,18 @@ def test_dropouts_and_refused_replies_match_the_simulation_across_processes(
     assert any(why == "dropout" for m in rounds for why in m.get("absent", {}).values())
     assert all(m["rejected"][0]["sender"] == "client2" for m in rounds if "rejected" in m)
     assert any("rejected" in m for m in rounds)
+
+
+def test_dp_sgd_gossip_budget_stop_matches_the_simulation_across_processes(tmp_path: Path) -> None:
+    """Dec-LoRA with DP-SGD on every node, stopped by privacy.max_epsilon after round 2 of 3:
+    the other rank stops at the same round as rank 0 (the budget is a pure function of the
+    config), every node is accounted, and the run is the in-process one bit for bit."""
+    sets = [*BUDGET_STOP, "topology.per_node_eval=false"]
+    args = [arg for value in sets for arg in ("--set", value)]
+    run = launch("declora.toml", tmp_path / "dist", tmp_path / "dist.log", "--nproc", "2", *args)
+    expected = reference("declora.toml", tmp_path / "ref", *args)
+    finish(run, tmp_path / "dist.log")
+    assert_same_run(expected, tmp_path / "dist")
+    rounds = metrics(expected)
+    assert [m["round"] for m in rounds] == [1, 2]
+    assert all(len(m["epsilon_clients"]) == 4 for m in rounds)

@@ -267,6 +267,9 @@ class ComputeConfig(Section):
     )
 
 
+DpSampling = Literal["poisson", "fixed"]
+
+
 class PrivacyConfig(Section):
     """Formal privacy (``fedlora.privacy``): differentially private local training
     (``dp_sgd``), user-level DP at the server (``central``) and secure aggregation, which
@@ -285,13 +288,16 @@ class PrivacyConfig(Section):
         None, gt=0, description="ε to reach after all rounds (with delta), instead of noise"
     )
     delta: float | None = Field(
-        None, gt=0, lt=1, description="δ of the (ε, δ) guarantee; None: 1/n (n: examples/clients)"
+        None,
+        gt=0,
+        lt=1,
+        description="δ of (ε, δ); None: 1/n (dp_sgd: all training examples; central: clients)",
     )
     max_epsilon: float | None = Field(
         None, gt=0, description="stop cleanly (last checkpoint kept) before ε would exceed this"
     )
-    sampling: Literal["poisson", "fixed"] = Field(
-        "poisson", description="dp_sgd batches: Poisson (rate batch/n, accounted) or fixed size"
+    sampling: DpSampling = Field(
+        "poisson", description="dp_sgd samples: poisson (rate L/n) or fixed (L without replacement)"
     )
     adaptive_clipping: bool = Field(
         False, description="central: clip norm follows a quantile of update norms (Andrew 2021)"
@@ -303,7 +309,7 @@ class PrivacyConfig(Section):
         0.2, gt=0, description="adaptive_clipping: geometric step of the clip norm per round"
     )
     clipped_count_stddev: float | None = Field(
-        None, ge=0, description="adaptive_clipping: noise on the unclipped count; None: n/20"
+        None, ge=0, description="adaptive_clipping: noise on the unclipped count; None: m/20"
     )
     secure_aggregation: bool = Field(
         False, description="pairwise-masked replies: the server learns only their sum"
@@ -318,8 +324,13 @@ class PrivacyConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:
         if self.mechanism == "none":
-            if self.noise_multiplier is not None or self.target_epsilon is not None:
-                raise ValueError("noise_multiplier/target_epsilon need mechanism dp_sgd or central")
+            needing = [
+                name
+                for name in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon")
+                if getattr(self, name) is not None
+            ]
+            if needing:
+                raise ValueError(f"{'/'.join(needing)} need mechanism dp_sgd or central")
             if self.adaptive_clipping:
                 raise ValueError("adaptive_clipping needs mechanism 'central'")
             return self

@@ -17,6 +17,7 @@ from fedlora.evaluation import Evaluator
 from fedlora.methods import build_method, method_class
 from fedlora.methods.base import Method, MethodContext
 from fedlora.models import (
+    ENCODERS,
     ModelSpec,
     check_targets,
     load_base_model,
@@ -26,6 +27,8 @@ from fedlora.models import (
 )
 from fedlora.nf4 import quantize_nf4
 from fedlora.preflight import preflight
+from fedlora.privacy.budget import PrivacyBudget
+from fedlora.privacy.plan import central_of, dp_sgd_of, plan_privacy
 from fedlora.ranks import client_ranks
 from fedlora.training import LocalTrainer, derived_seed
 
@@ -43,6 +46,7 @@ class Experiment:
     trainer: LocalTrainer
     evaluator: Evaluator
     compute: Compute
+    privacy: PrivacyBudget | None = None  # [privacy] with a mechanism
 
 
 def validate(config: Config) -> Compute:
@@ -85,12 +89,16 @@ def build(config: Config) -> Experiment:
         base, spec, config.lora, derived_seed(init_seed, 0xA0), full_weights=cls.full_weights
     )
 
+    sizes = [len(rows) for rows in clients]
+    plan = plan_privacy(config, sizes)
+    central = central_of(plan, config)
     context = MethodContext(
         config=config,
         modules=slots.modules,
         initial=slots.read(),
-        num_examples=[len(rows) for rows in clients],
+        num_examples=sizes,
         ranks=client_ranks(config, len(clients)),
+        central=central,
     )
     method = build_method(config.method, context)
     trainer = LocalTrainer(
@@ -101,6 +109,7 @@ def build(config: Config) -> Experiment:
         config.experiment.rounds,
         method.local_optimizer,
         compute,
+        dp_sgd_of(plan, config, causal_attention=base.config.model_type not in ENCODERS),
     )
     evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute)
     return Experiment(
@@ -115,4 +124,5 @@ def build(config: Config) -> Experiment:
         trainer,
         evaluator,
         compute,
+        PrivacyBudget(plan, central) if plan is not None else None,
     )

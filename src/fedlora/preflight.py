@@ -9,6 +9,7 @@ from fedlora import compute as computes
 from fedlora.compute import Compute
 from fedlora.config import Config, ConfigError, round_size
 from fedlora.methods import method_class, method_options, registry
+from fedlora.privacy.refusals import check_privacy
 from fedlora.ranks import client_ranks
 
 
@@ -37,6 +38,7 @@ def check_config(config: Config) -> None:
         )
     check_reliability(config)
     check_secure_aggregation(config)
+    check_privacy(config)
 
 
 def check_reliability(config: Config) -> None:

@@ -44,22 +44,44 @@ def trimmed_mean(stack: torch.Tensor, fraction: float) -> torch.Tensor:
     return stack.sort(dim=0).values[cut : n - cut].mean(dim=0)
 
 
+def update_of(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None
+) -> TensorDict:
+    """X − X_ref (X itself where the reference lacks the tensor, or without a reference)."""
+    return {
+        k: v - reference[k] if reference is not None and k in reference else v
+        for k, v in state.items()
+    }
+
+
+def applied(
+    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None
+) -> TensorDict:
+    """X_ref + update: the inverse of ``update_of``."""
+    if reference is None:
+        return dict(update)
+    return {k: reference[k] + u if k in reference else u for k, u in update.items()}
+
+
+def norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all the tensors together (in float64)."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+def clip(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[TensorDict, float]:
+    """``update`` scaled by min(1, clip_norm / ‖update‖), and its norm before clipping."""
+    size = norm(update)
+    factor = min(1.0, clip_norm / size) if size > 0 else 1.0
+    return {k: u * factor for k, u in update.items()}, size
+
+
 def clipped_updates(
     states: Sequence[Mapping[str, torch.Tensor]],
     reference: Mapping[str, torch.Tensor] | None,
     clip_norm: float,
 ) -> list[TensorDict]:
     """Each X_i − X_ref, scaled by min(1, clip_norm / ‖X_i − X_ref‖) over all its tensors."""
-    clipped = []
-    for state in states:
-        update = {
-            k: v - reference[k] if reference is not None and k in reference else v
-            for k, v in state.items()
-        }
-        norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
-        factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-        clipped.append({k: u * factor for k, u in update.items()})
-    return clipped
+    return [clip(update_of(state, reference), clip_norm)[0] for state in states]
 
 
 def combine(
@@ -76,9 +98,7 @@ def combine(
     if rule.aggregator == "norm_clip":
         assert rule.clip_norm is not None  # the schema insists
         mean_update = weighted_average(clipped_updates(states, reference, rule.clip_norm), weights)
-        if reference is None:
-            return mean_update
-        return {k: reference[k] + u if k in reference else u for k, u in mean_update.items()}
+        return applied(mean_update, reference)
     combined = {}
     for key in states[0]:
         stack = torch.stack([s[key] for s in states])

@@ -92,6 +92,8 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
     for client, row in enumerate(experiment.histograms):
         lines.append(f"| {client} | " + " | ".join(str(x) for x in row) + f" | {sum(row)} |")
     lines += reliability_lines(result)
+    if experiment.privacy is not None:
+        lines += experiment.privacy.summary_lines(result.metrics, result.stopped)
     ranks = experiment.method.context.ranks
     lines += [
         "",

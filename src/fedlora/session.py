@@ -16,6 +16,7 @@ from fedlora.config import load_config
 from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
+from fedlora.privacy.accounting import format_epsilon
 
 # by ``Method.engine``
 ENGINES: dict[str, type[SimulationEngine]] = {
@@ -28,7 +29,8 @@ ENGINES: dict[str, type[SimulationEngine]] = {
 def configure_runtime(compute: Compute | None = None) -> None:
     """Deterministic kernels and quiet libraries: same config and seed, same numbers."""
     configure_determinism(compute.device if compute else torch.device("cpu"))
-    for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
+    # absl: dp-accounting's notes on RDP orders it drops from a bound (the bound stays valid).
+    for noisy in ("transformers", "datasets", "peft", "bitsandbytes", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -46,15 +48,23 @@ def final_table(result: RunResult) -> Table:
         for k in ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
         if evaluated and k in evaluated[-1]
     ]
-    table = Table("round", "train loss", *keys, "bytes (cum.)", "seconds", title="results")
+    private = any("epsilon" in m for m in result.metrics)
+    privacy = ["ε", "δ"] if private else []
+    table = Table(
+        "round", "train loss", *keys, *privacy, "bytes (cum.)", "seconds", title="results"
+    )
     for m in result.metrics:
+        spent = [format_epsilon(m["epsilon"]), f"{m['delta']:.3g}"] if private else []
         table.add_row(
             str(m["round"]),
             f"{m['train_loss']:.4f}",
             *[f"{m[k]:.4f}" if k in m else "" for k in keys],
+            *spent,
             f"{m['cumulative_bytes']:,}",
             f"{m['seconds']:.1f}",
         )
+    if result.stopped:
+        table.caption = f"stopped: {result.stopped}"
     return table
 
 

@@ -1,14 +1,17 @@
 """Local training of the adapter slots on one client's rows.
 
-Randomness (batch order, dropout) is drawn from generators seeded by (run seed, round, client),
-so a round replays identically after a resume without any saved RNG state.
+Randomness (batch order, dropout, DP-SGD's samples and noise) is drawn from generators seeded by
+(run seed, round, client), so a round replays identically after a resume without any saved RNG
+state. With ``privacy.mechanism = "dp_sgd"`` each step's gradient is DP-SGD's
+(``fedlora.privacy.dp_sgd``) instead of the batch's plain one; the optimizer step is the same.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +19,8 @@ import numpy as np
 from fedlora.compute import Compute, on_cpu
 from fedlora.config import TrainConfig
 from fedlora.lazy import torch
+from fedlora.privacy.dp_sgd import DpSgd, PerExampleGradients, clip_per_example, private_batches
+from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.tensors import TensorDict, is_head
 
 if TYPE_CHECKING:  # the trainer's collaborators, imported only by those who build them
@@ -56,6 +61,12 @@ def steps_per_round(config: TrainConfig, num_rows: int) -> int:
         return config.local_steps
     per_step = min(config.batch_size, num_rows) * config.grad_accum
     return max(1, math.ceil(config.local_epochs * num_rows / per_step))
+
+
+def deadline_steps(config: TrainConfig, num_rows: int, deadline: int | None) -> int:
+    """The steps a client runs in a round: its round's steps, cut at a deadline if set."""
+    steps = steps_per_round(config, num_rows)
+    return min(steps, deadline) if deadline is not None else steps
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
@@ -156,9 +167,11 @@ class LocalTrainer:
         rounds: int,
         make_optimizer: OptimizerFactory = standard_optimizer,
         compute: Compute | None = None,
+        dp: DpSgd | None = None,
     ):
         self.make_optimizer = make_optimizer  # the method's ``local_optimizer``
         self.compute = compute or on_cpu()
+        self.dp = dp
         self.slots = slots
         self.data = data
         self.config = config
@@ -193,24 +206,16 @@ class LocalTrainer:
         schedule_steps = steps
         steps = min(steps, max_steps) if max_steps is not None else steps
         torch.manual_seed(derived_seed(self.seed, round_index, client, 1))  # dropout
-        batches = batch_stream(
-            rows, config.batch_size, derived_seed(self.seed, round_index, client, 2)
-        )
-        compute = self.compute
-        scaler = compute.grad_scaler()  # float16 only; a fresh one per client turn
+        scaler = self.compute.grad_scaler()  # float16 only; a fresh one per client turn
+        step_gradient = self._gradients(params, rows, round_index, client, scaler)
         losses = []
         examples = 0
         for step in range(steps):
             set_learning_rate(optimizer, config, round_index * schedule_steps + step, total)
             optimizer.zero_grad(set_to_none=True)
-            for _ in range(config.grad_accum):
-                batch_rows = next(batches)
-                batch = to_device(self.data.batch(batch_rows), compute.device)
-                with compute.autocast():
-                    loss = model(**batch).loss / config.grad_accum
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                losses.append(loss.item() * config.grad_accum)
-                examples += len(batch_rows)
+            step_losses, used = step_gradient()
+            losses += step_losses
+            examples += used
             if regularizer is not None:
                 penalty = regularizer(dict(params))
                 (penalty if scaler is None else scaler.scale(penalty)).backward()
@@ -226,8 +231,80 @@ class LocalTrainer:
         model.eval()
         return LocalResult(
             state=self.slots.read(),
-            optimizer_state=optimizer_tensors(optimizer, compute),
+            optimizer_state=optimizer_tensors(optimizer, self.compute),
             steps=steps,
             loss=float(np.mean(losses)) if losses else float("nan"),
             examples=examples,
         )
+
+    def _gradients(
+        self,
+        params: list[tuple[str, torch.nn.Parameter]],
+        rows: list[int],
+        round_index: int,
+        client: int,
+        scaler: torch.amp.GradScaler | None,
+    ) -> Callable[[], tuple[list[float], int]]:
+        """What puts one step's gradient into ``.grad``: the plain batch gradient, or DP-SGD's
+        over samples of ``rows`` with the client's noise stream."""
+        samples_seed = derived_seed(self.seed, round_index, client, 2)
+        if self.dp is None:
+            return partial(
+                self._plain_gradient,
+                batch_stream(rows, self.config.batch_size, samples_seed),
+                scaler,
+            )
+        logical = self.config.batch_size * self.config.grad_accum
+        return partial(
+            self._private_gradient,
+            PerExampleGradients(self.slots.model, params, self.dp.causal_attention),
+            private_batches(self.dp.sampling, rows, logical, samples_seed),
+            min(logical, len(rows)),
+            generator(derived_seed(self.seed, round_index, client, 3)),
+        )
+
+    def _plain_gradient(
+        self, batches: Iterator[list[int]], scaler: torch.amp.GradScaler | None
+    ) -> tuple[list[float], int]:
+        """The batch-mean gradient of ``grad_accum`` batches into ``.grad``; (their losses,
+        examples used)."""
+        config, compute, model = self.config, self.compute, self.slots.model
+        losses, examples = [], 0
+        for _ in range(config.grad_accum):
+            batch_rows = next(batches)
+            batch = to_device(self.data.batch(batch_rows), compute.device)
+            with compute.autocast():
+                loss = model(**batch).loss / config.grad_accum
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            losses.append(loss.item() * config.grad_accum)
+            examples += len(batch_rows)
+        return losses, examples
+
+    def _private_gradient(
+        self,
+        gradients: PerExampleGradients,
+        samples: Iterator[list[int]],
+        denominator: int,
+        noise: torch.Generator,
+    ) -> tuple[list[float], int]:
+        """DP-SGD's gradient of one sample into ``.grad``: per-example gradients in chunks of
+        ``train.batch_size``, each clipped, summed, noised, divided by the expected batch size
+        (``fedlora.privacy.dp_sgd``); (the mean per-example loss, or none for an empty sample;
+        examples used)."""
+        assert self.dp is not None
+        compute, chunk, rows = self.compute, self.config.batch_size, next(samples)
+        sums = [torch.zeros_like(p) for p in gradients.params]
+        losses: list[float] = []
+        for start in range(0, len(rows), chunk):
+            batch = to_device(self.data.batch(rows[start : start + chunk]), compute.device)
+            with compute.autocast():
+                grads, example_losses = gradients(batch)
+            for total, clipped in zip(
+                sums, clip_per_example(grads, self.dp.clip_norm), strict=True
+            ):
+                total.add_(clipped.sum(0))
+            losses += example_losses.float().tolist()
+        private = noisy_mean(sums, self.dp.clip_norm, self.dp.noise_multiplier, denominator, noise)
+        for p, grad in zip(gradients.params, private, strict=True):
+            p.grad = grad
+        return ([float(np.mean(losses))] if losses else []), len(rows)

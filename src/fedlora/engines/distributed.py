@@ -237,6 +237,8 @@ class DistributedSimulationEngine(RankEngine):
     def serve(self) -> None:
         start = self._receive_start()
         for round_index in range(start, self.exp.config.experiment.rounds):
+            if self.budget_stop(round_index):  # rank 0 stops there too
+                break
             offset = recv_tensors(OBSERVER)
             if offset:
                 self.exp.slots.merge_into_base(offset)
@@ -329,6 +331,8 @@ class DistributedGossipEngine(RankEngine, GossipEngine):
         nodes = self.local_nodes()
         with Progress(disable=True) as progress:
             for round_index in range(start, self.exp.config.experiment.rounds):
+                if self.budget_stop(round_index):  # rank 0 stops there too
+                    break
                 task = progress.add_task("", total=len(nodes))
                 graph = self.topology.at(round_index)
                 messages, results = self._train_and_mix(graph, round_index, progress, task)

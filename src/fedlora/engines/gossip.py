@@ -36,7 +36,7 @@ from fedlora.methods.base import store_under, stored
 from fedlora.methods.peer import PeerMethod
 from fedlora.tensors import TensorDict
 from fedlora.topology import RoundGraph, Topology, draw
-from fedlora.training import LocalResult, derived_seed
+from fedlora.training import LocalResult, derived_seed, steps_per_round
 
 GRAPH_FILE = "graph.png"
 
@@ -153,6 +153,13 @@ class GossipEngine(SimulationEngine):
         return {j: float(graph.weights[node, j]) for j in [node, *graph.neighbours(node)]}
 
     # -- one round ----------------------------------------------------------------------------
+    def scheduled(self, round_index: int) -> dict[int, int]:
+        """Every node trains every round, its round's steps."""
+        train = self.exp.config.train
+        return {
+            node: steps_per_round(train, len(rows)) for node, rows in enumerate(self.exp.clients)
+        }
+
     def local_nodes(self) -> list[int]:
         """The nodes this process hosts: all of them in one process."""
         return list(range(len(self.exp.clients)))

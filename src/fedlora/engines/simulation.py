@@ -41,7 +41,7 @@ from fedlora.lora import normalized
 from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
 from fedlora.privacy.secure_round import SecureAggregation, SecureMean
 from fedlora.tensors import TensorDict
-from fedlora.training import LocalResult, derived_seed, steps_per_round
+from fedlora.training import LocalResult, deadline_steps, derived_seed, steps_per_round
 
 SERVER = "server"
 
@@ -88,6 +88,7 @@ class RunResult:
     ledger: Ledger
     stores: dict[int, TensorDict]
     notes: list[str] = field(default_factory=list)  # engine-specific Markdown for summary.md
+    stopped: str | None = None  # why the run ended before its last round (privacy budget)
 
 
 class SimulationEngine:
@@ -107,6 +108,8 @@ class SimulationEngine:
         self.secure = SecureAggregation(privacy, size) if privacy.secure_aggregation else None
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
+        self.privacy = experiment.privacy
+        self._charges: dict[int, dict[int, int]] = {}  # per round: privacy steps charged
         if experiment.method.needs_base_weights:
             weights = experiment.slots.model.state_dict()
             experiment.method.attach_base(
@@ -194,12 +197,21 @@ class SimulationEngine:
         self.optimizers = checkpoint.optimizers
         self.metrics = checkpoint.metrics
         self.channel.ledger = Ledger.from_json(checkpoint.ledger)
+        central = self.privacy.central if self.privacy else None
+        if central is not None:
+            if "privacy" not in checkpoint.extra:
+                raise CheckpointError(
+                    f"checkpoint {path} holds no central DP state (the clip norm); it was not "
+                    "written by a run with privacy.mechanism 'central'"
+                )
+            central.load_state(checkpoint.extra["privacy"])
         return checkpoint.completed_rounds
 
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         config = self.exp.config
         rounds = config.experiment.rounds
         self._sync_base()  # a method may start from a moved base (FRLoRA: W0 − s·B0·A0)
+        stopped = None
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -210,6 +222,9 @@ class SimulationEngine:
             disable=not show_progress,
         ) as progress:
             for round_index in range(start_round, rounds):
+                if stopped := self.budget_stop(round_index):
+                    self.console.print(f"stopped: {stopped}", highlight=False, soft_wrap=True)
+                    break
                 record = self.run_round(round_index, progress)
                 self.metrics.append(record)
                 if show_progress and not self.console.is_terminal:  # logs get one line a round
@@ -224,10 +239,43 @@ class SimulationEngine:
                         self.optimizers,
                         self.metrics,
                         self.channel.ledger.to_json(),
+                        self._checkpoint_extra(),
                     ),
                 )
         notes = [self.secure.describe()] if self.secure is not None else []
-        return RunResult(self.metrics, self.channel.ledger, self.stores, notes)
+        return RunResult(self.metrics, self.channel.ledger, self.stores, notes, stopped=stopped)
+
+    # -- the privacy budget ----------------------------------------------------------------
+    def scheduled(self, round_index: int) -> dict[int, int]:
+        """The clients that will run local steps in the round, and how many: a pure function
+        of the config (sampled, not dropped out, cut at the deadline)."""
+        config = self.exp.config
+        return {
+            c: deadline_steps(
+                config.train, len(self.exp.clients[c]), config.federation.deadline_steps
+            )
+            for c in self.sampled(round_index)
+            if self.missing(c, round_index) is None
+        }
+
+    def _spent(self, through_round: int) -> dict[int, int]:
+        """The privacy steps charged in rounds 0..through_round (``fedlora.privacy.budget``)."""
+        assert self.privacy is not None
+        for r in range(through_round + 1):
+            if r not in self._charges:
+                self._charges[r] = self.privacy.charge(self.scheduled(r))
+        return self.privacy.total(self._charges[r] for r in range(through_round + 1))
+
+    def budget_stop(self, round_index: int) -> str | None:
+        """Why the round may not run (it would exceed ``privacy.max_epsilon``), or None.
+        Every process of a distributed run asks and gets the same answer."""
+        if self.privacy is None:
+            return None
+        return self.privacy.refusal(round_index, self._spent(round_index))
+
+    def _checkpoint_extra(self) -> dict:
+        central = self.privacy.central if self.privacy else None
+        return {"privacy": central.state()} if central is not None else {}
 
     def sampled(self, round_index: int) -> list[int]:
         """This round's clients: a pure function of the config, so every process agrees."""
@@ -425,7 +473,10 @@ class SimulationEngine:
         began: float,
         train_seconds: float,
     ) -> dict:
-        """Evaluate if due, then stamp the round's times (evaluation counts in ``seconds``)."""
+        """The privacy spent so far, the evaluation if due, then the round's times (evaluation
+        counts in ``seconds``)."""
+        if self.privacy is not None:
+            record.update(self.privacy.record(round_index, self._spent(round_index)))
         self._evaluate_into(record, round_index, progress, task)
         record["train_seconds"] = train_seconds
         record["seconds"] = time.perf_counter() - began
@@ -434,9 +485,11 @@ class SimulationEngine:
     def _evaluate_into(
         self, record: dict, round_index: int, progress: Progress, task: TaskID
     ) -> None:
-        """Add test metrics to ``record`` on evaluation rounds (every ``eval.every``, the last)."""
+        """Add test metrics to ``record`` on evaluation rounds (every ``eval.every``, the last,
+        and the last the privacy budget allows)."""
         config = self.exp.config
         last = round_index + 1 == config.experiment.rounds
+        last = last or self.budget_stop(round_index + 1) is not None
         if last or (round_index + 1) % config.eval.every == 0:
             metrics = self.evaluate()
             # "loss" alone would be ambiguous next to train_loss.

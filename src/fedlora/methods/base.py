@@ -27,6 +27,7 @@ from fedlora import robust
 from fedlora.channel import Schema, schema_of
 from fedlora.config import Config, TrainConfig
 from fedlora.lazy import torch
+from fedlora.privacy.central import CentralDP
 from fedlora.tensors import LoraModule, TensorDict
 from fedlora.training import standard_optimizer
 
@@ -46,6 +47,7 @@ class MethodContext:
     initial: TensorDict  # the common initial adapter state every party can reproduce
     num_examples: list[int]  # per client
     ranks: list[int] = field(default_factory=list)  # per client ([ranks]); empty: all lora.rank
+    central: CentralDP | None = None  # the server's private mean (privacy.mechanism "central")
 
     def rank(self, client: int) -> int:
         """Client ``client``'s LoRA rank (at most the slot rank ``lora.rank``)."""
@@ -123,20 +125,32 @@ class Method(ABC):
 
     def combine(
         self,
+        round_index: int,
         replies: dict[int, TensorDict],
         weights: dict[int, float],
         reference: TensorDict | None = None,
     ) -> TensorDict:
         """The weighted mean of the replies, or the robust rule of ``federation.aggregator``
-        (methods with ``mean_of_replies``); ``reference``: the state the clients started from,
-        for norm clipping (None: the replies are updates already)."""
+        (methods with ``mean_of_replies``), or under central DP the reference plus the noised
+        uniform mean of the clipped updates (``fedlora.privacy.central``); ``reference``: the
+        state the clients started from, for norm clipping and central DP (None: the replies are
+        updates already)."""
         clients = sorted(replies)
+        central = self.context.central
+        if central is not None:
+            updates = [robust.update_of(replies[c], reference) for c in clients]
+            return robust.applied(central.mean_update(round_index, updates), reference)
         return robust.combine(
             [replies[c] for c in clients],
             [weights[c] for c in clients],
             self.context.config.federation,
             reference,
         )
+
+    @classmethod
+    def central_dp_refusal(cls, options: BaseModel) -> str | None:
+        """Why these options of a ``mean_of_replies`` method cannot take central DP, or None."""
+        return None
 
     # -- client side ---------------------------------------------------------------------
     @abstractmethod

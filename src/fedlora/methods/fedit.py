@@ -32,7 +32,7 @@ class FedIT(Method):
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
-        self.state = self.combine(replies, weights, reference=self.state)
+        self.state = self.combine(round_index, replies, weights, reference=self.state)
 
     def global_state(self) -> TensorDict:
         return self.state

@@ -50,7 +50,7 @@ class FedSALoRA(Method):
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
-        self.state = self.combine(replies, weights, reference=self.state)
+        self.state = self.combine(round_index, replies, weights, reference=self.state)
 
     def state_dict(self) -> TensorDict:
         return dict(self.state)

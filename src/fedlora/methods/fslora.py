@@ -25,6 +25,7 @@ from fedlora.lazy import torch
 from fedlora.lora import sketch_factors, sketch_indices
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import factors_of, head_of, pack, slot_state
+from fedlora.privacy.central import summed
 from fedlora.robust import clipped_updates, combine
 from fedlora.server_optimizer import ServerKind, ServerOptimizer, ServerOptions
 from fedlora.tensors import TensorDict
@@ -111,10 +112,24 @@ class FSLoRA(Method):
         reply.update(head_of(trained, modules))
         return {name: value - message[name] for name, value in reply.items()}
 
+    @classmethod
+    def central_dp_refusal(cls, options: BaseModel) -> str | None:
+        if getattr(options, "normalization", "clients") == "per_index_count":
+            return (
+                "normalization 'per_index_count' divides a component by how many clients drew "
+                "it, so one client's share of it can be all of it; use 'clients'"
+            )
+        return None
+
     def aggregate(
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
         rule = self.context.config.federation
+        central = self.context.central
+        if central is not None:  # each client's whole scattered update clipped, mean noised
+            scattered = [self._scattered(round_index, c, replies[c]) for c in sorted(replies)]
+            self.server.apply(central.mean_update(round_index, scattered))
+            return
         if rule.aggregator == "norm_clip":  # bound each client's whole update, then as usual
             assert rule.clip_norm is not None
             order = sorted(replies)
@@ -123,30 +138,28 @@ class FSLoRA(Method):
         elif rule.aggregator != "mean":
             self.server.apply(self._robust_delta(round_index, replies))
             return
-        modules, clients, r = self.context.modules, sorted(replies), self.context.config.lora.rank
-        state = self.server.values()
-        delta = {
-            k: torch.stack([replies[c][k] for c in clients]).mean(0)
-            for k in head_of(state, modules)
-        }
-        for position, m in enumerate(modules):
-            d_b, d_a, draws = (
-                torch.zeros_like(state[m.b]),
-                torch.zeros_like(state[m.a]),
-                torch.zeros(r),
-            )
-            for c in clients:
-                index = self._index(round_index, c, position)
-                d_b.index_add_(1, index, replies[c][m.b])
-                d_a.index_add_(0, index, replies[c][m.a])
-                draws[index] += 1
-            divisor = (
-                draws.clamp(min=1)
-                if self.options.normalization == "per_index_count"
-                else torch.full((r,), float(len(clients)))
-            )
-            delta[m.b], delta[m.a] = d_b / divisor, d_a / divisor[:, None]
+        clients = sorted(replies)
+        total = summed([self._scattered(round_index, c, replies[c]) for c in clients])
+        delta = {k: v / len(clients) for k, v in total.items()}
+        if self.options.normalization == "per_index_count":
+            for position, m in enumerate(self.context.modules):
+                draws = torch.zeros(self.context.config.lora.rank)
+                for c in clients:
+                    draws[self._index(round_index, c, position)] += 1
+                divisor = draws.clamp(min=1)
+                delta[m.b], delta[m.a] = total[m.b] / divisor, total[m.a] / divisor[:, None]
         self.server.apply(delta)
+
+    def _scattered(self, round_index: int, client: int, reply: TensorDict) -> TensorDict:
+        """A client's update in the global shape: its k_i components at their drawn indices,
+        zero elsewhere (the same norm as the reply, the indices being distinct)."""
+        modules, state = self.context.modules, self.server.values()
+        update = head_of(reply, modules)
+        for position, m in enumerate(modules):
+            index = self._index(round_index, client, position)
+            update[m.b] = torch.zeros_like(state[m.b]).index_add_(1, index, reply[m.b])
+            update[m.a] = torch.zeros_like(state[m.a]).index_add_(0, index, reply[m.a])
+        return update
 
     def _robust_delta(self, round_index: int, replies: dict[int, TensorDict]) -> TensorDict:
         """The scatter mean under a coordinate-wise robust rule (median, trimmed mean): each
