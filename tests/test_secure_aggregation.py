@@ -380,6 +380,15 @@ def test_a_fedit_run_with_secure_aggregation_matches_the_plain_run(tmp_path: Pat
             "federation.aggregator 'norm_clip' needs each client's reply",
         ),
         ("fedit.toml", ["privacy.threshold=5"], "privacy.threshold 5 exceeds the 4 clients"),
+        (
+            "fedit.toml",
+            [
+                "privacy.mechanism='central'",
+                "privacy.noise_multiplier=1.0",
+                "federation.weighting='uniform'",
+            ],
+            "with privacy.mechanism 'central' is not supported yet",
+        ),
     ],
 )
 def test_what_cannot_be_aggregated_securely_is_refused_with_the_reason(
