@@ -286,7 +286,6 @@ class RankEngine(SimulationEngine):
 
     def deployment_lines(self) -> list[str]:
         """summary.md: who held what, and where each rank's files are."""
-        hosts = [r for r in range(self.placement.world) if self.placement.hosted(r)]
         return [
             "",
             "## Processes (deployment)",
@@ -294,7 +293,7 @@ class RankEngine(SimulationEngine):
             f"{self.placement.describe()}. Each rank kept its own clients' state and "
             "checkpoints (rank 0 here, rank k in `rank<k>/`), evaluated their own models and "
             "exported their adapters; only protocol messages and per-round scalars reached "
-            "rank 0. Ranks with clients: " + ", ".join(map(str, hosts)) + ".",
+            "rank 0.",
         ]
 
 
