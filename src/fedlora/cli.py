@@ -42,6 +42,14 @@ def run(
     nproc: Annotated[
         int | None, typer.Option(help="distributed: processes to start on this machine")
     ] = None,
+    observer: Annotated[
+        bool,
+        typer.Option(
+            help="distributed: rank 0 also receives every client's state after each round and "
+            "evaluates and checkpoints everything (bit-identical to --engine simulation); "
+            "default: each rank keeps its own clients' state"
+        ),
+    ] = False,
     timeout: Annotated[
         float,
         typer.Option(
@@ -63,6 +71,8 @@ def run(
         if engine == "simulation":
             if nproc is not None:
                 fail("--nproc needs --engine distributed")
+            if observer:
+                fail("--observer needs --engine distributed (one process sees every party)")
             from fedlora.channel import MessageError
             from fedlora.session import run_experiment
 
@@ -79,7 +89,17 @@ def run(
             from fedlora.engines.transport import PeerError
 
             try:
-                launch(config_file, set_ or [], out, resume, nproc, timeout, console, not quiet)
+                launch(
+                    config_file,
+                    set_ or [],
+                    out,
+                    resume,
+                    nproc,
+                    timeout,
+                    console,
+                    not quiet,
+                    observer,
+                )
             except (LaunchError, PeerError) as error:  # gloo's text has [brackets]: escape
                 message = f"[bold red]error:[/] {escape(str(error))}"
                 console.print(message, highlight=False, soft_wrap=True)

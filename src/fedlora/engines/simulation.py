@@ -36,6 +36,7 @@ from fedlora.checkpoint import (
     save_checkpoint,
 )
 from fedlora.config import round_size
+from fedlora.engines.layout import refuse_deployment
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
 from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
@@ -160,16 +161,27 @@ class SimulationEngine:
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        method, evaluator = self.exp.method, self.exp.evaluator
+        method = self.exp.method
         if method.per_client_eval:
-            per_client = []
-            for client in range(len(self.exp.clients)):
-                own = method.own_model(client, self.stores[client])
-                with self.exp.slots.scaled(method.client_scales(client)):
-                    per_client.append(evaluator.evaluate(own))
-            return summarize_clients(per_client)
+            return summarize_clients([self.client_metrics(c) for c in range(len(self.exp.clients))])
         state = method.global_state()
-        return evaluator.evaluate(state) if state is not None else {}
+        return self.exp.evaluator.evaluate(state) if state is not None else {}
+
+    def client_metrics(self, client: int) -> dict[str, float]:
+        """Client ``client``'s own model on the test set (methods with ``per_client_eval``),
+        wherever it lives: here, or on its worker in a distributed deployment."""
+        method = self.exp.method
+        own = method.own_model(client, self.stores[client])
+        with self.exp.slots.scaled(method.client_scales(client)):
+            return self.exp.evaluator.evaluate(own)
+
+    def evaluation_due(self, round_index: int) -> bool:
+        """Whether the round ends with an evaluation (every ``eval.every`` rounds, the last,
+        and the last the privacy budget allows)."""
+        config = self.exp.config
+        last = round_index + 1 == config.experiment.rounds
+        last = last or self.budget_stop(round_index + 1) is not None
+        return last or (round_index + 1) % config.eval.every == 0
 
     def _sync_base(self) -> None:
         """Bring the shared frozen base to W0 + the method's merged offset (FLoRA), if any."""
@@ -183,6 +195,7 @@ class SimulationEngine:
         if checkpoint is None:
             return 0
         path = self.run_dir / CHECKPOINT
+        self._check_layout(path, checkpoint.extra)
         check_fits(path, checkpoint.method, self.exp.method.state_dict(), "method tensor")
         clients = len(self.exp.clients)
         outside = sorted(c for c in (*checkpoint.stores, *checkpoint.optimizers) if c >= clients)
@@ -230,18 +243,7 @@ class SimulationEngine:
                 if show_progress and not self.console.is_terminal:  # logs get one line a round
                     self.console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
                 self._write_round_files()
-                save_checkpoint(
-                    self.run_dir,
-                    Checkpoint(
-                        round_index + 1,
-                        self.exp.method.state_dict(),
-                        self.stores,
-                        self.optimizers,
-                        self.metrics,
-                        self.channel.ledger.to_json(),
-                        self._checkpoint_extra(),
-                    ),
-                )
+                self._save(round_index + 1)
         notes = [self.secure.describe()] if self.secure is not None else []
         return RunResult(self.metrics, self.channel.ledger, self.stores, notes, stopped=stopped)
 
@@ -276,6 +278,25 @@ class SimulationEngine:
     def _checkpoint_extra(self) -> dict:
         central = self.privacy.central if self.privacy else None
         return {"privacy": central.state()} if central is not None else {}
+
+    def _check_layout(self, path: Path, extra: dict) -> None:
+        """Every client's state is in this one file: refuse a deployment rank's checkpoint."""
+        refuse_deployment(path, extra)
+
+    def _save(self, completed: int) -> None:
+        """The checkpoint after ``completed`` rounds: everything, in one file."""
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                completed,
+                self.exp.method.state_dict(),
+                self.stores,
+                self.optimizers,
+                self.metrics,
+                self.channel.ledger.to_json(),
+                self._checkpoint_extra(),
+            ),
+        )
 
     def sampled(self, round_index: int) -> list[int]:
         """This round's clients: a pure function of the config, so every process agrees."""
@@ -487,10 +508,7 @@ class SimulationEngine:
     ) -> None:
         """Add test metrics to ``record`` on evaluation rounds (every ``eval.every``, the last,
         and the last the privacy budget allows)."""
-        config = self.exp.config
-        last = round_index + 1 == config.experiment.rounds
-        last = last or self.budget_stop(round_index + 1) is not None
-        if last or (round_index + 1) % config.eval.every == 0:
+        if self.evaluation_due(round_index):
             metrics = self.evaluate()
             # "loss" alone would be ambiguous next to train_loss.
             record.update(
