@@ -70,6 +70,11 @@ def build(config: Config) -> Experiment:
     causal = spec.task == "causal"
     train_set = tokenize(split.train, tokenizer, config.model.max_length, causal)
     test_set = tokenize(split.test, tokenizer, config.model.max_length, causal)
+    validation_set = (
+        tokenize(split.validation, tokenizer, config.model.max_length, causal)
+        if split.validation is not None
+        else None
+    )
     quantized = config.model.quantize_4bit
     storage = compute.dtype if compute.stores_base_in_dtype and not quantized else None
     base = load_base_model(
@@ -102,7 +107,7 @@ def build(config: Config) -> Experiment:
         method.local_optimizer,
         compute,
     )
-    evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute)
+    evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute, validation_set)
     return Experiment(
         config,
         spec,

@@ -16,6 +16,7 @@ from fedlora.config import load_config
 from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
+from fedlora.report import QUALITY_KEYS
 
 # by ``Method.engine``
 ENGINES: dict[str, type[SimulationEngine]] = {
@@ -41,11 +42,7 @@ def configure_runtime(compute: Compute | None = None) -> None:
 
 def final_table(result: RunResult) -> Table:
     evaluated = [m for m in result.metrics if any(k in m for k in ("accuracy", "test_loss"))]
-    keys = [
-        k
-        for k in ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
-        if evaluated and k in evaluated[-1]
-    ]
+    keys = [k for k in QUALITY_KEYS if evaluated and k in evaluated[-1]]
     table = Table("round", "train loss", *keys, "bytes (cum.)", "seconds", title="results")
     for m in result.metrics:
         table.add_row(
