@@ -91,6 +91,8 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
         f"({config.partition.kind}), {config.experiment.rounds} rounds, "
         f"seed {config.experiment.seed}",
         "",
+        split_line(experiment),
+        "",
         "## Results",
         "",
         markdown_table([RunView(out, config.method.name, result.metrics)]),
@@ -119,6 +121,18 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
         ", ".join(f"client {c}: r={r}" for c, r in enumerate(ranks)),
     ]
     return "\n".join([*lines, *result.notes]) + "\n"
+
+
+def split_line(experiment: Experiment) -> str:
+    """Where the evaluated rows came from: carved (with their shares) or given files."""
+    data, split = experiment.config.data, experiment.split
+    test = f"`{data.test_file}`" if data.test_file else f"{data.test_fraction:g} held out"
+    parts = [f"{len(split.train)} training examples", f"{len(split.test)} test ({test})"]
+    if split.validation is not None:
+        given = data.validation_file
+        source = f"`{given}`" if given else f"{data.validation_fraction:g} of the training data"
+        parts.append(f"{len(split.validation)} validation ({source}, no client trains on it)")
+    return "Data: " + ", ".join(parts) + "."
 
 
 def reliability_lines(result: RunResult) -> list[str]:

@@ -18,6 +18,7 @@ from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
 from fedlora.privacy.accounting import format_epsilon
+from fedlora.report import QUALITY_KEYS
 
 # What builds an engine: its class, or a class with its options bound (``--observer``).
 EngineFactory = Callable[[experiments.Experiment, Path, Console], SimulationEngine]
@@ -45,7 +46,7 @@ def configure_runtime(compute: Compute | None = None) -> None:
     disable_progress_bar()
 
 
-SHOWN = ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
+SHOWN = QUALITY_KEYS  # test metrics, then validation ones
 # What the nodes' own models score: the table's columns where no process averages them (a
 # distributed gossip deployment evaluates each node on its own rank).
 NODES_SHOWN = ("node_accuracy", "node_macro_f1", "node_rouge_l", "node_perplexity", "node_loss")
