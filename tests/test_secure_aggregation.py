@@ -39,12 +39,7 @@ from tests.conftest import TINY, run_cli
 MODULUS = 2**32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def channel_wire(channel: Channel | None = None) -> ChannelWire:
