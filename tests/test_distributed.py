@@ -243,10 +243,12 @@ def test_dropouts_and_refused_replies_match_the_simulation_across_processes(
 def test_dp_sgd_gossip_budget_stop_matches_the_simulation_across_processes(tmp_path: Path) -> None:
     """Dec-LoRA with DP-SGD on every node, stopped by privacy.max_epsilon after round 2 of 3:
     the other rank stops at the same round as rank 0 (the budget is a pure function of the
-    config), every node is accounted, and the run is the in-process one bit for bit."""
+    config), every node is accounted, and the run is the in-process one bit for bit (with
+    --observer: a deployment reports node metrics, not the network-averaged model's)."""
     sets = [*BUDGET_STOP, "topology.per_node_eval=false"]
     args = [arg for value in sets for arg in ("--set", value)]
-    run = launch("declora.toml", tmp_path / "dist", tmp_path / "dist.log", "--nproc", "2", *args)
+    log = tmp_path / "dist.log"
+    run = launch("declora.toml", tmp_path / "dist", log, "--nproc", "2", "--observer", *args)
     expected = reference("declora.toml", tmp_path / "ref", *args)
     finish(run, tmp_path / "dist.log")
     assert_same_run(expected, tmp_path / "dist")
