@@ -11,6 +11,26 @@ Then it writes the table (``runs/studies/<study>/results.md``, also printed) and
 (``docs/figures/<study>.png``): the first quality metric vs round and vs cumulative bytes, mean
 over seeds with a ±1 std band.
 
+Grids. An arm may give a list of values for any config key, ``grid = { "train.lr" = [1e-3,
+2e-3, 5e-3] }`` (several keys: every combination). The grid is run first, on the study's
+``[selection]`` budget: its ``set`` (overrides for the grid runs only, e.g.
+``["experiment.rounds=4"]``; default none, the full budget) and its ``seeds`` (default: the first
+seed). Each grid point is scored by the mean over those seeds of its final ``selection.metric``
+(default ``val_`` + the study's first metric; it must be a validation metric, so every grid arm
+needs ``data.validation_fraction`` > 0 or a ``data.validation_file``, else the study is refused);
+the best point (ties: the first listed) is the arm's choice, and all seeds then run at it. The
+table shows the chosen value per arm, and a second table every point's score. Runs live under
+``<arm>/grid/<point>/seed<k>`` (grid) and ``<arm>/<point>/seed<k>`` (chosen); without a
+selection budget the grid runs at the chosen point are the final runs of their seeds.
+
+Plateau and verdicts (``fedlora.convergence`` states both rules). Per arm, the ``plateau``
+column says whether every seed's plateau metric (``[plateau] metric``, default the validation
+counterpart of the first metric where the runs have one, else the first metric; ``tolerance``
+default 0.005) stopped improving over the last third of its rounds. ``[[claims]]`` (``claim``,
+``arm``, ``reference``, ``kind`` = "better" or "within", ``margin``, optional ``metric``) become a
+verdict table: reproduced / not reproduced / inconclusive, and inconclusive whenever an arm it
+rests on has not plateaued.
+
     python -P benchmarks/study.py benchmarks/studies/ffa_vs_fedit.toml [MORE.toml ...] [--jobs 2]
     python -P benchmarks/study.py STUDY --report-only
 
@@ -20,7 +40,9 @@ Several study processes may work through the same list at once (each run is clai
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -30,11 +52,24 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
+
+import tomli_w
 
 from fedlora.channel import human_bytes
-from fedlora.report import RunView, plot_mean_bands, read_run
+from fedlora.config import ConfigError, load_config
+from fedlora.convergence import PLATEAU_TOLERANCE, ClaimKind, plateaued, verdict
+from fedlora.report import RunView, lower_is_better, plot_mean_bands, read_run
 
 REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "studies"
+
+
+class StudyError(ValueError):
+    """A study file that cannot be run as written: one message, exit 2."""
+
+
+Point = tuple[str, ...]  # one grid point: its ``key=value`` overrides
 
 
 @dataclass(frozen=True)
@@ -44,10 +79,49 @@ class Arm:
     overrides: tuple[str, ...]
     from_study: str | None = None  # the same arm's runs, already made by another study
     from_arm: str | None = None  # the arm's label in that study (default: the same label)
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, values) to select among
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^a-z0-9]+", "-", (self.from_arm or self.label).lower()).strip("-")
+
+    def points(self) -> list[Point]:
+        """Every combination of the grid's values, in the order listed (one empty point
+        without a grid)."""
+        keys = [key for key, _ in self.grid]
+        combos = itertools.product(*(values for _, values in self.grid))
+        return [
+            tuple(f"{k}={toml_value(v)}" for k, v in zip(keys, combo, strict=True))
+            for combo in combos
+        ]
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as ``--set`` reads it back (TOML), e.g. 0.001, "adamw", ['query']."""
+    return tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
+
+
+def point_slug(point: Point) -> str:
+    return ",".join(re.sub(r"[^A-Za-z0-9.=_-]+", "_", override) for override in point)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How grids are chosen: on which seeds and budget, by which validation metric."""
+
+    metric: str
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]  # the grid runs' budget (empty: the full one)
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    arm: str
+    reference: str
+    kind: ClaimKind  # "better" or "within" (fedlora.convergence)
+    margin: float
+    metric: str
 
 
 @dataclass(frozen=True)
@@ -57,16 +131,31 @@ class Study:
     metrics: tuple[str, ...]  # quality metrics; the first is plotted
     extra: tuple[str, ...]  # more columns: last metrics row or accounting.json keys
     arms: tuple[Arm, ...]
+    selection: Selection
+    plateau_metric: str | None = None  # None: val_<first metric> where present, else it
+    plateau_tolerance: float = PLATEAU_TOLERANCE
+    claims: tuple[Claim, ...] = ()
+    root: Path = RUNS  # where every study's runs live
 
     @property
     def directory(self) -> Path:
-        return REPO / "runs" / "studies" / self.name
+        return self.root / self.name
 
-    def run_dir(self, arm: Arm, seed: int) -> Path:
-        return REPO / "runs" / "studies" / (arm.from_study or self.name) / arm.slug / f"seed{seed}"
+    def run_dir(self, arm: Arm, seed: int, point: Point = ()) -> Path:
+        """The arm's run of ``seed`` at grid point ``point`` (the arm's own dir without a grid)."""
+        base = self.root / (arm.from_study or self.name) / arm.slug
+        return (base / point_slug(point) if point else base) / f"seed{seed}"
+
+    def grid_dir(self, arm: Arm, seed: int, point: Point) -> Path:
+        """A selection run: the final run's dir when the selection keeps the full budget."""
+        if not self.selection.overrides:
+            return self.run_dir(arm, seed, point)
+        base = self.root / (arm.from_study or self.name) / arm.slug / "grid"
+        return base / point_slug(point) / f"seed{seed}"
 
 
-def load_study(path: Path) -> Study:
+def load_study(path: Path, root: Path = RUNS) -> Study:
+    """The study file, every arm's config (and grid point) validated before anything runs."""
     data = tomllib.loads(path.read_text())
     common = tuple(data.get("set", []))
     arms = tuple(
@@ -76,11 +165,77 @@ def load_study(path: Path) -> Study:
             common + tuple(arm.get("set", [])),
             arm.get("from_study"),
             arm.get("from_arm"),
+            parse_grid(arm.get("grid", {}), arm["label"]),
         )
         for arm in data["arms"]
     )
     metrics = tuple(data.get("metrics", ["accuracy", "macro_f1"]))
-    return Study(data["name"], tuple(data["seeds"]), metrics, tuple(data.get("extra", [])), arms)
+    seeds = tuple(data["seeds"])
+    chosen = data.get("selection", {})
+    selection = Selection(
+        chosen.get("metric", f"val_{metrics[0]}"),
+        tuple(chosen.get("seeds", seeds[:1])),
+        tuple(chosen.get("set", [])),
+    )
+    plateau = data.get("plateau", {})
+    labels = {arm.label for arm in arms}
+    claims = []
+    for c in data.get("claims", []):
+        kind = c.get("kind", "better")
+        if {c["arm"], c["reference"]} - labels or kind not in ("better", "within"):
+            raise StudyError(
+                f"{path}: claim {c['claim']!r}: arm and reference must be arm labels "
+                f"({', '.join(sorted(labels))}) and kind 'better' or 'within'"
+            )
+        margin, metric = float(c.get("margin", 0.0)), c.get("metric", metrics[0])
+        claims.append(
+            Claim(c["claim"], c["arm"], c["reference"], cast(ClaimKind, kind), margin, metric)
+        )
+    study = Study(
+        data["name"],
+        seeds,
+        metrics,
+        tuple(data.get("extra", [])),
+        arms,
+        selection,
+        plateau.get("metric"),
+        float(plateau.get("tolerance", PLATEAU_TOLERANCE)),
+        tuple(claims),
+        root,
+    )
+    check_grids(study, path)
+    return study
+
+
+def parse_grid(grid: dict[str, Any], label: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"arm {label!r}: grid {key!r} must be a non-empty list of values")
+    return tuple((key, tuple(values)) for key, values in grid.items())
+
+
+def check_grids(study: Study, path: Path) -> None:
+    """Every arm's config at every grid point loads; a grid selects by a validation metric of
+    a run that has a validation split, never by test."""
+    grids = [arm for arm in study.arms if arm.grid]
+    if grids and not study.selection.metric.startswith("val_"):
+        raise StudyError(
+            f"{path}: selection.metric {study.selection.metric!r}: a grid is chosen by a "
+            "validation metric (val_accuracy, val_macro_f1, val_loss, ...), never by test"
+        )
+    for arm in study.arms:
+        for point in arm.points():
+            extra = study.selection.overrides if arm.grid else ()
+            try:
+                config = load_config(arm.config, [*arm.overrides, *extra, *point])
+            except ConfigError as error:
+                raise StudyError(f"{path}: arm {arm.label!r} {list(point)}: {error}") from None
+            if arm.grid and not config.data.has_validation:
+                raise StudyError(
+                    f"{path}: arm {arm.label!r} has a grid but no validation split: set "
+                    "data.validation_fraction > 0 or data.validation_file (a grid is never "
+                    "chosen on the test set)"
+                )
 
 
 def claim(out: Path) -> bool:
@@ -104,17 +259,31 @@ def claim(out: Path) -> bool:
     return False
 
 
-def run_one(arm: Arm, seed: int, out: Path) -> str:
+@dataclass(frozen=True)
+class Task:
+    """One ``fedlora run``: a config, its overrides, the seed, where it goes."""
+
+    config: Path
+    overrides: tuple[str, ...]
+    seed: int
+    out: Path
+
+    def argv(self) -> list[str]:
+        """The ``fedlora`` command line of the run (``--resume`` if it was interrupted)."""
+        args = ["run", str(self.config), "--out", str(self.out), "--quiet"]
+        for override in (f"experiment.seed={self.seed}", *self.overrides):
+            args += ["--set", override]
+        resume = (self.out / "checkpoint.safetensors").is_file()
+        return [*args, "--resume"] if resume else args
+
+
+def run_one(task: Task) -> str:
+    out = task.out
     if (out / "summary.md").is_file():
         return f"{out}: done before"
     if not claim(out):
         return f"{out}: running in another study process"
-    command = [sys.executable, "-m", "fedlora", "run", str(arm.config), "--out", str(out)]
-    command += ["--quiet", "--set", f"experiment.seed={seed}"]
-    for override in arm.overrides:
-        command += ["--set", override]
-    if (out / "checkpoint.safetensors").is_file():
-        command.append("--resume")
+    command = [sys.executable, "-m", "fedlora", *task.argv()]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
@@ -123,18 +292,79 @@ def run_one(arm: Arm, seed: int, out: Path) -> str:
     return f"{out}: {'finished' if code == 0 else f'FAILED (exit {code}), see {out}.log'}"
 
 
-def run_studies(studies: list[Study], jobs: int) -> None:
-    """Every (study, seed, arm) in order, ``jobs`` at a time; seeds outermost, so the first
-    seed of every arm finishes first."""
-    tasks = [
-        (arm, seed, study.run_dir(arm, seed))
-        for study in studies
+def run_tasks(tasks: list[Task], jobs: int) -> None:
+    with ThreadPoolExecutor(jobs) as pool:
+        for message in pool.map(run_one, tasks):
+            print(message, flush=True)
+
+
+def grid_tasks(study: Study) -> list[Task]:
+    """The selection runs of every grid arm: its selection seeds at every point."""
+    return [
+        Task(
+            arm.config,
+            (*arm.overrides, *study.selection.overrides, *point),
+            seed,
+            study.grid_dir(arm, seed, point),
+        )
+        for seed in study.selection.seeds
+        for arm in study.arms
+        if arm.grid
+        for point in arm.points()
+    ]
+
+
+def final_tasks(study: Study) -> list[Task]:
+    """Every (seed, arm) at the arm's chosen point; seeds outermost, so the first seed of every
+    arm finishes first. An arm whose grid is not complete is left for a later call."""
+    chosen = {arm.label: choose(study, arm) for arm in study.arms}
+    for label, point in chosen.items():
+        if point is None:
+            print(f"{study.name}/{label}: grid not complete; its final runs wait", flush=True)
+    return [
+        Task(arm.config, (*arm.overrides, *point), seed, study.run_dir(arm, seed, point))
         for seed in study.seeds
         for arm in study.arms
+        if (point := chosen[arm.label]) is not None
     ]
-    with ThreadPoolExecutor(jobs) as pool:
-        for message in pool.map(lambda task: run_one(*task), tasks):
-            print(message, flush=True)
+
+
+def run_studies(studies: list[Study], jobs: int) -> None:
+    """The grids of every study first (``jobs`` runs at a time), then every arm's seeds at its
+    chosen point."""
+    run_tasks([task for study in studies for task in grid_tasks(study)], jobs)
+    run_tasks([task for study in studies for task in final_tasks(study)], jobs)
+
+
+def grid_scores(study: Study, arm: Arm) -> list[tuple[Point, float | None]]:
+    """Per grid point, the mean over the selection seeds of the final selection metric; None
+    while a selection run is missing. A run that never reported it (diverged) scores NaN."""
+    scores: list[tuple[Point, float | None]] = []
+    for point in arm.points():
+        outs = [study.grid_dir(arm, seed, point) for seed in study.selection.seeds]
+        if not all((out / "summary.md").is_file() for out in outs):
+            scores.append((point, None))
+            continue
+        finals = [read_run(out).final(study.selection.metric) for out in outs]
+        values = [float("nan") if v is None else float(v) for v in finals]
+        scores.append((point, statistics.mean(values)))
+    return scores
+
+
+def choose(study: Study, arm: Arm) -> Point | None:
+    """The arm's grid point with the best validation score (ties: the first listed; NaN
+    never wins); ``()`` without a grid, None until every selection run has finished."""
+    if not arm.grid:
+        return ()
+    scores = grid_scores(study, arm)
+    if any(score is None for _, score in scores):
+        return None
+    sign = -1.0 if lower_is_better(study.selection.metric) else 1.0
+    ranked = [
+        (float("-inf") if math.isnan(score) else sign * score, -i)
+        for i, (_, score) in enumerate(scores)
+    ]
+    return scores[ranked.index(max(ranked))][0]
 
 
 def present(values) -> list[float]:
@@ -163,27 +393,58 @@ def mean_std(values: list[float]) -> str:
 
 
 def finished_runs(study: Study, arm: Arm) -> list[RunView]:
+    """The arm's finished seeds at its chosen point (none while its grid is incomplete)."""
+    point = choose(study, arm)
+    if point is None:
+        return []
     runs = []
     for seed in study.seeds:
-        out = study.run_dir(arm, seed)
+        out = study.run_dir(arm, seed, point)
         if (out / "summary.md").is_file():
             runs.append(read_run(out))
     return runs
 
 
-def report(study: Study) -> str:
+def plateau_key(study: Study, run: RunView) -> str:
+    """The metric the plateau rule watches: the study's choice, else validation where the run
+    has it, else the first quality metric."""
+    if study.plateau_metric:
+        return study.plateau_metric
+    validation = f"val_{study.metrics[0]}"
+    return validation if run.final(validation) is not None else study.metrics[0]
+
+
+def run_plateaued(study: Study, run: RunView) -> bool | None:
+    key = plateau_key(study, run)
+    curve = [(m["round"], m[key]) for m in run.evaluated if key in m]
+    rounds = max(m["round"] for m in run.metrics)
+    return plateaued(curve, rounds, study.plateau_tolerance, lower_is_better(key))
+
+
+def plateau_cell(study: Study, runs: list[RunView]) -> str:
+    """The table's plateau cell: "yes" when every seed plateaued, else the marked reason."""
+    states = [run_plateaued(study, run) for run in runs]
+    rising = states.count(False)
+    if rising:
+        return f"**NO**: {rising} of {len(runs)} seeds still improving"
+    if None in states:
+        return "**unknown**: too few evaluations"
+    return f"yes ({plateau_key(study, runs[0])})"
+
+
+def results_table(study: Study) -> str:
     """One row per arm: mean ± std over the finished seeds of each quality metric (final, and
     best for the first), of each ``extra`` key (the last metrics row's, or the run's
-    ``accounting.json``), and mean bytes and wall time."""
+    ``accounting.json``), mean bytes and wall time, and whether it plateaued; with grids, the
+    chosen value per arm and a table of every point's score; with claims, their verdicts."""
     main = study.metrics[0]
-    header = ["arm", "seeds", f"final {main}", f"best {main}"]
+    grids = any(arm.grid for arm in study.arms)
+    header = ["arm", "seeds", *(["chosen"] if grids else []), f"final {main}", f"best {main}"]
     header += [f"final {m}" for m in study.metrics[1:]] + list(study.extra)
-    header += ["up / client / round", "total bytes", "wall s"]
+    header += ["up / client / round", "total bytes", "wall s", "plateau"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    curves: dict[str, list[RunView]] = {}
     for arm in study.arms:
         runs = finished_runs(study, arm)
-        curves[arm.label] = runs
         if not runs:
             lines.append(f"| {arm.label} | 0 |" + " - |" * (len(header) - 2))
             continue
@@ -195,14 +456,25 @@ def report(study: Study) -> str:
         ]
         total = statistics.mean(run.metrics[-1]["cumulative_bytes"] for run in runs)
         seconds = statistics.mean(sum(m["seconds"] for m in run.metrics) for run in runs)
-        cells = [arm.label, str(len(runs)), mean_std(present(run.final(main) for run in runs))]
+        cells = [arm.label, str(len(runs))]
+        cells += [", ".join(choose(study, arm) or ()) or "-"] if grids else []
+        cells.append(mean_std(present(run.final(main) for run in runs)))
         cells.append(mean_std(present(run.best(main) for run in runs)))
         cells += [mean_std(present(run.final(m) for run in runs)) for m in study.metrics[1:]]
         cells += [mean_std(present(extra_value(run, key) for run in runs)) for key in study.extra]
         cells.append(human_bytes(int(statistics.mean(uploads))) if uploads else "-")
-        cells += [human_bytes(int(total)), f"{seconds:.0f}"]
+        cells += [human_bytes(int(total)), f"{seconds:.0f}", plateau_cell(study, runs)]
         lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    return "\n\n".join(
+        part for part in ("\n".join(lines), grid_table(study), claims_table(study)) if part
+    )
+
+
+def report(study: Study) -> str:
+    """The results table (``results_table``), written with the study's plot."""
+    table = results_table(study)
+    curves = {arm.label: finished_runs(study, arm) for arm in study.arms}
+    main = study.metrics[0]
     figures = REPO / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     plot_mean_bands(curves, main, figures / f"{study.name}.png", title=study.name)
@@ -211,13 +483,72 @@ def report(study: Study) -> str:
     return table
 
 
+def grid_table(study: Study) -> str:
+    """Every grid point's selection score (mean over the selection seeds), the choice marked."""
+    metric, seeds = study.selection.metric, study.selection.seeds
+    budget = " ".join(study.selection.overrides) or "the full budget"
+    lines = [
+        f"Grid selection by final {metric}, mean over seeds {list(seeds)}, on {budget}:",
+        "",
+        f"| arm | point | {metric} | chosen |",
+        "|---|---|---|---|",
+    ]
+    rows = 0
+    for arm in study.arms:
+        if not arm.grid:
+            continue
+        chosen = choose(study, arm)
+        for point, score in grid_scores(study, arm):
+            shown = "running" if score is None else f"{score:.4f}"
+            mark = "**chosen**" if point == chosen else ""
+            lines.append(f"| {arm.label} | {', '.join(point)} | {shown} | {mark} |")
+            rows += 1
+    return "\n".join(lines) if rows else ""
+
+
+def claims_table(study: Study) -> str:
+    """The study's claims judged by ``fedlora.convergence.verdict`` on the final metric."""
+    if not study.claims:
+        return ""
+    arms = {arm.label: arm for arm in study.arms}
+    lines = ["| claim | effect ± se | verdict | why |", "|---|---|---|---|"]
+    for claim in study.claims:
+        compared = {
+            label: finished_runs(study, arms[label]) for label in (claim.arm, claim.reference)
+        }
+        unsettled = [
+            label
+            for label, runs in compared.items()
+            if any(run_plateaued(study, run) is not True for run in runs)
+        ]
+        finals = {
+            label: present(run.final(claim.metric) for run in runs)
+            for label, runs in compared.items()
+        }
+        judged = verdict(
+            claim.kind,
+            claim.margin,
+            finals[claim.arm],
+            finals[claim.reference],
+            lower_is_better(claim.metric),
+            unsettled,
+        )
+        effect = f"{judged.effect:+.4f} ± {judged.se:.4f} ({claim.metric})"
+        lines.append(f"| {claim.claim} | {effect} | **{judged.verdict}** | {judged.why} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", type=Path, nargs="+", help="study files, run in this order")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    studies = [load_study(path) for path in args.studies]
+    try:
+        studies = [load_study(path) for path in args.studies]
+    except StudyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if not args.report_only:
         run_studies(studies, args.jobs)
     for study in studies:

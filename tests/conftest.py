@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,3 +103,13 @@ def assert_adapter_reloads(run: Path) -> None:
     with torch.no_grad():
         logits = reloaded(**batch).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test, restored afterwards: tiny models on a shared 2-core
+    machine only wait for each other with two threads per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from fedlora.config import config_from_dict
+from fedlora.core_optimizer import CoreOptimizer
 from fedlora.experiment import Experiment
 from fedlora.methods import method_class, registry
 from fedlora.methods.base import Method, MethodContext
-from fedlora.methods.fedsb import CORE, CoreOptimizer
+from fedlora.methods.fedsb import CORE
 from fedlora.tensors import LoraModule
 from tests.test_methods_server import framed, local_least_squares
 

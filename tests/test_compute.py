@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.channel import Channel, decode, encode
-from fedlora.compute import CPU, Compute, available_devices, resolve
+from fedlora.compute import Compute, available_devices, on_cpu, resolve
 from fedlora.config import ComputeConfig, ConfigError, load_config
 from fedlora.experiment import build
 from tests.conftest import TINY, read_metrics, run_cli
@@ -321,7 +321,7 @@ def test_an_unknown_architecture_lists_its_linear_modules(tmp_path: Path) -> Non
     chosen = load_config(
         TINY / "fedit.toml", [f"model.name='{opt}'", "lora.target_modules=['q_proj', 'v_proj']"]
     )
-    assert validate(chosen) == CPU
+    assert validate(chosen) == on_cpu()
 
 
 def test_the_gpu_check_comparison_flags_what_disagrees(fedit_run: Path, tmp_path: Path) -> None:

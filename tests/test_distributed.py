@@ -1,5 +1,8 @@
 """The distributed engine with real processes on localhost: same results as the in-process
 engine, a killed worker stops the run with an error naming it, and --resume finishes the run.
+The observer mode (``--observer``, rank 0 also receives every client's state) is checked
+here; the deployment mode's own proofs are in tests/test_deployment.py. A global model is
+evaluated on rank 0 in both modes, so the fault test (FedIT) runs as a deployment.
 
 Tolerance: none. Results must be bit-identical to the in-process run with the same seed, because
 every process runs the same ops in the same order: the same base model and initial adapter built
@@ -29,6 +32,7 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
 from fedlora.engines.distributed import layout_notes
 from tests.conftest import TINY, run_cli, timeless_metrics
+from tests.frames import received, tensor_keys
 from tests.test_privacy_dp import BUDGET_STOP
 
 # Four rounds of 20 steps, optimizer states kept on the clients: there are worker-held states to
@@ -41,7 +45,7 @@ FEDIT = [
     "--set",
     "train.keep_optimizer_state=true",
 ]
-LAUNCH_TIMEOUT = 240  # seconds for a whole launched run (4 ranks start on 2 busy cores)
+LAUNCH_TIMEOUT = 420  # seconds for a whole launched run (4 ranks start on 2 busy cores)
 
 
 @contextmanager
@@ -68,12 +72,17 @@ def fedit_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return reference("fedit.toml", tmp_path_factory.mktemp("reference") / "fedit", *FEDIT)
 
 
-def launch(config: str, out: Path, log: Path, *extra: str) -> subprocess.Popen:
-    """``fedlora run --engine distributed`` in a new process, its output into ``log``."""
+def launch(
+    config: str, out: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``fedlora run --engine distributed`` in a new process, its output into ``log``;
+    ``env``: added to the environment every rank inherits."""
     command = [sys.executable, "-m", "fedlora", "run", str(TINY / config), "--out", str(out)]
     command += ["--quiet", "--engine", "distributed", *extra]
     with log.open("w") as handle:  # the child keeps its own descriptor
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
 
 def finish(process: subprocess.Popen, log: Path) -> str:
@@ -128,28 +137,37 @@ def test_fedit_and_declora_on_four_processes_match_the_simulation(
     tmp_path: Path, fedit_reference: Path
 ) -> None:
     # Both launches run while the in-process Dec-LoRA reference is computed here.
-    fedit = launch("fedit.toml", tmp_path / "fedit", tmp_path / "fedit.log", "--nproc", "4", *FEDIT)
-    declora = launch("declora.toml", tmp_path / "dec", tmp_path / "dec.log", "--nproc", "4")
+    observe = ("--nproc", "4", "--observer")
+    fedit = launch("fedit.toml", tmp_path / "fedit", tmp_path / "fedit.log", *observe, *FEDIT)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    record = {"FEDLORA_RECORD_FRAMES": str(frames)}
+    declora = launch("declora.toml", tmp_path / "dec", tmp_path / "dec.log", *observe, env=record)
     declora_reference = reference("declora.toml", tmp_path / "dec_ref")
     for process, name in ((fedit, "fedit"), (declora, "dec")):
         log = finish(process, tmp_path / f"{name}.log")
         assert "ranks: 0 pid" in log and "3 pid" in log
+        assert "--observer: after every round the workers send rank 0" in " ".join(log.split())
     assert_same_run(fedit_reference, tmp_path / "fedit")
     assert_same_run(declora_reference, tmp_path / "dec")
+    # The audit of tests/test_deployment.py sees what the observer is sent: other nodes' state.
+    assert any(key.startswith("model.") for key in tensor_keys(received(frames, 0)))
 
 
 def test_killed_worker_stops_the_run_then_resume_matches(
     tmp_path: Path, fedit_reference: Path
 ) -> None:
     out, log = tmp_path / "killed", tmp_path / "killed.log"
-    run = launch("fedit.toml", out, log, "--nproc", "3", *FEDIT)
+    run = launch("fedit.toml", out, log, "--nproc", "3", "--observer", *FEDIT)
     kill_mid_run(run, out, log, rank=1)
     completed = load_checkpoint(out).completed_rounds
     assert 1 <= completed < 4, "the kill must land before the run finished"
     assert not (out / "adapter").exists()
 
-    # A checkpoint holds the worker-held states, so it resumes on another number of processes.
-    resumed = finish(launch("fedit.toml", out, log, "--nproc", "2", "--resume", *FEDIT), log)
+    # An observer's checkpoint holds the worker-held states, so it resumes on another number
+    # of processes.
+    again = ("--nproc", "2", "--resume", "--observer")
+    resumed = finish(launch("fedit.toml", out, log, *again, *FEDIT), log)
     assert f"resuming after round {completed}" in resumed
     assert_same_run(fedit_reference, out)
 
@@ -161,6 +179,7 @@ def test_killed_worker_stops_the_run_then_resume_matches(
         (["--engine", "distributed"], "needs --nproc N, or a launcher (torchrun)"),
         (["--nproc", "2"], "--nproc needs --engine distributed"),
         (["--engine", "mpi"], "--engine must be simulation or distributed"),
+        (["--observer"], "--observer needs --engine distributed"),
     ],
 )
 def test_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:
@@ -179,6 +198,7 @@ def test_idle_ranks_are_named() -> None:
     ]
     assert layout_notes(fedit, 5) == []
     assert layout_notes(declora, 1) == ["one process: the in-process gossip engine runs in it"]
+    assert layout_notes(fedit, 5, observer=True)[0].startswith("--observer: after every round")
 
 
 def test_nproc_must_agree_with_an_external_launcher(

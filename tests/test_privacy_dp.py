@@ -32,14 +32,7 @@ from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.training import LocalTrainer
 from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two threads per op only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- DP-SGD: per-example gradients, clipping, noise ------------------------------------------------

@@ -24,12 +24,7 @@ from tests.conftest import TINY, run_cli
 FEDIT = TINY / "fedit.toml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def engine_for(

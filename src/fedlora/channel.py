@@ -12,15 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
+
+from fedlora.lazy import torch
+from fedlora.tensors import TensorDict
 
 if TYPE_CHECKING:
     from fedlora.codecs import Codec
 
-TensorDict = dict[str, torch.Tensor]
 # What a receiver expects: tensor name -> shape, a None dimension matching any size.
 Schema = dict[str, tuple[int | None, ...]]
 
@@ -41,6 +40,7 @@ class Transfer:
     bytes: int
     tensors: int
     rejected: str = ""  # why the receiver refused the message ("" = accepted)
+    kind: str = ""  # what the message is, where a party sends several kinds ("" = the default)
 
 
 class Ledger:
@@ -65,7 +65,10 @@ class Ledger:
         return sum(r.bytes for r in self.records if r.round <= round_index)
 
     def to_json(self) -> list[dict]:
-        return [{k: v for k, v in asdict(r).items() if k != "rejected" or v} for r in self.records]
+        return [
+            {k: v for k, v in asdict(r).items() if k not in ("rejected", "kind") or v}
+            for r in self.records
+        ]
 
     def rejections(self, round_index: int | None = None) -> list[Transfer]:
         return [
@@ -82,19 +85,18 @@ class Ledger:
         path.write_text("".join(json.dumps(row) + "\n" for row in self.to_json()))
 
 
-HALF = (torch.bfloat16, torch.float16)
-
-
 def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
     """What leaves a party: a CPU tensor, and float32 where the party computed in half
     precision (bytes on the wire never depend on a party's device or compute dtype)."""
     tensor = tensor.detach()
-    if tensor.dtype in HALF:
+    if tensor.dtype in (torch.bfloat16, torch.float16):
         tensor = tensor.float()
     return tensor.to("cpu").contiguous()
 
 
 def encode(tensors: TensorDict) -> bytes:
+    from safetensors.torch import save as save_bytes  # it reads torch.* at import: lazily
+
     return save_bytes({k: on_the_wire(v) for k, v in tensors.items()})
 
 
@@ -109,9 +111,14 @@ def decode(
     expect: Schema | None = None,
     codec: Codec | None = None,
     limit: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TensorDict:
-    """Bytes -> tensors, refusing anything that is not a well-formed float32 message of the
-    expected keys and shapes, finite, and at most ``limit`` bytes long."""
+    """Bytes -> tensors, refusing anything that is not a well-formed message of ``dtype``
+    tensors (None or float32: model tensors, finite; uint8: bytes such as keys and
+    ciphertexts) of the expected keys and shapes, at most ``limit`` bytes long."""
+    from safetensors.torch import load as load_bytes  # it reads torch.* at import: lazily
+
+    dtype = torch.float32 if dtype is None else dtype
     if limit is not None and len(payload) > limit:
         raise MessageError(f"message of {len(payload)} bytes exceeds the limit of {limit}")
     try:
@@ -126,9 +133,10 @@ def decode(
         except (ValueError, TypeError, RuntimeError, IndexError, OverflowError) as error:
             raise MessageError(f"message does not decode: {error}") from None
     for name, tensor in tensors.items():
-        if tensor.dtype != torch.float32:
-            raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected float32")
-        if not torch.isfinite(tensor).all():
+        if tensor.dtype != dtype:
+            expected = str(dtype).removeprefix("torch.")
+            raise MessageError(f"tensor {name!r} has dtype {tensor.dtype}; expected {expected}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MessageError(f"tensor {name!r} contains NaN or infinite values")
     if expect is not None:
         missing = sorted(set(expect) - set(tensors))
@@ -163,14 +171,16 @@ class Channel:
         receiver: str,
         round_index: int,
         expect: Schema | None = None,
+        dtype: torch.dtype | None = None,
+        kind: str = "",
     ) -> TensorDict:
         """Pack, count and deliver; a message the receiver refuses raises ``MessageError``
-        after its transfer is recorded with the reason."""
+        after its transfer is recorded with the reason. ``dtype``: what its tensors must be;
+        ``kind``: the ledger's name for it."""
         if not tensors:
             return {}
-        return self.receive(
-            self.pack(tensors, sender, round_index), sender, receiver, round_index, expect
-        )
+        payload = self.pack(tensors, sender, round_index)
+        return self.receive(payload, sender, receiver, round_index, expect, dtype, kind)
 
     # ``send`` in two halves, for engines whose parties live in different processes: the sender
     # packs, the bytes travel, the receiver unpacks; whoever keeps the ledger records the transfer.
@@ -179,21 +189,31 @@ class Channel:
         wire = tensors if self.codec is None else self.codec.encode(tensors, round_index, sender)
         return encode(wire)
 
-    def unpack(self, payload: bytes, expect: Schema | None = None) -> TensorDict:
+    def unpack(
+        self, payload: bytes, expect: Schema | None = None, dtype: torch.dtype | None = None
+    ) -> TensorDict:
         """Bytes from ``pack`` -> validated tensors (decoded by the codec if there is one)."""
-        return decode(payload, expect, self.codec, self.limit)
+        return decode(payload, expect, self.codec, self.limit, dtype)
 
     def receive(
-        self, payload: bytes, sender: str, receiver: str, round_index: int, expect: Schema | None
+        self,
+        payload: bytes,
+        sender: str,
+        receiver: str,
+        round_index: int,
+        expect: Schema | None,
+        dtype: torch.dtype | None = None,
+        kind: str = "",
     ) -> TensorDict:
         """Record the transfer of ``payload`` and unpack it; a refused message is recorded with
         the reason, then ``MessageError`` is raised for the caller to leave it out."""
+        size = len(payload)
         try:
-            tensors = self.unpack(payload, expect)
+            tensors = self.unpack(payload, expect, dtype)
         except MessageError as error:
-            self.ledger.add(Transfer(round_index, sender, receiver, len(payload), 0, str(error)))
+            self.ledger.add(Transfer(round_index, sender, receiver, size, 0, str(error), kind))
             raise
-        self.ledger.add(Transfer(round_index, sender, receiver, len(payload), len(tensors)))
+        self.ledger.add(Transfer(round_index, sender, receiver, size, len(tensors), kind=kind))
         return tensors
 
 

@@ -25,6 +25,9 @@ TensorDict = dict[str, torch.Tensor]
 
 FILE = "checkpoint.safetensors"
 PARTIAL = FILE + ".partial"  # a save in progress; what a crash during one leaves behind
+# The round before FILE's, kept by the ranks of a deployment run that are not rank 0: rank 0
+# saves a round only after every other rank has, so it may lag them by one (``checkpoint_at``).
+PREVIOUS = "checkpoint.previous.safetensors"
 FORMAT = "fedlora-checkpoint-1"
 GROUPS = ("method", "store", "optim")
 
@@ -66,7 +69,9 @@ def _flatten(checkpoint: Checkpoint) -> TensorDict:
     return {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
+def save_checkpoint(directory: Path, checkpoint: Checkpoint, keep_previous: bool = False) -> None:
+    """Write ``checkpoint`` atomically; with ``keep_previous`` the checkpoint it replaces stays
+    as PREVIOUS (a crash between the two renames leaves PREVIOUS alone, still a whole file)."""
     target = directory / FILE
     partial = directory / PARTIAL
     tensors = _flatten(checkpoint)
@@ -81,12 +86,14 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     save_file(tensors, str(partial), metadata=metadata)
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
+    if keep_previous and target.is_file():
+        os.replace(target, directory / PREVIOUS)
     os.replace(partial, target)  # atomic: a reader sees the old or the new file, never half
 
 
-def load_checkpoint(directory: Path) -> Checkpoint | None:
+def load_checkpoint(directory: Path, name: str = FILE) -> Checkpoint | None:
     """The last completed round's state, verified; None if there is no checkpoint."""
-    path = directory / FILE
+    path = directory / name
     if not path.is_file():
         return None
     try:
@@ -132,6 +139,21 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         target = checkpoint.stores if group == "store" else checkpoint.optimizers
         target.setdefault(int(client), {})[name] = tensor
     return checkpoint
+
+
+def checkpoint_at(directory: Path, completed: int) -> Checkpoint:
+    """The checkpoint in ``directory`` (FILE, else PREVIOUS) after ``completed`` rounds."""
+    found = []
+    for name in (FILE, PREVIOUS):
+        checkpoint = load_checkpoint(directory, name)
+        if checkpoint is not None and checkpoint.completed_rounds == completed:
+            return checkpoint
+        if checkpoint is not None:
+            found.append(f"{name} after round {checkpoint.completed_rounds}")
+    raise CheckpointError(
+        f"--resume: {directory} holds no checkpoint after round {completed}, where the run "
+        f"resumes ({', '.join(found) or 'no checkpoint at all'})"
+    )
 
 
 def remove_partial(directory: Path) -> None:

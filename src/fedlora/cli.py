@@ -42,6 +42,14 @@ def run(
     nproc: Annotated[
         int | None, typer.Option(help="distributed: processes to start on this machine")
     ] = None,
+    observer: Annotated[
+        bool,
+        typer.Option(
+            help="distributed: rank 0 also receives every client's state after each round and "
+            "evaluates and checkpoints everything (bit-identical to --engine simulation); "
+            "default: each rank keeps its own clients' state"
+        ),
+    ] = False,
     timeout: Annotated[
         float,
         typer.Option(
@@ -56,12 +64,15 @@ def run(
         from fedlora.config import load_config
 
         config = load_config(config_file, set_ or [])  # the schema: pydantic only
-        from fedlora.preflight import preflight  # methods and devices: torch, not the stack
+        from fedlora.preflight import check_config, preflight
 
-        preflight(config)
+        check_config(config)  # methods, options, ranks, aggregators: still no torch
+        preflight(config)  # the machine's devices: torch, not yet transformers or peft
         if engine == "simulation":
             if nproc is not None:
                 fail("--nproc needs --engine distributed")
+            if observer:
+                fail("--observer needs --engine distributed (one process sees every party)")
             from fedlora.channel import MessageError
             from fedlora.session import run_experiment
 
@@ -78,7 +89,17 @@ def run(
             from fedlora.engines.transport import PeerError
 
             try:
-                launch(config_file, set_ or [], out, resume, nproc, timeout, console, not quiet)
+                launch(
+                    config_file,
+                    set_ or [],
+                    out,
+                    resume,
+                    nproc,
+                    timeout,
+                    console,
+                    not quiet,
+                    observer,
+                )
             except (LaunchError, PeerError) as error:  # gloo's text has [brackets]: escape
                 message = f"[bold red]error:[/] {escape(str(error))}"
                 console.print(message, highlight=False, soft_wrap=True)

@@ -14,11 +14,8 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-import torch
-
 from fedlora.config import ComputeConfig, ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from fedlora.lazy import torch
 
 
 def available_devices() -> list[str]:
@@ -71,7 +68,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     run on have no bfloat16 matmul hardware: ~400x slower)."""
     if name == "auto":
         return torch.bfloat16 if _supports_bfloat16(device) else torch.float32
-    return DTYPES[name]
+    return getattr(torch, name)  # a name the schema allows: float32, bfloat16, float16
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,10 @@ def rank_backend(compute: Compute) -> str:
     return "nccl" if local_ranks <= torch.cuda.device_count() else "gloo"
 
 
-CPU = Compute(torch.device("cpu"), torch.float32, torch.device("cpu"))
+def on_cpu() -> Compute:
+    """float32 on the CPU: what code given no ``[compute]`` runs on (a function, not a
+    constant, so that importing this module does not load torch)."""
+    return Compute(torch.device("cpu"), torch.float32, torch.device("cpu"))
 
 
 def resolve(config: ComputeConfig) -> Compute:

@@ -63,9 +63,28 @@ class DataConfig(Section):
     label_column: str = "label"
     answer_column: str = "answer"
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of the training data held out for validation; 0: none"
+    )
+    test_file: str | None = Field(None, description="a given test split (same columns)")
+    validation_file: str | None = Field(None, description="a given validation split")
     max_train_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
+    max_validation_examples: int | None = Field(None, ge=1)
     split_seed: int = 1234
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataConfig:
+        if self.validation_file is not None and self.validation_fraction > 0:
+            raise ValueError(
+                "set either validation_file (a given split) or validation_fraction (one carved "
+                "from the training data), not both"
+            )
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_file is not None or self.validation_fraction > 0
 
 
 class PartitionConfig(Section):
@@ -121,12 +140,13 @@ class FederationConfig(Section):
 
 
 def round_size(num_clients: int, per_round: int | None, fraction: float | None) -> int:
-    """How many clients a round samples: all, ``clients_per_round``, or ``fraction`` of them
-    (at least one, at most all)."""
-    if per_round is None and fraction is None:
-        return num_clients
-    count = per_round if per_round is not None else max(1, round(fraction * num_clients))
-    return min(count, num_clients)
+    """How many of ``num_clients`` clients a round samples (``federation.clients_per_round``
+    or ``fraction``; all if neither)."""
+    if per_round is not None:
+        return min(per_round, num_clients)
+    if fraction is not None:
+        return min(max(1, round(fraction * num_clients)), num_clients)
+    return num_clients
 
 
 class AttackConfig(Section):

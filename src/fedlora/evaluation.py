@@ -1,5 +1,7 @@
 """Test-set metrics of an adapter state: accuracy and macro-F1 for classification; loss,
-perplexity and ROUGE-L of generated answers for causal language models."""
+perplexity and ROUGE-L of generated answers for causal language models. With a validation split
+the same metrics of it come alongside as ``val_*``: every engine evaluates through here, so every
+engine reports them, and a study can choose by validation without ever looking at test."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import AdapterSlots
-from fedlora.compute import CPU, Compute
+from fedlora.compute import Compute, on_cpu
 from fedlora.config import EvalConfig
 from fedlora.data.tokenized import IGNORE, TokenizedSet
 from fedlora.tensors import TensorDict
@@ -26,11 +28,13 @@ class Evaluator:
         test: TokenizedSet,
         tokenizer: PreTrainedTokenizerBase,
         config: EvalConfig,
-        compute: Compute = CPU,
+        compute: Compute | None = None,
+        validation: TokenizedSet | None = None,
     ):
-        self.compute = compute
+        self.compute = compute or on_cpu()
         self.slots = slots
         self.test = test
+        self.validation = validation
         self.tokenizer = tokenizer
         self.batch_size = config.batch_size
         self.max_generate = config.max_generate
@@ -41,22 +45,30 @@ class Evaluator:
         rows = list(range(count))
         return [rows[i : i + self.batch_size] for i in range(0, count, self.batch_size)]
 
-    def _batch(self, rows: list[int], prompts: bool = False) -> dict[str, torch.Tensor]:
-        cut = self.test.prompt_batch(rows) if prompts else self.test.batch(rows)
+    def _batch(
+        self, data: TokenizedSet, rows: list[int], prompts: bool = False
+    ) -> dict[str, torch.Tensor]:
+        cut = data.prompt_batch(rows) if prompts else data.batch(rows)
         return to_device(cut, self.compute.device)
 
     def evaluate(self, state: TensorDict) -> dict[str, float]:
+        """The test metrics, and the validation set's as ``val_<metric>`` when there is one."""
         with torch.no_grad(), self.compute.autocast():
-            return self._evaluate(state)
+            self.slots.load(state)
+            self.slots.model.eval()
+            metrics = self._evaluate(self.test)
+            if self.validation is not None:
+                scored = self._evaluate(self.validation)
+                metrics.update({f"val_{key}": value for key, value in scored.items()})
+            return metrics
 
-    def _evaluate(self, state: TensorDict) -> dict[str, float]:
-        self.slots.load(state)
+    def _evaluate(self, data: TokenizedSet) -> dict[str, float]:
+        """The metrics of one split under the loaded state."""
         model = self.slots.model
-        model.eval()
-        if not self.test.causal:
+        if not data.causal:
             predictions, labels, losses = [], [], []
-            for rows in self._chunks(len(self.test)):
-                batch = self._batch(rows)
+            for rows in self._chunks(len(data)):
+                batch = self._batch(data, rows)
                 out = model(**batch)
                 losses.append(float(out.loss) * len(rows))
                 predictions.extend(out.logits.argmax(-1).tolist())
@@ -67,8 +79,8 @@ class Evaluator:
                 "loss": sum(losses) / len(labels),
             }
         total_loss, total_tokens = 0.0, 0
-        for rows in self._chunks(len(self.test)):
-            batch = self._batch(rows)
+        for rows in self._chunks(len(data)):
+            batch = self._batch(data, rows)
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
@@ -84,17 +96,17 @@ class Evaluator:
         mean_loss = total_loss / max(1, total_tokens)
         metrics = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
         if self.max_generate > 0:
-            metrics["rouge_l"] = self._rouge_l(model)
+            metrics["rouge_l"] = self._rouge_l(model, data)
         return metrics
 
-    def _rouge_l(self, model: torch.nn.Module) -> float:
+    def _rouge_l(self, model: torch.nn.Module, data: TokenizedSet) -> float:
         """ROUGE-L F1 of greedy generations against the reference answers (true generation,
         not teacher-forced argmax)."""
-        assert self.test.answers is not None
-        count = min(self.max_generate, len(self.test))
+        assert data.answers is not None
+        count = min(self.max_generate, len(data))
         scores = []
         for rows in self._chunks(count):
-            batch = self._batch(rows, prompts=True)
+            batch = self._batch(data, rows, prompts=True)
             generated = model.generate(
                 **batch,
                 max_new_tokens=self.max_new_tokens,
@@ -105,5 +117,5 @@ class Evaluator:
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for row, text in zip(rows, texts, strict=True):
-                scores.append(self._rouge.score(self.test.answers[row], text)["rougeL"].fmeasure)
+                scores.append(self._rouge.score(data.answers[row], text)["rougeL"].fmeasure)
         return float(np.mean(scores))

@@ -74,6 +74,11 @@ def build(config: Config) -> Experiment:
     causal = spec.task == "causal"
     train_set = tokenize(split.train, tokenizer, config.model.max_length, causal)
     test_set = tokenize(split.test, tokenizer, config.model.max_length, causal)
+    validation_set = (
+        tokenize(split.validation, tokenizer, config.model.max_length, causal)
+        if split.validation is not None
+        else None
+    )
     quantized = config.model.quantize_4bit
     storage = compute.dtype if compute.stores_base_in_dtype and not quantized else None
     base = load_base_model(
@@ -111,7 +116,7 @@ def build(config: Config) -> Experiment:
         compute,
         dp_sgd_of(plan, config, causal_attention=base.config.model_type not in ENCODERS),
     )
-    evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute)
+    evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute, validation_set)
     return Experiment(
         config,
         spec,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
-
-TensorDict = dict[str, torch.Tensor]
+from fedlora.lazy import torch
+from fedlora.tensors import TensorDict
 
 
 def normalized(weights: Sequence[float]) -> list[float]:

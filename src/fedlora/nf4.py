@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.compute import CPU, Compute
+from fedlora.compute import Compute, on_cpu
 from fedlora.config import ConfigError
 
 BLOCK = 64
 KEEP = ("lm_head",)  # trained or tied output layers stay float32
 
 
-def quantize_nf4(model: torch.nn.Module, head: str | None, compute: Compute = CPU) -> int:
+def quantize_nf4(model: torch.nn.Module, head: str | None, compute: Compute | None = None) -> int:
     """Replace the frozen linears of ``model`` in place (quantized as they move to the compute
     device); returns how many were replaced."""
     import bitsandbytes as bnb  # heavy import, only when asked for
+
+    compute = compute or on_cpu()
 
     keep = {*KEEP, *([head] if head else [])}
     targets = [

@@ -1,22 +1,29 @@
-"""The checks of a config that need no model, no data and nothing heavier than torch, run
-before anything is loaded: a mistake is answered in about a second, not after the whole
-transformers/peft stack has been imported."""
+"""The checks of a config that need no model and no data, run before anything is loaded: a
+mistake is answered in well under a second, not after the whole torch/transformers/peft stack
+has been imported. ``check_config`` needs no torch at all (the method modules import it lazily,
+``fedlora.lazy``); only asking the machine for its devices (``preflight``) loads torch."""
 
 from __future__ import annotations
 
 from fedlora import compute as computes
 from fedlora.compute import Compute
-from fedlora.config import Config, ConfigError
+from fedlora.config import Config, ConfigError, round_size
 from fedlora.methods import method_class, method_options, registry
 from fedlora.privacy.refusals import check_privacy
 from fedlora.ranks import client_ranks
 
 
 def preflight(config: Config) -> Compute:
-    """Method and options, device and dtype, ranks, 4-bit compatibility, robust aggregation,
-    attackers and privacy; returns where the run computes."""
+    """``check_config``, then device and dtype against this machine; returns where the run
+    computes."""
+    check_config(config)
+    return computes.resolve(config.compute)
+
+
+def check_config(config: Config) -> None:
+    """Method and options, ranks, 4-bit compatibility, robust aggregation, attackers and
+    secure aggregation."""
     method_options(config.method)
-    compute = computes.resolve(config.compute)
     cls = method_class(config.method.name)
     if config.ranks.profile != "homo" and not cls.heterogeneous_ranks:
         raise ConfigError(
@@ -30,8 +37,8 @@ def preflight(config: Config) -> Compute:
             "weights, which cannot be 4-bit; use quantize_4bit = false"
         )
     check_reliability(config)
+    check_secure_aggregation(config)
     check_privacy(config)
-    return compute
 
 
 def check_reliability(config: Config) -> None:
@@ -60,3 +67,55 @@ def check_reliability(config: Config) -> None:
     outside = [c for c in config.attack.clients if not 0 <= c < clients]
     if outside:
         raise ConfigError(f"attack.clients {outside}: the run has clients 0..{clients - 1}")
+
+
+def check_secure_aggregation(config: Config) -> None:
+    """Secure aggregation shows the server only the weighted sum of a round's replies: the
+    method's server step must need nothing else, the aggregator must be the plain mean, and a
+    round must have at least two clients and at least ``privacy.threshold``."""
+    if not config.privacy.secure_aggregation:
+        return
+    name, cls = config.method.name, method_class(config.method.name)
+    prefix = f"privacy.secure_aggregation: method {name!r}"
+    if cls.engine != "simulation":
+        raise ConfigError(f"{prefix} runs on the {cls.engine!r} engine: no server sums replies")
+    if not cls.communicates:
+        raise ConfigError(f"{prefix} sends nothing, so there is no sum to protect")
+    if cls.needs_each_reply:
+        able = ", ".join(
+            n
+            for n, c in registry().items()
+            if not c.needs_each_reply and c.communicates and c.engine == "simulation"
+        )
+        raise ConfigError(
+            f"{prefix} cannot run on the sum of the replies alone: {cls.needs_each_reply}; "
+            f"methods that support secure aggregation: {able}"
+        )
+    if config.privacy.mechanism == "central":
+        raise ConfigError(
+            "privacy.secure_aggregation with privacy.mechanism 'central' is not supported yet: "
+            "central DP clips each client's update at the server, which secure aggregation "
+            "hides (clipping on the clients and noising the unmasked sum is not built); use one "
+            "of them, or dp_sgd with secure aggregation"
+        )
+    aggregator = config.federation.aggregator
+    if aggregator != "mean":
+        raise ConfigError(
+            f"federation.aggregator {aggregator!r} needs each client's reply, which secure "
+            "aggregation hides from the server; use aggregator = 'mean'"
+        )
+    federation = config.federation
+    clients = round_size(
+        config.partition.num_clients, federation.clients_per_round, federation.fraction
+    )
+    if clients < 2:
+        raise ConfigError(
+            f"privacy.secure_aggregation: a round has {clients} client, and the sum of one reply "
+            "is that reply; sample at least 2 clients a round"
+        )
+    threshold = config.privacy.threshold
+    if threshold is not None and threshold > clients:
+        raise ConfigError(
+            f"privacy.threshold {threshold} exceeds the {clients} clients of a round, so no "
+            f"round could recover its sum; use at most {clients}"
+        )

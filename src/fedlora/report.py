@@ -15,7 +15,14 @@ import matplotlib.pyplot as plt
 
 from fedlora.channel import human_bytes
 
-QUALITY_KEYS = ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
+TEST_KEYS = ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
+# The validation split's metrics (data.validation_fraction / validation_file), next to test's.
+VALIDATION_KEYS = ("val_accuracy", "val_macro_f1", "val_rouge_l", "val_perplexity", "val_loss")
+QUALITY_KEYS = TEST_KEYS + VALIDATION_KEYS
+
+
+def lower_is_better(key: str) -> bool:
+    return key.endswith(("loss", "perplexity"))
 
 
 @dataclass
@@ -38,7 +45,7 @@ class RunView:
         rows = [m[key] for m in self.evaluated if key in m]
         if not rows:
             return None
-        return min(rows) if key in ("perplexity", "test_loss") else max(rows)
+        return min(rows) if lower_is_better(key) else max(rows)
 
 
 def read_run(path: Path) -> RunView:
@@ -54,9 +61,9 @@ def read_run(path: Path) -> RunView:
     return RunView(path, label, metrics)
 
 
-def quality_keys(runs: list[RunView]) -> list[str]:
+def quality_keys(runs: list[RunView], keys: tuple[str, ...] = QUALITY_KEYS) -> list[str]:
     present = {k for run in runs for m in run.evaluated for k in m}
-    return [k for k in QUALITY_KEYS if k in present]
+    return [k for k in keys if k in present]
 
 
 def markdown_table(runs: list[RunView]) -> str:
@@ -78,7 +85,7 @@ def _fmt(value: float | None) -> str:
 def plot_runs(runs: list[RunView], directory: Path) -> list[Path]:
     """Per quality metric: metric vs round and metric vs cumulative bytes (all runs overlaid)."""
     written = []
-    for key in quality_keys(runs):
+    for key in quality_keys(runs, TEST_KEYS):  # val_* are in the tables (plots: issue 17)
         for x_key, x_label, name in (
             ("round", "round", f"{key}_vs_round.png"),
             ("cumulative_bytes", "cumulative bytes on the wire", f"{key}_vs_bytes.png"),

@@ -20,12 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from fedlora.config import FederationConfig
+from fedlora.lazy import torch
 from fedlora.lora import weighted_average
-
-TensorDict = dict[str, torch.Tensor]
+from fedlora.tensors import TensorDict
 
 
 def coordinate_median(stack: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ ledger.jsonl           one line per transfer: round, sender, receiver, bytes
 checkpoint.safetensors the state after the last completed round (for --resume)
 adapter/               the final global adapter in PEFT format (if the method has one)
 adapters/client_<i>/   per-client adapters (methods whose clients keep their own model)
+rank<k>/               a distributed deployment's rank k: its own checkpoint (and DLoRA's
+                       per-step files of its users); rank 0's is checkpoint.safetensors above
 summary.md             tables: final metrics, bytes, client label histograms
 *_vs_round.png, *_vs_bytes.png
 """
@@ -23,6 +25,12 @@ from fedlora.config import Config, ConfigError
 from fedlora.engines.simulation import RunResult
 from fedlora.experiment import Experiment
 from fedlora.report import RunView, markdown_table, plot_runs
+from fedlora.tensors import TensorDict
+
+
+def out_dir(out: Path | None, config: Config) -> Path:
+    """``--out``, or ``runs/<experiment.name>`` (the same default on every rank)."""
+    return out or Path("runs") / config.experiment.name
 
 
 def prepare(out: Path, config: Config, resume: bool) -> None:
@@ -47,17 +55,26 @@ def prepare(out: Path, config: Config, resume: bool) -> None:
 
 
 def export_adapters(experiment: Experiment, result: RunResult, out: Path) -> list[Path]:
-    method, slots = experiment.method, experiment.slots
+    method = experiment.method
     written = []
     state = method.global_state()
     if state is not None:
-        slots.export(state, out / "adapter")
+        experiment.slots.export(state, out / "adapter")
         written.append(out / "adapter")
+    return written + export_client_adapters(experiment, result.stores, out)
+
+
+def export_client_adapters(
+    experiment: Experiment, stores: dict[int, TensorDict], out: Path
+) -> list[Path]:
+    """Each client's own adapter (``per_client_eval`` methods) of the ``stores`` given: all of
+    them in one process; in a distributed deployment, each rank exports the clients it holds."""
+    method, written = experiment.method, []
     if method.per_client_eval:
-        for client, store in result.stores.items():
+        for client, store in stores.items():
             own = method.client_model(client, store)
             if own is not None:
-                slots.export(own, out / "adapters" / f"client_{client}")
+                experiment.slots.export(own, out / "adapters" / f"client_{client}")
                 written.append(out / "adapters" / f"client_{client}")
     return written
 
@@ -73,6 +90,8 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
         f"data `{config.data.dataset}`, {len(experiment.clients)} clients "
         f"({config.partition.kind}), {config.experiment.rounds} rounds, "
         f"seed {config.experiment.seed}",
+        "",
+        split_line(experiment),
         "",
         "## Results",
         "",
@@ -102,6 +121,18 @@ def summary_markdown(experiment: Experiment, result: RunResult, out: Path) -> st
         ", ".join(f"client {c}: r={r}" for c, r in enumerate(ranks)),
     ]
     return "\n".join([*lines, *result.notes]) + "\n"
+
+
+def split_line(experiment: Experiment) -> str:
+    """Where the evaluated rows came from: carved (with their shares) or given files."""
+    data, split = experiment.config.data, experiment.split
+    test = f"`{data.test_file}`" if data.test_file else f"{data.test_fraction:g} held out"
+    parts = [f"{len(split.train)} training examples", f"{len(split.test)} test ({test})"]
+    if split.validation is not None:
+        given = data.validation_file
+        source = f"`{given}`" if given else f"{data.validation_fraction:g} of the training data"
+        parts.append(f"{len(split.validation)} validation ({source}, no client trains on it)")
+    return "Data: " + ", ".join(parts) + "."
 
 
 def reliability_lines(result: RunResult) -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedlora.lazy import torch
 from fedlora.tensors import TensorDict
 from fedlora.training import optimizer_tensors, restore_optimizer
 

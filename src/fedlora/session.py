@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -17,6 +18,10 @@ from fedlora.engines.gossip import GossipEngine
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
 from fedlora.privacy.accounting import format_epsilon
+from fedlora.report import QUALITY_KEYS
+
+# What builds an engine: its class, or a class with its options bound (``--observer``).
+EngineFactory = Callable[[experiments.Experiment, Path, Console], SimulationEngine]
 
 # by ``Method.engine``
 ENGINES: dict[str, type[SimulationEngine]] = {
@@ -41,13 +46,19 @@ def configure_runtime(compute: Compute | None = None) -> None:
     disable_progress_bar()
 
 
+SHOWN = QUALITY_KEYS  # test metrics, then validation ones
+# What the nodes' own models score: the table's columns where no process averages them (a
+# distributed gossip deployment evaluates each node on its own rank).
+NODES_SHOWN = ("node_accuracy", "node_macro_f1", "node_rouge_l", "node_perplexity", "node_loss")
+
+
+def shown_keys(metrics: list[dict], names: tuple[str, ...]) -> list[str]:
+    evaluated = [m for m in metrics if any(k in m for k in names)]
+    return [k for k in names if evaluated and k in evaluated[-1]]
+
+
 def final_table(result: RunResult) -> Table:
-    evaluated = [m for m in result.metrics if any(k in m for k in ("accuracy", "test_loss"))]
-    keys = [
-        k
-        for k in ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
-        if evaluated and k in evaluated[-1]
-    ]
+    keys = shown_keys(result.metrics, SHOWN) or shown_keys(result.metrics, NODES_SHOWN)
     private = any("epsilon" in m for m in result.metrics)
     privacy = ["ε", "δ"] if private else []
     table = Table(
@@ -75,7 +86,7 @@ def run_experiment(
     resume: bool,
     console: Console,
     show_progress: bool = True,
-    engines: dict[str, type[SimulationEngine]] = ENGINES,
+    engines: Mapping[str, EngineFactory] = ENGINES,
     default_threads: int | None = None,
 ) -> RunResult:
     """``engines``: the engine per ``Method.engine`` (the distributed engine passes its own);
@@ -84,7 +95,7 @@ def run_experiment(
     compute = experiments.validate(config)
     configure_threads(config.compute, default_threads)
     configure_runtime(compute)
-    out = out or Path("runs") / config.experiment.name
+    out = rundir.out_dir(out, config)
     rundir.prepare(out, config, resume)
     console.print(
         f"[bold]{config.experiment.name}[/]: method {config.method.name}, model "

@@ -1,4 +1,5 @@
-"""The names and shapes every party agrees on, with nothing heavier than torch: adapter tensor
+"""The names and shapes every party agrees on, with nothing heavier than torch (and that only
+lazily, ``fedlora.lazy``): adapter tensor
 dicts keyed like PEFT's state dict (the wire format), and the adapted modules' dimensions.
 Methods, the channel and the trainer import these without loading transformers or peft, so a
 config can be checked (and ``fedlora methods`` listed) quickly."""
@@ -7,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from fedlora.lazy import torch
 
-TensorDict = dict[str, torch.Tensor]
+TensorDict = dict[str, "torch.Tensor"]
 
 ADAPTER = "default"
 FULL_COPY = "ln_tuning_layers"  # PEFT's name for a trainable copy of a whole module

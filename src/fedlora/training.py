@@ -15,10 +15,10 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from fedlora.compute import CPU, Compute
+from fedlora.compute import Compute, on_cpu
 from fedlora.config import TrainConfig
+from fedlora.lazy import torch
 from fedlora.privacy.dp_sgd import DpSgd, PerExampleGradients, clip_per_example, private_batches
 from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.tensors import TensorDict, is_head
@@ -117,9 +117,12 @@ def set_learning_rate(
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, compute: Compute = CPU) -> TensorDict:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, compute: Compute | None = None
+) -> TensorDict:
     """The optimizer's per-parameter state as a flat tensor dict (checkpointable as safetensors),
     where ``compute`` keeps it while its client waits (CPU memory unless states_on_device)."""
+    compute = compute or on_cpu()
     flat: TensorDict = {}
     for index, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
@@ -139,7 +142,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, flat: TensorDict) -> Non
 
 
 OptimizerFactory = Callable[
-    [list[tuple[str, torch.nn.Parameter]], TrainConfig], torch.optim.Optimizer
+    [list[tuple[str, "torch.nn.Parameter"]], TrainConfig], "torch.optim.Optimizer"
 ]
 
 
@@ -163,11 +166,11 @@ class LocalTrainer:
         seed: int,
         rounds: int,
         make_optimizer: OptimizerFactory = standard_optimizer,
-        compute: Compute = CPU,
+        compute: Compute | None = None,
         dp: DpSgd | None = None,
     ):
         self.make_optimizer = make_optimizer  # the method's ``local_optimizer``
-        self.compute = compute
+        self.compute = compute or on_cpu()
         self.dp = dp
         self.slots = slots
         self.data = data

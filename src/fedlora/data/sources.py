@@ -2,11 +2,14 @@
 
 Every source yields a ``datasets.Dataset`` with the columns ``text`` (input or prompt), ``label``
 (class id, a ClassLabel; for instruction data the category, which partitioners use) and, for
-instruction data, ``answer``. The train/test split is fixed, seeded and stratified by label.
+instruction data, ``answer``. The train/test split is fixed, seeded and stratified by label;
+a validation split is carved from the training rows the same way, before any partitioning, so no
+client ever trains on it. A local dataset may come with its own test and validation files.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ class SplitData:
     test: Dataset
     label_names: list[str]
     has_answers: bool
+    validation: Dataset | None = None  # data.validation_fraction or data.validation_file
 
 
 def bbc_news() -> Dataset:
@@ -70,20 +74,20 @@ def chatterbot() -> Dataset:
     ).cast_column("label", ClassLabel(names=[names[i] for i in present]))
 
 
-def local_file(config: DataConfig, needs_answers: bool) -> Dataset:
-    path = Path(config.dataset)
+def read_table(path_text: str, key: str, config: DataConfig, needs_answers: bool) -> Dataset:
+    """A local .jsonl/.json/.csv file as a Dataset of strings with the roles' names (``text``,
+    ``label``, ``answer``); ``key`` names the setting it came from, for the errors."""
+    path = Path(path_text)
     if not path.is_file():
-        raise ConfigError(
-            f"data.dataset {config.dataset!r} is neither a known dataset (bbc-news, chatterbot) "
-            "nor an existing .jsonl/.json/.csv file"
-        )
+        what = "neither a known dataset (bbc-news, chatterbot) nor" if key == "dataset" else "not"
+        raise ConfigError(f"data.{key} {path_text!r} is {what} an existing .jsonl/.json/.csv file")
     kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix.lower())
     if kind is None:
-        raise ConfigError(f"data.dataset {path}: unsupported file type; use .jsonl, .json or .csv")
+        raise ConfigError(f"data.{key} {path}: unsupported file type; use .jsonl, .json or .csv")
     try:
         raw = load_dataset(kind, data_files=str(path), split="train")
     except Exception as error:  # datasets raises many types for malformed files
-        raise ConfigError(f"data.dataset {path} could not be read: {error}") from None
+        raise ConfigError(f"data.{key} {path} could not be read: {error}") from None
     columns = {"text": config.text_column}
     if needs_answers:
         columns["answer"] = config.answer_column
@@ -102,7 +106,59 @@ def local_file(config: DataConfig, needs_answers: bool) -> Dataset:
             data[column] = [str(v) for v in raw[column]]
     if "label" not in data:
         data["label"] = ["all"] * len(raw)
-    return Dataset.from_dict(data).class_encode_column("label")
+    return Dataset.from_dict(data)
+
+
+def local_file(config: DataConfig, needs_answers: bool) -> Dataset:
+    return read_table(config.dataset, "dataset", config, needs_answers).class_encode_column("label")
+
+
+def given_split(
+    config: DataConfig, key: str, needs_answers: bool, label_names: list[str]
+) -> Dataset:
+    """``data.test_file`` or ``data.validation_file``, its labels encoded as the training
+    data's: a label the training data lacks could never be predicted, so it is refused."""
+    table = read_table(getattr(config, key), key, config, needs_answers)
+    unknown = sorted(set(table["label"]) - set(label_names))
+    if unknown:
+        raise ConfigError(
+            f"data.{key} {getattr(config, key)}: labels {unknown} do not occur in the training "
+            f"data (its labels: {', '.join(label_names)}); every label needs training examples"
+        )
+    return table.cast_column("label", ClassLabel(names=label_names))
+
+
+def carve_validation(
+    train: Dataset, fraction: float, seed: int, label_names: list[str]
+) -> tuple[Dataset, Dataset]:
+    """(train, validation): a stratified share of the training rows, fixed by ``seed``. Every
+    class must keep training rows and appear in the validation set, or the validation metric
+    would score classes no client can learn (or miss classes the test scores)."""
+    counts = _label_counts(list(train["label"]), len(label_names))
+    present = [c for c, n in enumerate(counts) if n]
+    scarce = [label_names[c] for c in present if counts[c] < 2]
+    if scarce:
+        raise ConfigError(
+            f"data.validation_fraction: classes {scarce} have fewer than 2 training examples, "
+            "so they cannot be in both the training and the validation set; use more data or "
+            "validation_fraction = 0"
+        )
+    size = math.ceil(fraction * len(train))  # as datasets' train_test_split rounds
+    if size < len(present) or len(train) - size < len(present):
+        raise ConfigError(
+            f"data.validation_fraction {fraction} of {len(train)} training examples gives "
+            f"{size} validation and {len(train) - size} training rows; a stratified split needs "
+            f"at least one of each of the {len(present)} classes on both sides"
+        )
+    parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    kept = _label_counts(list(parts["train"]["label"]), len(label_names))
+    emptied = [label_names[c] for c in present if kept[c] == 0]
+    if emptied:
+        raise ConfigError(
+            f"data.validation_fraction {fraction} leaves classes {emptied} without training "
+            "examples; use a smaller fraction"
+        )
+    return parts["train"], parts["test"]
 
 
 def load_split(config: DataConfig, needs_answers: bool) -> SplitData:
@@ -118,19 +174,40 @@ def load_split(config: DataConfig, needs_answers: bool) -> SplitData:
             "prompt/answer pairs (chatterbot, or a file with data.answer_column)"
         )
     label_names = list(dataset.features["label"].names)
-    counts = _label_counts(list(dataset["label"]), len(label_names))
+    if config.test_file is not None:
+        train, test = dataset, given_split(config, "test_file", needs_answers, label_names)
+    else:
+        train, test = carve_test(dataset, config, len(label_names))
+    validation = None
+    if config.validation_file is not None:
+        validation = given_split(config, "validation_file", needs_answers, label_names)
+    elif config.validation_fraction > 0:
+        train, validation = carve_validation(
+            train, config.validation_fraction, config.split_seed, label_names
+        )
+    train = first_rows(train, config.max_train_examples)
+    test = first_rows(test, config.max_test_examples)
+    if validation is not None:
+        validation = first_rows(validation, config.max_validation_examples)
+    return SplitData(train, test, label_names, needs_answers, validation)
+
+
+def first_rows(dataset: Dataset, cap: int | None) -> Dataset:
+    """The first ``cap`` rows: a seeded random subset of a carved (shuffled) split, the file's
+    first rows of a given one."""
+    return dataset if cap is None or cap >= len(dataset) else dataset.select(range(cap))
+
+
+def carve_test(dataset: Dataset, config: DataConfig, num_labels: int) -> tuple[Dataset, Dataset]:
+    """(train, test): the held-out test share, stratified where every class has two rows."""
+    counts = _label_counts(list(dataset["label"]), num_labels)
     stratify = "label" if min(counts) >= 2 else None
     if len(dataset) < 4:
         raise ConfigError(f"data.dataset {config.dataset!r} has only {len(dataset)} examples")
     parts = dataset.train_test_split(
         test_size=config.test_fraction, seed=config.split_seed, stratify_by_column=stratify
     )
-    train, test = parts["train"], parts["test"]
-    if config.max_train_examples is not None and config.max_train_examples < len(train):
-        train = train.select(range(config.max_train_examples))
-    if config.max_test_examples is not None and config.max_test_examples < len(test):
-        test = test.select(range(config.max_test_examples))
-    return SplitData(train, test, label_names, needs_answers)
+    return parts["train"], parts["test"]
 
 
 def _label_counts(labels: list[int], num_labels: int) -> list[int]:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 
+from fedlora.lazy import torch
 from fedlora.tensors import TensorDict
 from fedlora.training import derived_seed
 

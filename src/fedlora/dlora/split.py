@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fedlora.channel import Channel
-from fedlora.compute import CPU, Compute
+from fedlora.compute import Compute, on_cpu
 from fedlora.dlora.flops import head_flops, lora_backward_flops, lora_forward_flops
 from fedlora.dlora.protocol import HeadOn, KilledForward
 from fedlora.models import ModelSpec
@@ -390,10 +390,10 @@ class CloudModel:
         spec: ModelSpec,
         modules: list[LoraModule],
         plain: Callable[[], AbstractContextManager] = nullcontext,
-        compute: Compute = CPU,
+        compute: Compute | None = None,
     ) -> None:
         self.model = model
-        self.compute = compute  # the cloud's device and compute dtype
+        self.compute = compute or on_cpu()  # the cloud's device and compute dtype
         self.spec = spec
         self.modules = {m.key: m for m in modules}
         self.linears: dict[str, torch.nn.Module] = {}

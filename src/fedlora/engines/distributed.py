@@ -17,32 +17,42 @@ Peer methods (``engine = "gossip"``, Dec-LoRA): nodes are dealt round-robin to a
 message to a neighbour on another rank goes through the channel and over point-to-point, and
 mixing is the in-process gossip engine's own code.
 
-Split methods (``engine = "split"``, DLoRA) run on exactly two ranks, rank 0 the cloud and rank 1
-the edge hosting every user; ``fedlora.engines.distributed_split`` says how.
+Split methods (``engine = "split"``, DLoRA) run rank 0 as the cloud and ranks 1..N-1 as edges
+hosting the users dealt to them; ``fedlora.engines.distributed_split`` says how.
 
-Either way rank 0 is also the observer: after every round each worker sends it the hosted
-clients' stores and optimizer states (and, for gossip, the trained messages for the consensus
-metric). Rank 0 therefore evaluates, writes the run directory and checkpoints exactly like the
-in-process engine, and ``--resume`` sends every worker its clients' state back. This mirror is
-process-internal state, not traffic between parties, so it is not in the ledger. With one process
-the in-process engine runs in it.
+What crosses after a round is the mode's, the round itself is the same code in both:
 
-A rank that dies stops the run within a bounded time: its peers' sends and receives fail at once
-on the closed connection (or after ``--timeout`` seconds for a hung peer), and the launcher stops
-the other ranks as soon as one exits with an error, naming it.
+- **Deployment** (the default): a process receives only what the protocol sends, plus one
+  report per worker and round of scalars (local losses and step counts, its own models' test
+  metrics, that it has checkpointed). Each rank evaluates the models it holds (per-client
+  models on their client's rank, the global model on rank 0), checkpoints its own clients in its
+  own directory (``fedlora.engines.layout``) and exports their adapters; ``--resume`` restores
+  every rank from its own files and refuses another placement.
+- **Observer** (``--observer``): rank 0 is also an observer outside the protocol. After every
+  round each worker sends it the hosted clients' stores and optimizer states (and, for gossip,
+  the trained messages for the consensus metric); rank 0 evaluates, writes the run directory and
+  checkpoints exactly like the in-process engine (bit for bit), and ``--resume`` sends every
+  worker its clients' state back, on any number of processes. This mirror is process-internal
+  state, not traffic between parties, so it is not in the ledger.
+
+With one process the in-process engine runs in it. A rank that dies stops the run within a
+bounded time: its peers' sends and receives fail at once on the closed connection (or after
+``--timeout`` seconds for a hung peer), and the launcher stops the other ranks as soon as one
+exits with an error, naming it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,12 +62,34 @@ from rich.progress import Progress
 
 from fedlora import experiment as experiments
 from fedlora import rundir
-from fedlora.channel import MessageError, Transfer
+from fedlora.channel import Ledger, MessageError, Transfer
+from fedlora.checkpoint import FILE as CHECKPOINT
+from fedlora.checkpoint import (
+    Checkpoint,
+    checkpoint_at,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
 from fedlora.compute import configure_threads, rank_backend
 from fedlora.config import Config, ConfigError, load_config
-from fedlora.engines.gossip import GossipEngine, node_name
-from fedlora.engines.simulation import SERVER, RunResult, SimulationEngine, client_name
+from fedlora.engines.gossip import GossipEngine, node_name, per_node
+from fedlora.engines.layout import (
+    LAYOUT,
+    Placement,
+    check_deployment,
+    rank_dir,
+    refuse_deployment,
+)
+from fedlora.engines.simulation import (
+    SERVER,
+    RunResult,
+    SimulationEngine,
+    client_name,
+    summarize_clients,
+)
 from fedlora.engines.transport import (
+    ProtocolError,
     Sends,
     connect,
     launched,
@@ -70,41 +102,16 @@ from fedlora.engines.transport import (
     set_limit,
 )
 from fedlora.methods import method_class
-from fedlora.session import ENGINES, configure_runtime, run_experiment
+from fedlora.session import ENGINES, EngineFactory, configure_runtime, run_experiment
 from fedlora.tensors import TensorDict
 from fedlora.topology import RoundGraph
 from fedlora.training import LocalResult
 
-OBSERVER = 0  # the rank that evaluates, writes the run directory and checkpoints
+WRITER = 0  # the rank that writes the run directory: the server, the cloud, gossip's node 0
 
 
 class LaunchError(RuntimeError):
     """A rank of a launched run failed; the others were stopped."""
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Which rank hosts which client: round-robin over ranks 1..N-1 when rank 0 is the server,
-    over all ranks when there is none (gossip)."""
-
-    clients: int
-    world: int
-    rank0_hosts: bool
-
-    def owner(self, client: int) -> int:
-        if self.rank0_hosts:
-            return client % self.world
-        return 1 + client % (self.world - 1)
-
-    def hosted(self, rank: int) -> list[int]:
-        return [c for c in range(self.clients) if self.owner(c) == rank]
-
-    def workers(self) -> list[int]:
-        """The ranks other than 0 that host clients (the ones rank 0 talks to)."""
-        return [r for r in range(1, self.world) if self.hosted(r)]
-
-    def idle(self) -> list[int]:
-        return [r for r in range(1, self.world) if not self.hosted(r)]
 
 
 def send_states(
@@ -136,36 +143,165 @@ def from_outcome(row: list[float]) -> LocalResult:
 
 
 class RankEngine(SimulationEngine):
-    """What both distributed engines share: the placement, and the start of a run (rank 0 sends
-    each worker the round to start from and its clients' state; the worker takes them)."""
+    """What every distributed engine shares: the placement, the start of a run, and the two
+    modes' ends of a round.
+
+    Observer (``--observer``): rank 0 sends each worker the round to start from and its clients'
+    state; after every round the workers send it their clients' state back, and rank 0
+    evaluates and checkpoints everything, as the in-process engine does. Deployment (default):
+    only the start round crosses; each worker keeps its clients' state, evaluates their own
+    models, checkpoints them in ``<out>/rank<k>/`` and then reports the round to rank 0
+    (``_report``): scalars only. Rank 0 takes every worker's report at the point where the
+    observer would take the states (``_collect``), so it checkpoints a round only after every
+    worker has (each worker keeps its previous checkpoint as well, for the round rank 0 may
+    lag behind).
+    """
 
     rank0_hosts: ClassVar[bool]
-    world: ClassVar[int | None] = None  # the only number of ranks it runs on, if it has one
+    min_world: ClassVar[int] = 1  # the fewest ranks it runs on
     roles: ClassVar[str] = ""  # what each rank does, for the launcher's notes and errors
 
-    def __init__(self, experiment: experiments.Experiment, run_dir: Path, console: Console | None):
-        super().__init__(experiment, run_dir, console)
+    def __init__(
+        self,
+        experiment: experiments.Experiment,
+        run_dir: Path,
+        console: Console | None,
+        observer: bool = False,
+    ):
         self.rank = dist.get_rank()
-        self.placement = Placement(len(experiment.clients), dist.get_world_size(), self.rank0_hosts)
+        self.observer = observer
+        self.out = run_dir
+        world = dist.get_world_size()
+        self.placement = Placement(self.parties(experiment.config), world, self.rank0_hosts)
+        own = run_dir if observer else rank_dir(run_dir, self.rank)
+        super().__init__(experiment, own, console)
+        self.reports: dict[int, dict] = {}  # this round's report of each worker (deployment)
 
+    @classmethod
+    def parties(cls, config: Config) -> int:
+        """How many clients the placement deals (known from the config, before building)."""
+        return 1 if method_class(config.method.name).pooled_data else config.partition.num_clients
+
+    # -- the start ---------------------------------------------------------------------------
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         for peer in self.placement.workers():
             send_json({"start": start_round}, peer)
-            send_states(peer, self.placement.hosted(peer), self.stores, self.optimizers)
-        return super().run(start_round, show_progress)
+            if self.observer:
+                send_states(peer, self.placement.hosted(peer), self.stores, self.optimizers)
+        result = super().run(start_round, show_progress)
+        if not self.observer:
+            result.notes.extend(self.deployment_lines())
+        return result
 
     def _receive_start(self) -> int:
-        start = int(recv_json(OBSERVER)["start"])
-        recv_states(OBSERVER, self.placement.hosted(self.rank), self.stores, self.optimizers)
+        start = int(recv_json(WRITER)["start"])
+        if self.observer:
+            recv_states(WRITER, self.placement.hosted(self.rank), self.stores, self.optimizers)
+        else:
+            self._load_own(start)
         return start
 
     def serve(self) -> None:
         """A worker's whole run: its clients' part of every round."""
         raise NotImplementedError
 
+    # -- deployment: each rank's own checkpoint ----------------------------------------------
+    def _check_layout(self, path: Path, extra: dict) -> None:
+        if self.observer:
+            refuse_deployment(path, extra)
+        else:
+            check_deployment(path, extra, self.placement, self.rank)
+
+    def _own_state(self) -> tuple[dict[int, TensorDict], dict[int, TensorDict]]:
+        """The stores and optimizer states this rank holds (what its checkpoint keeps)."""
+        mine = self.placement.hosted(self.rank)
+        optimizers = {c: self.optimizers[c] for c in mine if c in self.optimizers}
+        return {c: self.stores[c] for c in mine}, optimizers
+
+    def _save(self, completed: int) -> None:
+        if self.observer:
+            super()._save(completed)
+            return
+        writer = self.rank == WRITER
+        stores, optimizers = self._own_state()
+        checkpoint = Checkpoint(
+            completed,
+            self.exp.method.state_dict() if writer else {},
+            stores,
+            optimizers,
+            self.metrics,
+            self.channel.ledger.to_json(),
+            {
+                LAYOUT: self.placement.layout(self.rank),
+                **(self._checkpoint_extra() if writer else {}),
+            },
+        )
+        save_checkpoint(self.run_dir, checkpoint, keep_previous=not writer)
+
+    def _load_own(self, start: int) -> None:
+        """A worker's state after ``start`` rounds, from its own directory."""
+        if start == 0:  # rank 0 began a fresh run: anything here is from one it never saved
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            return
+        remove_partial(self.run_dir)
+        checkpoint = checkpoint_at(self.run_dir, start)
+        check_deployment(self.run_dir, checkpoint.extra, self.placement, self.rank)
+        self.stores.update(checkpoint.stores)
+        self.optimizers = checkpoint.optimizers
+        self.channel.ledger = Ledger.from_json(checkpoint.ledger)
+
+    # -- deployment: scalars to rank 0 --------------------------------------------------------
+    def _report(self, round_index: int, report: dict) -> None:
+        """A worker's end of a deployment round: its own models' metrics when the round is
+        evaluated, its checkpoint, then the report (so a report means "saved")."""
+        if self.exp.method.per_client_eval and self.evaluation_due(round_index):
+            hosted = self.placement.hosted(self.rank)
+            report["metrics"] = {str(c): self.client_metrics(c) for c in hosted}
+        self._save(round_index + 1)
+        send_json(report, WRITER)
+
+    def _collect(self) -> None:
+        """Rank 0's end of a deployment round: every worker's report, in rank order."""
+        self.reports = {peer: recv_json(peer) for peer in self.placement.workers()}
+
+    def _per_client_metrics(self) -> list[dict[str, float]]:
+        """Every client's own-model metrics in client order (what ``summarize_clients`` is
+        given in one process): rank 0's hosted clients evaluated here, the others as their
+        workers reported them this round."""
+        metrics = {c: self.client_metrics(c) for c in self.placement.hosted(WRITER)}
+        for peer, report in self.reports.items():
+            got = report.get("metrics", {})
+            if sorted(map(int, got)) != self.placement.hosted(peer):
+                raise ProtocolError(
+                    f"rank {self.rank}: rank {peer} reported metrics of clients "
+                    f"{sorted(map(int, got))}, it hosts {self.placement.hosted(peer)}"
+                )
+            metrics.update({int(c): values for c, values in got.items()})
+        return [metrics[c] for c in range(self.placement.clients)]
+
+    def _export(self) -> None:
+        """A worker's end of a deployment run: its clients' own adapters, in the run directory
+        (``adapters/client_<i>``) as one process would write them."""
+        if not self.observer:
+            rundir.export_client_adapters(self.exp, self._own_state()[0], self.out)
+
+    def deployment_lines(self) -> list[str]:
+        """summary.md: who held what, and where each rank's files are."""
+        return [
+            "",
+            "## Processes (deployment)",
+            "",
+            f"{self.placement.describe()}. Each rank kept its own clients' state and "
+            "checkpoints (rank 0 here, rank k in `rank<k>/`), evaluated their own models and "
+            "exported their adapters; only protocol messages and per-round scalars reached "
+            "rank 0.",
+        ]
+
 
 class DistributedSimulationEngine(RankEngine):
-    """Server methods: rank 0 runs ``run`` (the server, the observer), workers run ``serve``."""
+    """Server methods: rank 0 runs ``run`` (the server), workers run ``serve``."""
 
     rank0_hosts = False
 
@@ -217,6 +353,9 @@ class DistributedSimulationEngine(RankEngine):
                 from_outcome(report["outcome"]),
             )
         sends.wait()
+        if not self.observer:
+            self._collect()
+            return
         for peer in placement.workers():
             clients = [c for c in sampled if placement.owner(c) == peer]
             recv_states(peer, clients, self.stores, self.optimizers)
@@ -234,41 +373,58 @@ class DistributedSimulationEngine(RankEngine):
             self.absent[client] = f"reply refused: {error}"
             return None
 
+    def evaluate(self) -> dict[str, float]:
+        """The global model here; in a deployment, each client's own model on its worker."""
+        if self.observer or not self.exp.method.per_client_eval:
+            return super().evaluate()
+        return summarize_clients(self._per_client_metrics())
+
     def serve(self) -> None:
         start = self._receive_start()
         for round_index in range(start, self.exp.config.experiment.rounds):
             if self.budget_stop(round_index):  # rank 0 stops there too
                 break
-            offset = recv_tensors(OBSERVER)
+            offset = recv_tensors(WRITER)
             if offset:
                 self.exp.slots.merge_into_base(offset)
             mine = [c for c in self.sampled(round_index) if self.placement.owner(c) == self.rank]
             for client in mine:
-                payload = recv_bytes(OBSERVER)
+                payload = recv_bytes(WRITER)
                 if self.missing(client, round_index):
                     continue
                 try:
                     message = self._unpack(payload)
                 except MessageError as error:
-                    send_bytes(b"", OBSERVER)
-                    send_json(
-                        {"outcome": None, "reason": f"refused the download: {error}"}, OBSERVER
-                    )
+                    send_bytes(b"", WRITER)
+                    send_json({"outcome": None, "reason": f"refused the download: {error}"}, WRITER)
                     continue
                 reply, result = self.client_work(client, message, round_index)
-                send_bytes(self._pack(reply, client_name(client), round_index), OBSERVER)
-                send_json({"outcome": outcome(result)}, OBSERVER)
-            send_states(OBSERVER, mine, self.stores, self.optimizers)
+                send_bytes(self._pack(reply, client_name(client), round_index), WRITER)
+                send_json({"outcome": outcome(result)}, WRITER)
+            if self.observer:
+                send_states(WRITER, mine, self.stores, self.optimizers)
+            else:
+                self._report(round_index, {})
+        self._export()
 
 
 class DistributedGossipEngine(RankEngine, GossipEngine):
-    """Peer methods: every rank hosts nodes; rank 0 also observes (``run``), the others
-    ``serve``."""
+    """Peer methods: every rank hosts nodes; rank 0 also writes the run directory (``run``),
+    the others ``serve``. In a deployment no rank holds every node's state, so the network-
+    averaged model and the consensus distances (functions of all nodes' factors, not of
+    scalars each rank could share) are not computed; each node's own model is evaluated on
+    its rank."""
 
     rank0_hosts = True
 
-    def __init__(self, experiment: experiments.Experiment, run_dir: Path, console: Console | None):
-        super().__init__(experiment, run_dir, console)
+    def __init__(
+        self,
+        experiment: experiments.Experiment,
+        run_dir: Path,
+        console: Console | None,
+        observer: bool = False,
+    ):
+        super().__init__(experiment, run_dir, console, observer)
         # (position in the round's edge list, transfer) for the messages this rank packed; rank
         # 0 records everyone's in edge order, the in-process engine's ledger order.
         self.sent: list[tuple[int, Transfer]] = []
@@ -313,18 +469,36 @@ class DistributedGossipEngine(RankEngine, GossipEngine):
         results: dict[int, LocalResult],
         round_index: int,
     ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
+        """Every node's local result and packed transfers for the round's record; the observer
+        also takes every node's trained message and state."""
         messages, results, sent = dict(messages), dict(results), self.sent
+        if not self.observer:
+            self._collect()
         for peer in self.placement.workers():
-            nodes = self.placement.hosted(peer)
-            report = recv_json(peer)
+            report = self.reports[peer] if not self.observer else recv_json(peer)
             results.update({int(n): from_outcome(row) for n, row in report["outcomes"].items()})
             sent += [(position, Transfer(**row)) for position, row in report["sent"]]
-            messages.update({node: recv_tensors(peer) for node in nodes})
-            recv_states(peer, nodes, self.stores, self.optimizers)
+            if self.observer:
+                nodes = self.placement.hosted(peer)
+                messages.update({node: recv_tensors(peer) for node in nodes})
+                recv_states(peer, nodes, self.stores, self.optimizers)
         for _, transfer in sorted(sent, key=lambda entry: entry[0]):
             self.channel.ledger.add(transfer)
         self.sent = []
         return messages, results
+
+    def consensus(self, messages: dict[int, TensorDict]) -> dict[str, float]:
+        return super().consensus(messages) if self.observer else {}
+
+    def evaluate(self) -> dict[str, float]:
+        if self.observer:
+            return super().evaluate()
+        return per_node(summarize_clients(self._per_client_metrics()))
+
+    def evaluated_model(self) -> str:
+        if self.observer:
+            return super().evaluated_model()
+        return "each node's own model, on its rank (no process holds every node to average)"
 
     def serve(self) -> None:
         start = self._receive_start()
@@ -340,11 +514,15 @@ class DistributedGossipEngine(RankEngine, GossipEngine):
                     "outcomes": {node: outcome(results[node]) for node in nodes},
                     "sent": [(position, vars(t)) for position, t in self.sent],
                 }
-                send_json(report, OBSERVER)
-                for node in nodes:
-                    send_tensors(messages[node], OBSERVER)
-                send_states(OBSERVER, nodes, self.stores, self.optimizers)
                 self.sent = []
+                if not self.observer:
+                    self._report(round_index, report)
+                    continue
+                send_json(report, WRITER)
+                for node in nodes:
+                    send_tensors(messages[node], WRITER)
+                send_states(WRITER, nodes, self.stores, self.optimizers)
+        self._export()
 
 
 # by ``Method.engine``; the split engine's is added by ``distributed_engines``
@@ -362,11 +540,14 @@ def distributed_engines() -> dict[str, type[RankEngine]]:
     return DISTRIBUTED | {"split": DistributedSplitEngine}
 
 
+def engine_class(config: Config) -> type[RankEngine]:
+    return distributed_engines()[method_class(config.method.name).engine]
+
+
 def placement_for(config: Config, world: int) -> Placement:
     """The placement a run of ``config`` on ``world`` ranks will use, known before building."""
-    cls = method_class(config.method.name)
-    clients = 1 if cls.pooled_data else config.partition.num_clients
-    return Placement(clients, world, distributed_engines()[cls.engine].rank0_hosts)
+    cls = engine_class(config)
+    return Placement(cls.parties(config), world, cls.rank0_hosts)
 
 
 RANK_THREADS = 1  # N ranks share the cores; more threads each only oversubscribe
@@ -380,6 +561,7 @@ def run_rank(
     console: Console,
     show_progress: bool,
     timeout: float,
+    observer: bool = False,
 ) -> None:
     """This process's part of a launched run (by ``launch`` or by torchrun). A rank computes
     on its own GPU (``LOCAL_RANK``) when the config's device is CUDA, and the ranks then talk
@@ -391,8 +573,13 @@ def run_rank(
     set_limit(config.federation.max_message_bytes)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        if rank == OBSERVER:
-            engines = ENGINES if world == 1 else distributed_engines()
+        if rank == WRITER:
+            engines: Mapping[str, EngineFactory] = ENGINES
+            if world > 1:
+                engines = {
+                    name: partial(cls, observer=observer)
+                    for name, cls in distributed_engines().items()
+                }
             run_experiment(
                 config_file, overrides, out, resume, console, show_progress, engines, RANK_THREADS
             )
@@ -404,7 +591,7 @@ def run_rank(
         configure_runtime(compute)
         experiment = experiments.build(config)
         engine = distributed_engines()[experiment.method.engine](
-            experiment, out or Path("."), console
+            experiment, rundir.out_dir(out, config), console, observer
         )
         engine.serve()
     finally:
@@ -422,28 +609,58 @@ def refuse(config: Config, nproc: int) -> None:
             f"method {config.method.name!r} runs on the {engine!r} engine, which has no "
             "distributed version; use --engine simulation"
         )
+    if config.privacy.secure_aggregation and nproc > 1:
+        raise ConfigError(
+            "privacy.secure_aggregation runs on the in-process engine only (the distributed "
+            "engine does not carry the masking protocol between processes); use --engine "
+            "simulation"
+        )
     cls = engines[engine]
-    if cls.world is not None and nproc != cls.world:
+    if nproc < cls.min_world:
         raise ConfigError(
             f"method {config.method.name!r} runs on the {engine!r} engine, whose distributed "
-            f"version needs exactly --nproc {cls.world} ({cls.roles}), not {nproc}; for one "
-            "process use --engine simulation"
+            f"version needs at least --nproc {cls.min_world} ({cls.roles}), not {nproc}; for "
+            "one process use --engine simulation"
         )
 
 
-def layout_notes(config: Config, nproc: int) -> list[str]:
-    """What the launcher tells the user about the layout: one process, or idle ranks."""
+def check_resume(out: Path, config: Config, nproc: int, observer: bool) -> None:
+    """A ``--resume`` whose processes do not match the checkpoints, refused before any rank
+    starts (each rank checks its own files again when it resumes, as under torchrun)."""
+    checkpoint = load_checkpoint(out)
+    if checkpoint is None:
+        return  # ``rundir.prepare`` has refused a resume without one
+    path = out / CHECKPOINT
+    if nproc == 1 or observer:
+        refuse_deployment(path, checkpoint.extra)
+        return
+    placement = placement_for(config, nproc)
+    check_deployment(path, checkpoint.extra, placement, WRITER)
+    for rank in placement.workers():
+        directory = rank_dir(out, rank)
+        mine = checkpoint_at(directory, checkpoint.completed_rounds)
+        check_deployment(directory, mine.extra, placement, rank)
+
+
+def layout_notes(config: Config, nproc: int, observer: bool = False) -> list[str]:
+    """What the launcher tells the user about the layout: one process, idle ranks, the mode."""
     if nproc == 1:
         engine = method_class(config.method.name).engine
         return [f"one process: the in-process {engine} engine runs in it"]
-    roles = distributed_engines()[method_class(config.method.name).engine].roles
     placement = placement_for(config, nproc)
-    if not placement.idle():
-        return [roles] if roles else []
-    ranks = ", ".join(map(str, placement.idle()))
-    return [
-        f"{placement.clients} clients on {nproc} ranks: ranks {ranks} host no client and stay idle"
-    ]
+    notes = [engine_class(config).roles] if engine_class(config).roles else []
+    if placement.idle():
+        ranks = ", ".join(map(str, placement.idle()))
+        notes = [
+            f"{placement.clients} clients on {nproc} ranks: ranks {ranks} host no client and "
+            "stay idle"
+        ]
+    if observer:
+        notes.append(
+            "--observer: after every round the workers send rank 0 their clients' state; rank "
+            "0 evaluates, exports and checkpoints everything (a simulation, not a deployment)"
+        )
+    return notes
 
 
 def free_port() -> int:
@@ -494,6 +711,7 @@ def launch(
     timeout: float,
     console: Console,
     show_progress: bool = True,
+    observer: bool = False,
 ) -> None:
     """``fedlora run --engine distributed``: join the launched group the environment describes
     (torchrun), or start ``nproc`` ranks of this same command on localhost and watch them."""
@@ -502,7 +720,7 @@ def launch(
         if nproc is not None and nproc != world:
             raise ConfigError(f"--nproc {nproc}, but the launcher started WORLD_SIZE={world}")
         refuse(load_config(config_file, overrides), world)
-        run_rank(config_file, overrides, out, resume, console, show_progress, timeout)
+        run_rank(config_file, overrides, out, resume, console, show_progress, timeout, observer)
         return
     if nproc is None:
         raise ConfigError(
@@ -512,14 +730,17 @@ def launch(
     config = load_config(config_file, overrides)
     experiments.validate(config)
     refuse(config, nproc)
-    for note in layout_notes(config, nproc):
+    for note in layout_notes(config, nproc, observer):
         console.print(note, highlight=False)
-    out = out or Path("runs") / config.experiment.name
+    out = rundir.out_dir(out, config)
     rundir.prepare(out, config, resume)  # its errors now, not from rank 0 after the others start
+    if resume:
+        check_resume(out, config, nproc, observer)
     command = [sys.executable, "-m", "fedlora", "run", str(config_file), "--out", str(out)]
     command += [arg for override in overrides for arg in ("--set", override)]
     command += ["--engine", "distributed", "--timeout", str(timeout)]
     command += ["--resume"] if resume else []
+    command += ["--observer"] if observer else []
     command += [] if show_progress else ["--quiet"]
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     shared |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}

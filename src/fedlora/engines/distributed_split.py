@@ -1,43 +1,56 @@
-"""DLoRA's cloud and edge in two processes: ``--engine distributed --nproc 2`` for split methods.
+"""DLoRA's cloud and edges in separate processes: ``--engine distributed --nproc N`` (N ≥ 2) for
+split methods.
 
-Rank 0 is the **cloud**: it holds the frozen base and runs its forward and backward. Rank 1 is
-the **edge**: it holds the private data and, for every user, the LoRA factors, the head, the
-labels, the loss, the optimizer and the Kill-and-Revive state. One edge process hosts all the
-users (each its own ``EdgeAdapters`` and link), one after another as in one process, and they
-share the one cloud. More ranks would need more edge devices to spread users over; the engine
-runs on exactly two.
+Rank 0 is the **cloud**: it holds the frozen base and runs its forward and backward for every
+user. Ranks 1..N-1 are **edges** (devices): the users are dealt to them round-robin, and an edge
+holds its users' private data and, for each, the LoRA factors, the head, the labels, the loss,
+the optimizer and the Kill-and-Revive state. An edge trains its users one after another; the
+edges run at once and share the one cloud, which serves their requests in the order they
+arrive (``take_from``), one step at a time. So that the order of arrival changes no number, the
+cloud keeps one dropout generator state per user (``Streams``): a user's block of steps draws
+the base's dropout from the stream seeded for it, exactly as in one process.
 
 The protocol is ``fedlora.dlora.split``'s own, cut at the process boundary. The cloud's hooks
 and autograd Function are unchanged; its end of each user's link (``CloudEnd``) turns a module's
-round trip (x down, u up; g_y down, g_x up) into messages to the edge. The edge runs
+round trip (x down, u up; g_y down, g_x up) into messages to that user's edge. The edge runs
 ``edge_step``, which is ``split_step`` seen from the device: send the embeddings, answer the
 cloud's module requests until the head input arrives, compute the loss, send its gradient,
 answer the backward's requests. Every tensor is the channel's safetensors bytes
 (``Channel.pack``), sent with ``send_bytes``; nothing is pickled. A message is one frame: a
 small JSON header (kind, user, module; what any deployment's protocol needs to route it) and
-the payload. The edge's end (``EdgeEnd``) records every payload in the per-message ledger and
-the step log exactly as the one-process link does, so ``steps.csv``, ``traffic.csv``, the
-ledger and ``accounting.json`` count the same bytes; headers and the few control frames
-(which user's block begins, a kill or revival, end of backward, end of round) are not counted:
-in one process they are shared state, not messages.
+the payload. Both ends count every payload as the one-process link does: the edge in the step
+log (``steps.csv``, ``traffic.csv``), the cloud in the ledger, each from what it sent and
+received itself; headers and the few control frames (which user's block begins, a kill or
+revival, end of backward, end of round) are not counted: in one process they are shared state,
+not messages.
 
-Rank 0 is also the observer, as in the other distributed engines: after each round the edge
-sends it every user's store (adapter, Kill-and-Revive state, schedule, accounting rows) and
-optimizer state, the round's per-module traffic rows and ledger rows, and the losses. Rank 0
-then evaluates each user's adapter on its base, writes the run directory and checkpoints, just
-as the in-process split engine does. This mirror is process-internal (it is not traffic between
-the parties and is not in the ledger); in a deployment the device would evaluate its own
-adapter. ``--resume`` sends the edge its users' state back.
+After a round the modes differ (``fedlora.engines.distributed``):
 
-Results equal the in-process run's bit for bit (same ops, same order, one thread per rank): the
-cloud seeds the base's dropout for each user's block exactly as the one process does. With
-``lora.dropout > 0`` the device draws its own masks from its own generator, where one process
-interleaves them with the base's in one stream, so such runs differ in their random draws.
+- Deployment (default): the cloud receives nothing but the protocol's messages (embeddings,
+  module outputs, gradients and, under Kill-and-Revive option (a), the killed modules' frozen
+  factors) and one report per edge and round of scalars: the sum and count of its step losses,
+  the round's summed traffic and FLOP counts, its users' test metrics. Each edge evaluates its
+  users' adapters (on its own copy of the public base), writes their per-step files in
+  ``<out>/rank<k>/``, checkpoints them there and exports their adapters. The cloud checkpoints
+  what it holds of each user: the active set and the killed modules' factors it was sent.
+- Observer (``--observer``): the edges send the cloud every user's store (adapter,
+  Kill-and-Revive state, schedule, accounting rows), optimizer state, traffic rows and step
+  losses; the cloud evaluates, writes the run directory and checkpoints as the in-process split
+  engine does.
+
+Observer results equal the in-process run's bit for bit (same ops, same order, one thread per
+rank); deployment results too, except ``train_loss``, the mean of every step loss, which the
+cloud forms from the edges' sums (a few ulps). With ``lora.dropout > 0`` the device draws its
+own masks from its own generator, where one process interleaves them with the base's in one
+stream, so such runs differ in their random draws.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -50,6 +63,9 @@ from rich.progress import Progress, TaskID
 
 from fedlora import experiment as experiments
 from fedlora.channel import Channel, MessageError, Transfer
+from fedlora.checkpoint import FILE as CHECKPOINT
+from fedlora.checkpoint import CheckpointError
+from fedlora.config import Config, ConfigError
 from fedlora.dlora.split import (
     CloudEdgeLink,
     CloudModel,
@@ -59,19 +75,23 @@ from fedlora.dlora.split import (
     _Pending,
     head_kind,
 )
-from fedlora.engines.distributed import OBSERVER, RankEngine, recv_states, send_states
+from fedlora.engines.distributed import WRITER, RankEngine, recv_states, send_states
+from fedlora.engines.simulation import client_name, summarize_clients
 from fedlora.engines.split import SCHEDULE, SplitEngine, _User
 from fedlora.engines.transport import (
     ProtocolError,
+    recv_any,
     recv_bytes,
     recv_json,
     send_bytes,
     send_json,
 )
+from fedlora.methods import method_options
+from fedlora.methods.base import stored
+from fedlora.methods.dlora import DLoRAOptions
 from fedlora.tensors import TensorDict
 
-CLOUD_RANK = OBSERVER  # the cloud, which also evaluates and writes the run directory
-EDGE_RANK = 1  # the device of every user
+CLOUD_RANK = WRITER  # the cloud, which also writes the run directory
 
 Shape = tuple[int, ...] | None  # None: any shape
 
@@ -104,20 +124,31 @@ class Endpoint:
         send_bytes(len(header).to_bytes(4, "big") + header + payload, self.peer)
 
     def take(self) -> Message:
-        frame = recv_bytes(self.peer)
-        size = int.from_bytes(frame[:4], "big")
-        try:
-            if len(frame) < 4 + size:
-                raise ValueError(f"header of {size} bytes in a frame of {len(frame)}")
-            header = json.loads(frame[4 : 4 + size])
-            kind, user, module = header.pop("kind"), header.pop("user"), header.pop("module")
-            if not all(isinstance(v, str) for v in (kind, user, module)):
-                raise ValueError("kind, user and module must be strings")
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ProtocolError(
-                f"rank {dist.get_rank()}: malformed DLoRA frame from rank {self.peer}: {error!r}"
-            ) from None
-        return Message(kind, user, module, frame[4 + size :], header)
+        return parse(recv_bytes(self.peer), self.peer)
+
+
+def parse(frame: bytes, peer: int) -> Message:
+    """A frame from ``peer`` as its header and payload, or a ``ProtocolError`` naming it."""
+    size = int.from_bytes(frame[:4], "big")
+    try:
+        if len(frame) < 4 + size:
+            raise ValueError(f"header of {size} bytes in a frame of {len(frame)}")
+        header = json.loads(frame[4 : 4 + size])
+        kind, user, module = header.pop("kind"), header.pop("user"), header.pop("module")
+        if not all(isinstance(v, str) for v in (kind, user, module)):
+            raise ValueError("kind, user and module must be strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ProtocolError(
+            f"rank {dist.get_rank()}: malformed DLoRA frame from rank {peer}: {error!r}"
+        ) from None
+    return Message(kind, user, module, frame[4 + size :], header)
+
+
+def take_from(edges: list[int]) -> tuple[int, Message]:
+    """The next frame from whichever of ``edges`` sends first, and its rank (a named receive
+    when there is one edge: nccl has no receive from any rank)."""
+    peer, frame = (edges[0], recv_bytes(edges[0])) if len(edges) == 1 else recv_any()
+    return peer, parse(frame, peer)
 
 
 class _RemoteEnd(CloudEdgeLink):
@@ -189,15 +220,29 @@ class _RemoteEnd(CloudEdgeLink):
 
 
 class CloudEnd(_RemoteEnd):
-    """The cloud's end of one user's link, the device being in the edge process.
+    """The cloud's end of one user's link, the device being in an edge process.
 
     ``CloudModel``'s hooks call ``module_delta`` and ``module_grad`` as in one process; here
     they are request and reply over the endpoint. Kills and revivals arrive as messages. Its
-    ``edge`` is the observer's mirror of the device: it supplies the modules' public shapes
-    and, on resume, the killed factors the cloud had saved; the cloud never computes with it.
+    ``edge`` supplies the modules' public shapes (and, to an observer, a mirror of the device);
+    the cloud never computes with it. Every payload it posts or opens is counted in the ledger.
     """
 
     outgoing = "down"
+
+    def post(self, kind: str, module: str, tensors: TensorDict, **extra: object) -> bytes:
+        payload = super().post(kind, module, tensors, **extra)
+        self._count("down", payload, len(tensors))
+        return payload
+
+    def open(self, message: Message, shapes: dict[str, Shape]) -> TensorDict:
+        tensors = super().open(message, shapes)
+        self._count("up", message.payload, len(tensors))
+        return tensors
+
+    def _count(self, direction: Literal["down", "up"], payload: bytes, tensors: int) -> None:
+        sender, receiver = self.parties(direction)
+        self.channel.ledger.add(Transfer(self.round, sender, receiver, len(payload), tensors))
 
     def module_delta(
         self, key: str, x: torch.Tensor, train: bool = True
@@ -302,36 +347,103 @@ def edge_step(
     return loss
 
 
-class DistributedSplitEngine(RankEngine, SplitEngine):
-    """Split methods on two ranks: rank 0 the cloud and observer (``run``), rank 1 the edge
-    hosting every user (``serve``). Both build the same ``SplitEngine``; each rank's links are
-    its own end (``_link``), and the edge steps with ``edge_step`` (``_step``)."""
+class Streams:
+    """The cloud's dropout generator, one stream per user: the base's dropout draws from the
+    global generator, and steps of different users interleave on the cloud in the order their
+    edges ask, so each user's generator state is swapped in for its steps and out after them."""
 
-    rank0_hosts = False  # Placement: every client on rank 1
-    world: ClassVar[int | None] = 2
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.states: dict[int, list[torch.Tensor]] = {}
+
+    def _get(self) -> list[torch.Tensor]:
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        elif self.device.type == "mps":
+            states.append(torch.mps.get_rng_state())
+        return states
+
+    def _set(self, states: list[torch.Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(states[1], self.device)
+        elif self.device.type == "mps":
+            torch.mps.set_rng_state(states[1])
+
+    def begin(self, user: int) -> None:
+        """The generator has just been seeded for ``user``'s block: that is its stream."""
+        self.states[user] = self._get()
+
+    @contextmanager
+    def of(self, user: int) -> Iterator[None]:
+        self._set(self.states[user])
+        try:
+            yield
+        finally:
+            self.states[user] = self._get()
+
+
+CLOUD_ACTIVE = "cloud.active"  # store key, on the cloud: the user's active-module mask
+CLOUD_FACTORS = "cloud.factors."  # store prefix, on the cloud: killed modules' frozen factors
+
+
+class DistributedSplitEngine(RankEngine, SplitEngine):
+    """Split methods: rank 0 the cloud (``run``), ranks 1..N-1 the edges (``serve``). Every
+    rank builds the same ``SplitEngine``, an edge with only its users; each rank's links are its
+    own end (``_link``), and the edge steps with ``edge_step`` (``_step``)."""
+
+    rank0_hosts = False  # Placement: users on ranks 1..N-1
+    min_world: ClassVar[int] = 2
     roles: ClassVar[str] = (
-        "rank 0 is the cloud (frozen base model, writes the run directory); rank 1 is the edge "
-        "(data, adapters, head, loss and optimizer of every user)"
+        "rank 0 is the cloud (frozen base model, writes the run directory); ranks 1..N-1 are "
+        "edges (data, adapters, head, loss and optimizer of the users dealt to them)"
     )
 
-    def __init__(self, experiment: experiments.Experiment, run_dir: Path, console: Console | None):
+    def __init__(
+        self,
+        experiment: experiments.Experiment,
+        run_dir: Path,
+        console: Console | None,
+        observer: bool = False,
+    ):
         # Before the base classes build the users: ``_link`` needs them.
         self.on_cloud = dist.get_rank() == CLOUD_RANK
-        self.endpoint = Endpoint(EDGE_RANK if self.on_cloud else CLOUD_RANK)
-        super().__init__(experiment, run_dir, console)
+        self.endpoint = Endpoint(CLOUD_RANK)  # an edge's; the cloud has one per user's link
+        # The users' per-step files are written by the observer, or in a deployment by the edges.
+        self.user_files = observer if self.on_cloud else not observer
+        super().__init__(experiment, run_dir, console, observer)
+        if dist.get_backend() == "nccl" and len(self.placement.workers()) > 1:
+            raise ConfigError(
+                f"dlora on {len(self.placement.workers())} edge processes: the cloud serves "
+                "whichever edge asks first, which torch.distributed's nccl backend cannot do "
+                "(it receives from one named rank); run the ranks on gloo (compute.device = "
+                "'cpu', or more ranks than GPUs) or with one edge (--nproc 2)"
+            )
+        self.streams = Streams(self.exp.compute.device)
+        self.edge_losses: list[float] = []  # the round's [sum, count] of the edges' step losses
 
-    def _link(self, user: str, edge: EdgeAdapters) -> CloudEdgeLink:
-        end = CloudEnd if self.on_cloud else EdgeEnd
+    @classmethod
+    def parties(cls, config: Config) -> int:
+        options = method_options(config.method)
+        assert isinstance(options, DLoRAOptions)
+        return options.users or config.partition.num_clients
+
+    def _user_indices(self) -> list[int]:
+        return super()._user_indices() if self.on_cloud else self.placement.hosted(self.rank)
+
+    def _link(self, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
+        end, peer = (CloudEnd, self.placement.owner(index)) if self.on_cloud else (EdgeEnd, WRITER)
         return end(
-            user,
+            client_name(index),
             edge,
             self.wire,
             self.method.opts.killed_forward,
-            self.endpoint,
+            Endpoint(peer),
             self.exp.compute.device,
         )
 
-    # -- the edge (rank 1) -----------------------------------------------------------------
+    # -- an edge (ranks 1..N-1) ------------------------------------------------------------
     def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:
         self.endpoint.post("begin", user.link.user)  # the cloud seeds the block's dropout
         return super()._train_block(user, round_index)
@@ -341,79 +453,195 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         return edge_step(link, batch, self.method.opts.head_on, weight)
 
     def serve(self) -> None:
-        """The edge's whole run: every user's steps each round, then the round's report and
-        the users' state to the observer."""
+        """An edge's whole run: its users' steps each round, then the round's report (and,
+        to an observer, the users' state)."""
         start = self._receive_start()
-        for user in self.users if start else []:
-            self._restore_user(user)
+        self._restore_users(start)
         with Progress(disable=True) as progress:
             for round_index in range(start, self.exp.config.experiment.rounds):
                 task = progress.add_task("", total=len(self.users), status="")
                 losses, steps, examples = self._train_users(round_index, progress, task)
                 self.endpoint.post("end")
-                report = {
-                    "losses": losses,
-                    "steps": steps,
-                    "examples": examples,
-                    # exact values (ints stay ints), so rank 0 writes the same steps.csv
-                    "account": [[r for r in u.account if r[1] == round_index] for u in self.users],
-                    "traffic": self.traffic_rows,
-                    "ledger": [
-                        vars(t) for t in self.channel.ledger.records if t.round == round_index
-                    ],
-                }
-                send_json(report, CLOUD_RANK)
-                send_states(CLOUD_RANK, [u.index for u in self.users], self.stores, self.optimizers)
-                self.traffic_rows = []
+                self._await_round_end(round_index)
+                counts = {"steps": steps, "examples": examples}
+                if self.observer:
+                    self._send_users(round_index, losses, counts)
+                    continue
+                self._write_user_files()
+                every = [value for user in losses.values() for value in user]
+                report = {"loss": [math.fsum(every), len(every)], **counts}
+                self._report(round_index, report | {"sums": self._round_sums(round_index)})
+        if not self.observer:
+            self._write_run_files()
+        self._export()
+
+    def _await_round_end(self, round_index: int) -> None:
+        """Wait until the cloud has served every edge this round: until then it takes frames
+        from whichever edge sends, and must not be handed this edge's report instead."""
+        if recv_json(CLOUD_RANK).get("served") != round_index:
+            raise ProtocolError(
+                f"rank {self.rank}: rank {CLOUD_RANK} did not close round {round_index + 1}"
+            )
+
+    def _send_users(
+        self, round_index: int, losses: dict[int, list[float]], counts: dict[str, int]
+    ) -> None:
+        """To the observer: everything the in-process engine holds after the round."""
+        report = {
+            "losses": {str(user): values for user, values in losses.items()},
+            # exact values (ints stay ints), so rank 0 writes the same steps.csv
+            "account": [[r for r in u.account if r[1] == round_index] for u in self.users],
+            "traffic": self.traffic_rows,
+            **counts,
+        }
+        send_json(report, CLOUD_RANK)
+        send_states(CLOUD_RANK, [u.index for u in self.users], self.stores, self.optimizers)
+        self.traffic_rows = []
 
     # -- the cloud (rank 0) ----------------------------------------------------------------
     def _train_users(
         self, round_index: int, progress: Progress, task: TaskID
-    ) -> tuple[list[float], int, int]:
+    ) -> tuple[dict[int, list[float]], int, int]:
         if not self.on_cloud:
             return super()._train_users(round_index, progress, task)
-        users = {u.link.user: (position, u) for position, u in enumerate(self.users)}
+        self._serve_edges(round_index, progress, task)
+        self._fold_ledger(round_index)
+        if self.observer:
+            return self._receive_users(round_index, progress, task)
+        self._collect()
+        reports = self.reports.values()
+        self.edge_losses = [
+            math.fsum(r["loss"][0] for r in reports),
+            sum(r["loss"][1] for r in reports),
+        ]
+        status = f"loss {self.edge_losses[0] / self.edge_losses[1]:.4f}"
+        progress.update(task, completed=len(self.users), status=status)
+        return {}, sum(r["steps"] for r in reports), sum(r["examples"] for r in reports)
+
+    def _serve_edges(self, round_index: int, progress: Progress, task: TaskID) -> None:
+        """The cloud's part of a round: every edge's requests in the order they arrive, one
+        step at a time, until each edge has ended its round."""
+        users = {u.link.user: u for u in self.users}
+        edges = self.placement.workers()
+        waiting, begun = set(edges), 0
+        self.streams.states.clear()
         head_on = self.method.opts.head_on
-        while (message := self.endpoint.take()).kind != "end":
-            if message.user not in users:
+        self.cloud.model.train()
+        while waiting:
+            peer, message = take_from(edges)
+            if message.kind == "end" and peer in waiting:
+                waiting.discard(peer)
+                continue
+            user = users.get(message.user)
+            if user is None or self.placement.owner(user.index) != peer:
                 raise ProtocolError(
-                    f"rank {CLOUD_RANK}: rank {EDGE_RANK} sent {message.kind!r} for unknown user "
-                    f"{message.user!r}"
+                    f"rank {CLOUD_RANK}: rank {peer} sent {message.kind!r} of "
+                    f"{message.user or 'no user'!r}, which is not a user it hosts"
                 )
-            position, user = users[message.user]
             link = user.link
             assert isinstance(link, CloudEnd)
             if message.kind == "begin":
-                progress.update(task, completed=position)
+                begun += 1
+                progress.update(task, completed=begun - 1)
+                link.round = round_index
                 self._seed_dropout(user.index, round_index)
-                self.cloud.model.train()
-            elif message.kind == "embeddings":
-                link.serve_step(self.cloud, message, head_on)
+                self.streams.begin(user.index)
+            elif message.kind == "embeddings" and user.index in self.streams.states:
+                with self.streams.of(user.index):
+                    link.serve_step(self.cloud, message, head_on)
             elif message.kind == "kill":
                 link.kill(message.module)
             elif message.kind == "revive":
                 link.revive(message.module)
             else:
                 raise ProtocolError(
-                    f"rank {CLOUD_RANK}: rank {EDGE_RANK} sent {message.kind!r}, which is not "
-                    "part of the protocol between steps"
+                    f"rank {CLOUD_RANK}: rank {peer} sent {message.kind!r} of {message.user}, "
+                    "which is not part of the protocol here"
                 )
         self.cloud.model.eval()
-        return self._receive_report(round_index, progress, task)
+        for edge in self.placement.workers():
+            send_json({"served": round_index}, edge)
 
-    def _receive_report(
+    def _receive_users(
         self, round_index: int, progress: Progress, task: TaskID
-    ) -> tuple[list[float], int, int]:
-        """The edge's round, mirrored: what the in-process engine would hold after it."""
-        report = recv_json(EDGE_RANK)
-        recv_states(EDGE_RANK, [u.index for u in self.users], self.stores, self.optimizers)
-        for user, rows in zip(self.users, report["account"], strict=True):
-            user.account.extend(rows)
-            user.schedule = list(self.stores[user.index][SCHEDULE].to(torch.bool))
-        self.traffic_rows.extend(report["traffic"])
-        for row in report["ledger"]:
-            self.channel.ledger.add(Transfer(**row))
-        losses = report["losses"]
-        status = f"loss {np.mean(losses):.4f}"
+    ) -> tuple[dict[int, list[float]], int, int]:
+        """The observer's end of the round: each edge's users as the in-process engine would
+        hold them after it."""
+        losses: dict[int, list[float]] = {}
+        steps, examples, traffic = 0, 0, []
+        for edge in self.placement.workers():
+            report = recv_json(edge)
+            hosted = self.placement.hosted(edge)
+            recv_states(edge, hosted, self.stores, self.optimizers)
+            for index, rows in zip(hosted, report["account"], strict=True):
+                user = self.users[index]
+                user.account.extend(rows)
+                user.schedule = list(self.stores[index][SCHEDULE].to(torch.bool))
+            losses.update({int(user): values for user, values in report["losses"].items()})
+            traffic += report["traffic"]
+            steps, examples = steps + int(report["steps"]), examples + int(report["examples"])
+        self.traffic_rows.extend(sorted(traffic, key=lambda row: row[0]))  # in user order
+        status = f"loss {np.mean([v for u in losses.values() for v in u]):.4f}"
         progress.update(task, completed=len(self.users), status=status)
-        return losses, int(report["steps"]), int(report["examples"])
+        return losses, steps, examples
+
+    def _round_sums(self, round_index: int) -> dict[str, float]:
+        if self.observer or not self.on_cloud:
+            return super()._round_sums(round_index)
+        sums = [report["sums"] for report in self.reports.values()]
+        return {name: sum(s[name] for s in sums) for name in sums[0]}
+
+    def _round_record(
+        self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
+    ) -> dict:
+        record = super()._round_record(round_index, clients, losses, steps, examples)
+        if self.on_cloud and not self.observer:  # the edges' sums, not the steps' losses
+            record["train_loss"] = self.edge_losses[0] / self.edge_losses[1]
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        if self.observer:
+            return super().evaluate()
+        return summarize_clients(self._per_client_metrics())
+
+    # -- what the cloud keeps of each user in a deployment -----------------------------------
+    def _own_state(self) -> tuple[dict[int, TensorDict], dict[int, TensorDict]]:
+        if not self.on_cloud:
+            return super()._own_state()
+        return {u.index: self._cloud_state(u.link) for u in self.users}, {}
+
+    def _cloud_state(self, link: CloudEdgeLink) -> TensorDict:
+        """The user's active set and its killed modules' factors, as the cloud was told."""
+        active = torch.tensor([key in link.active for key in self.keys], dtype=torch.uint8)
+        state = {CLOUD_ACTIVE: active}
+        for key, factors in link.cloud_factors.items():
+            state |= {f"{CLOUD_FACTORS}{key}.{name}": t.to("cpu") for name, t in factors.items()}
+        return state
+
+    def _restore_user(self, user: _User) -> None:
+        if not self.on_cloud or self.observer:
+            super()._restore_user(user)
+            return
+        store, link = self.stores[user.index], user.link
+        if CLOUD_ACTIVE not in store:
+            raise CheckpointError(
+                f"checkpoint {self.run_dir / CHECKPOINT}: no cloud state of {link.user}"
+            )
+        mask = store[CLOUD_ACTIVE].tolist()
+        link.active = {key for key, on in zip(self.keys, mask, strict=True) if on}
+        link.cloud_factors = {}
+        for name, tensor in stored(store, CLOUD_FACTORS).items():
+            key, part = name.rsplit(".", 1)
+            link.cloud_factors.setdefault(key, {})[part] = tensor
+        link.cloud_factors = {
+            key: link.place(factors, "up") for key, factors in link.cloud_factors.items()
+        }
+
+    def deployment_lines(self) -> list[str]:
+        return [
+            *super().deployment_lines(),
+            "",
+            "Each edge wrote its users' `steps.csv`, `traffic.csv`, `schedule.json`, "
+            "`schedule_client<i>.png` and `accounting.json` in `rank<k>/`; the cloud kept each "
+            "user's active set and the killed modules' factors it was sent.",
+        ]

@@ -50,6 +50,11 @@ def hat_prefix(node: int) -> str:
     return f"hat.{node}."
 
 
+def per_node(summary: dict[str, float]) -> dict[str, float]:
+    """The nodes' own-model metrics, named apart from the network model's."""
+    return {f"node_{k}": v for k, v in summary.items()}
+
+
 def consensus_distance(states: list[TensorDict], names: list[str]) -> float:
     """(1/N) Σ_i Σ_names ||X_i − X̄||²  (names: the LoRA factors A and B, §1.5)."""
     total = 0.0
@@ -90,8 +95,19 @@ class GossipEngine(SimulationEngine):
     def evaluate(self) -> dict[str, float]:
         metrics = self.exp.evaluator.evaluate(self.method.network_model(self.states()))
         if self.exp.config.topology.per_node_eval:
-            metrics.update({f"node_{k}": v for k, v in super().evaluate().items()})
+            metrics.update(per_node(super().evaluate()))
         return metrics
+
+    def evaluated_model(self) -> str:
+        return f"network average of {self.exp.config.topology.average_model}"
+
+    def consensus(self, messages: dict[int, TensorDict]) -> dict[str, float]:
+        """How far the nodes are apart before and after mixing (every node's factors)."""
+        nodes = range(len(self.exp.clients))
+        return {
+            "consensus_before_mix": consensus_distance([messages[n] for n in nodes], self.factors),
+            "consensus_distance": consensus_distance(self.states(), self.factors),
+        }
 
     # -- exchange -----------------------------------------------------------------------------
     def _exchange(
@@ -232,8 +248,7 @@ class GossipEngine(SimulationEngine):
             "cumulative_bytes": ledger.through_round(round_index),
             "lambda2": graph.lambda2,
             "edges": graph.graph.number_of_edges(),
-            "consensus_before_mix": consensus_distance([messages[n] for n in nodes], self.factors),
-            "consensus_distance": consensus_distance(self.states(), self.factors),
+            **self.consensus(messages),
         }
         rejected = ledger.rejections(round_index)
         if rejected:
@@ -278,7 +293,7 @@ class GossipEngine(SimulationEngine):
             "",
             f"Messages: {codec}{', CHOCO error feedback' if config.error_feedback else ''}; "
             f"mixing in {config.mix_space} space; "
-            f"evaluated model: network average of {config.average_model}. "
+            f"evaluated model: {self.evaluated_model()}. "
             "Bytes sent per node (all rounds): "
             + ", ".join(f"{name} {sent[name]:,}" for name in sorted(sent, key=lambda n: int(n[4:])))
             + ".",

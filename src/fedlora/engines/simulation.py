@@ -36,8 +36,11 @@ from fedlora.checkpoint import (
     save_checkpoint,
 )
 from fedlora.config import round_size
+from fedlora.engines.layout import refuse_deployment
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
+from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
+from fedlora.privacy.secure_round import SecureAggregation, SecureMean
 from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, deadline_steps, derived_seed, steps_per_round
 
@@ -97,6 +100,13 @@ class SimulationEngine:
         self.channel = Channel(limit=experiment.config.federation.max_message_bytes)
         self.stores: dict[int, TensorDict] = {c: {} for c in range(len(experiment.clients))}
         self.absent: dict[int, str] = {}  # this round's clients that sent no reply, and why
+        self.reached: list[int] = []  # this round's clients that accepted the download
+        self.expected: dict[int, Schema] = {}  # what the server expects of each one's reply
+        self.skip_reason = ""  # why this round was skipped, if it was
+        federation, privacy = experiment.config.federation, experiment.config.privacy
+        clients = len(experiment.clients)
+        size = round_size(clients, federation.clients_per_round, federation.fraction)
+        self.secure = SecureAggregation(privacy, size) if privacy.secure_aggregation else None
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
         self.privacy = experiment.privacy
@@ -151,16 +161,27 @@ class SimulationEngine:
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        method, evaluator = self.exp.method, self.exp.evaluator
+        method = self.exp.method
         if method.per_client_eval:
-            per_client = []
-            for client in range(len(self.exp.clients)):
-                own = method.own_model(client, self.stores[client])
-                with self.exp.slots.scaled(method.client_scales(client)):
-                    per_client.append(evaluator.evaluate(own))
-            return summarize_clients(per_client)
+            return summarize_clients([self.client_metrics(c) for c in range(len(self.exp.clients))])
         state = method.global_state()
-        return evaluator.evaluate(state) if state is not None else {}
+        return self.exp.evaluator.evaluate(state) if state is not None else {}
+
+    def client_metrics(self, client: int) -> dict[str, float]:
+        """Client ``client``'s own model on the test set (methods with ``per_client_eval``),
+        wherever it lives: here, or on its worker in a distributed deployment."""
+        method = self.exp.method
+        own = method.own_model(client, self.stores[client])
+        with self.exp.slots.scaled(method.client_scales(client)):
+            return self.exp.evaluator.evaluate(own)
+
+    def evaluation_due(self, round_index: int) -> bool:
+        """Whether the round ends with an evaluation (every ``eval.every`` rounds, the last,
+        and the last the privacy budget allows)."""
+        config = self.exp.config
+        last = round_index + 1 == config.experiment.rounds
+        last = last or self.budget_stop(round_index + 1) is not None
+        return last or (round_index + 1) % config.eval.every == 0
 
     def _sync_base(self) -> None:
         """Bring the shared frozen base to W0 + the method's merged offset (FLoRA), if any."""
@@ -174,6 +195,7 @@ class SimulationEngine:
         if checkpoint is None:
             return 0
         path = self.run_dir / CHECKPOINT
+        self._check_layout(path, checkpoint.extra)
         check_fits(path, checkpoint.method, self.exp.method.state_dict(), "method tensor")
         clients = len(self.exp.clients)
         outside = sorted(c for c in (*checkpoint.stores, *checkpoint.optimizers) if c >= clients)
@@ -221,19 +243,9 @@ class SimulationEngine:
                 if show_progress and not self.console.is_terminal:  # logs get one line a round
                     self.console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
                 self._write_round_files()
-                save_checkpoint(
-                    self.run_dir,
-                    Checkpoint(
-                        round_index + 1,
-                        self.exp.method.state_dict(),
-                        self.stores,
-                        self.optimizers,
-                        self.metrics,
-                        self.channel.ledger.to_json(),
-                        self._checkpoint_extra(),
-                    ),
-                )
-        return RunResult(self.metrics, self.channel.ledger, self.stores, stopped=stopped)
+                self._save(round_index + 1)
+        notes = [self.secure.describe()] if self.secure is not None else []
+        return RunResult(self.metrics, self.channel.ledger, self.stores, notes, stopped=stopped)
 
     # -- the privacy budget ----------------------------------------------------------------
     def scheduled(self, round_index: int) -> dict[int, int]:
@@ -266,6 +278,25 @@ class SimulationEngine:
     def _checkpoint_extra(self) -> dict:
         central = self.privacy.central if self.privacy else None
         return {"privacy": central.state()} if central is not None else {}
+
+    def _check_layout(self, path: Path, extra: dict) -> None:
+        """Every client's state is in this one file: refuse a deployment rank's checkpoint."""
+        refuse_deployment(path, extra)
+
+    def _save(self, completed: int) -> None:
+        """The checkpoint after ``completed`` rounds: everything, in one file."""
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                completed,
+                self.exp.method.state_dict(),
+                self.stores,
+                self.optimizers,
+                self.metrics,
+                self.channel.ledger.to_json(),
+                self._checkpoint_extra(),
+            ),
+        )
 
     def sampled(self, round_index: int) -> list[int]:
         """This round's clients: a pure function of the config, so every process agrees."""
@@ -318,6 +349,7 @@ class SimulationEngine:
                 self.absent[client] = f"refused the download: {error}"
                 yield client, None, None
                 continue
+            self.reached.append(client)
             if reason := self.missing(client, round_index):
                 self.absent[client] = reason
                 yield client, None, None
@@ -329,8 +361,13 @@ class SimulationEngine:
         self, client: int, reply: TensorDict, sent: TensorDict, round_index: int
     ) -> TensorDict | None:
         """The reply as the server decoded it against the method's expected schema, or None
-        if refused (the ledger holds the reason; the round goes on without it)."""
+        if refused (the ledger holds the reason; the round goes on without it). Under secure
+        aggregation the reply stays with its client, prepared for masking: only its masked form
+        travels, in ``_aggregate``."""
         expect = self.exp.method.expected_reply(client, sent)
+        if self.secure is not None:
+            self.expected[client] = expect
+            return self.secure.prepare(client, reply, sent)
         try:
             return self._transfer(reply, client_name(client), SERVER, round_index, expect)
         except MessageError as error:
@@ -341,7 +378,7 @@ class SimulationEngine:
         config = self.exp.config
         began = time.perf_counter()
         sampled = self.sampled(round_index)
-        self.absent = {}
+        self.absent, self.reached, self.expected, self.skip_reason = {}, [], {}, ""
         task = progress.add_task(
             f"round {round_index + 1}/{config.experiment.rounds}", total=len(sampled), status=""
         )
@@ -356,10 +393,10 @@ class SimulationEngine:
                 examples += result.examples
             status = f"loss {np.mean(losses):.4f}" if losses else "no reply"
             progress.update(task, advance=1, status=status)
-        skipped = self._aggregate(round_index, replies)
+        aggregated = self._aggregate(round_index, replies)
         train_seconds = time.perf_counter() - began
         record = self._round_record(round_index, sampled, losses, steps, examples)
-        record.update(self._reliability(round_index, sampled, replies, skipped))
+        record.update(self._reliability(round_index, replies, aggregated))
         return self._close_record(record, round_index, progress, task, began, train_seconds)
 
     def weights(self, clients: list[int]) -> dict[int, float]:
@@ -368,21 +405,54 @@ class SimulationEngine:
         raw = sizes if self.exp.config.federation.weighting == "size" else [1] * len(clients)
         return dict(zip(clients, normalized(raw), strict=True))
 
-    def _aggregate(self, round_index: int, replies: dict[int, TensorDict]) -> bool:
-        """The method's server step over the accepted replies; with fewer than
-        ``federation.min_replies`` the round is skipped (the global state stays). Returns
-        whether it was skipped."""
-        if len(replies) < self.exp.config.federation.min_replies:
-            return True
-        self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
+    def _aggregate(self, round_index: int, replies: dict[int, TensorDict]) -> list[int] | None:
+        """The method's server step over the accepted replies (under secure aggregation, over
+        their securely summed mean); with fewer than ``federation.min_replies``, or a secure sum
+        that fails, the round is skipped (the global state stays). Returns the clients in the
+        aggregate, None if skipped."""
+        if self._too_few(len(replies)):
+            return None
+        if self.secure is None:
+            self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
+            aggregated = sorted(replies)
+        else:
+            secure = self._secure_mean(round_index, replies)
+            if secure is None:
+                return None
+            self.exp.method.aggregate_mean(round_index, secure.mean)
+            aggregated = secure.summed
         self._sync_base()
-        return False
+        return aggregated
+
+    def _secure_mean(self, round_index: int, held: dict[int, TensorDict]) -> SecureMean | None:
+        """The weighted mean of the replies the clients hold, through the masking protocol
+        among the clients that got the download (dropouts and stragglers leave it after
+        ShareKeys); None, with the reason, if it fails or sums too few replies."""
+        assert self.secure is not None
+        wire = ChannelWire(self.channel, round_index, client_name, SERVER)
+        weights = self.weights(self.sampled(round_index))  # known to all before the round
+        try:
+            secure = self.secure.mean(round_index, wire, held, self.expected, self.reached, weights)
+        except SecureAggregationError as error:
+            self.skip_reason = str(error)
+            return None
+        self.absent.update(secure.absent)
+        return None if self._too_few(len(secure.summed)) else secure
+
+    def _too_few(self, replies: int) -> bool:
+        """Whether ``replies`` are below ``federation.min_replies`` (the reason is kept)."""
+        minimum = self.exp.config.federation.min_replies
+        if replies < minimum:
+            self.skip_reason = f"{replies} replies, fewer than federation.min_replies = {minimum}"
+        return replies < minimum
 
     def _reliability(
-        self, round_index: int, sampled: list[int], replies: dict[int, TensorDict], skipped: bool
+        self, round_index: int, replies: dict[int, TensorDict], aggregated: list[int] | None
     ) -> dict:
         """What went missing this round (only when something did): clients without a reply
-        and why, the refused messages (sender, reason), the clients aggregated, a skip."""
+        and why, the refused messages (sender, reason), the clients aggregated, a skip and
+        why."""
+        skipped = aggregated is None
         if not self.absent and not skipped:
             return {}
         rejected = [
@@ -390,11 +460,13 @@ class SimulationEngine:
             for r in self.channel.ledger.rejections(round_index)
         ]
         absent = {str(c): why for c, why in sorted(self.absent.items())}  # JSON keys
-        record: dict = {"aggregated": sorted(replies), "absent": absent}
+        included = sorted(replies) if aggregated is None else aggregated
+        record: dict = {"aggregated": included, "absent": absent}
         if rejected:
             record["rejected"] = rejected
         if skipped:
             record["skipped"] = True
+            record["skip_reason"] = self.skip_reason
         return record
 
     def _round_record(
@@ -436,10 +508,7 @@ class SimulationEngine:
     ) -> None:
         """Add test metrics to ``record`` on evaluation rounds (every ``eval.every``, the last,
         and the last the privacy budget allows)."""
-        config = self.exp.config
-        last = round_index + 1 == config.experiment.rounds
-        last = last or self.budget_stop(round_index + 1) is not None
-        if last or (round_index + 1) % config.eval.every == 0:
+        if self.evaluation_due(round_index):
             metrics = self.evaluate()
             # "loss" alone would be ambiguous next to train_loss.
             record.update(

@@ -69,6 +69,15 @@ FIELDS = (
     "module_flops_all_active",
     "head_flops",
 )
+# The FIELDS a round's record sums over its steps (integers: exact in any order).
+SUMMED = (
+    "active",
+    "module_values",
+    "module_values_all_active",
+    "module_flops",
+    "module_flops_all_active",
+    "head_flops",
+)
 TRAFFIC_FIELDS = (
     "client",
     "round",
@@ -92,7 +101,18 @@ class _User:
     account: list[list[float]] = field(default_factory=list)
 
 
+def round_sums(rows: list[list[float]]) -> dict[str, float]:
+    """The SUMMED columns of some steps' accounting rows, and how many steps they are."""
+    column = {name: i for i, name in enumerate(FIELDS)}
+    sums = {name: float(sum(r[column[name]] for r in rows)) for name in SUMMED}
+    return sums | {"rows": len(rows)}
+
+
 class SplitEngine(SimulationEngine):
+    # Whether this process writes the users' per-step files (steps.csv, traffic.csv, schedules,
+    # accounting.json): the one process here; across processes, whichever holds the users' rows.
+    user_files = True
+
     def __init__(self, experiment: Experiment, run_dir: Path, console: Console | None = None):
         super().__init__(experiment, run_dir, console)
         if not isinstance(experiment.method, DLoRA):
@@ -109,20 +129,28 @@ class SplitEngine(SimulationEngine):
         self.keys = [m.key for m in slots.modules]
         self.wire = Channel()  # per-message ledger of the current round, folded into self.channel
         self.traffic_rows: list[list] = []
-        self.users = [self._new_user(u) for u in range(self.method.user_count)]
+        self.users = [self._new_user(u) for u in self._user_indices()]
+
+    def _user_indices(self) -> list[int]:
+        """The users this process trains (all of them here)."""
+        return list(range(self.method.user_count))
 
     def _new_user(self, index: int) -> _User:
         edge = self.cloud.edge(self.method.context.initial, self.exp.config.lora.dropout)
-        link = self._link(client_name(index), edge)
+        link = self._link(index, edge)
         kr = KillRevive(len(self.keys), self.method.rule(index))
         kr.start([edge.flat(k) for k in self.keys])
         optimizer = standard_optimizer(list(edge.params.items()), self.exp.config.train)
         return _User(index, self.exp.clients[index], link, kr, optimizer)
 
-    def _link(self, user: str, edge: EdgeAdapters) -> CloudEdgeLink:
-        """The wire between the cloud and one user's device (here both are in this process)."""
+    def _link(self, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
+        """The wire between the cloud and user ``index``'s device (both in this process here)."""
         return CloudEdgeLink(
-            user, edge, self.wire, self.method.opts.killed_forward, self.exp.compute.device
+            client_name(index),
+            edge,
+            self.wire,
+            self.method.opts.killed_forward,
+            self.exp.compute.device,
         )
 
     # -- state in the stores (checkpointed by the simulation engine) --------------------------
@@ -136,15 +164,20 @@ class SplitEngine(SimulationEngine):
 
     def resume(self) -> int:
         start = super().resume()
+        self._restore_users(start)
+        return start
+
+    def _restore_users(self, start: int) -> None:
+        """After ``start`` rounds: each user from its store, and traffic.csv without the rows
+        of a round that did not complete."""
         for user in self.users if start else []:
             self._restore_user(user)
         traffic = self.run_dir / "traffic.csv"
-        if start and traffic.is_file():  # drop rows of a round that did not complete
+        if start and self.user_files and traffic.is_file():
             with traffic.open() as handle:
                 rows = list(csv.reader(handle))[1:]
             self.traffic_rows = []
             self._write_traffic([r for r in rows if int(r[1]) < start], mode="w")
-        return start
 
     def _restore_user(self, user: _User) -> None:
         """A user's device, Kill-and-Revive state, optimizer and records from its store."""
@@ -158,10 +191,10 @@ class SplitEngine(SimulationEngine):
 
     # -- evaluation: each user's own adapter ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        evaluate = self.exp.evaluator.evaluate
-        return summarize_clients(
-            [evaluate(self.method.client_model(u.index, self.stores[u.index])) for u in self.users]
-        )
+        return summarize_clients([self.client_metrics(u.index) for u in self.users])
+
+    def client_metrics(self, client: int) -> dict[str, float]:
+        return self.exp.evaluator.evaluate(self.method.client_model(client, self.stores[client]))
 
     # -- one block of steps per user -----------------------------------------------------------
     def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:
@@ -281,19 +314,23 @@ class SplitEngine(SimulationEngine):
 
     def _train_users(
         self, round_index: int, progress: Progress, task: TaskID
-    ) -> tuple[list[float], int, int]:
-        """Every user's block of steps, into the stores and the ledger: (losses, steps,
-        examples)."""
-        losses, steps, examples = [], 0, 0
+    ) -> tuple[dict[int, list[float]], int, int]:
+        """Every user's block of steps, into the stores and the ledger: (each user's step
+        losses, steps, examples)."""
+        losses: dict[int, list[float]] = {}
+        steps, examples = 0, 0
         for user in self.users:
-            user_losses, user_steps, user_examples = self._train_block(user, round_index)
-            losses += user_losses
+            losses[user.index], user_steps, user_examples = self._train_block(user, round_index)
             steps += user_steps
             examples += user_examples
             self._save_user(user)
-            progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
+            status = f"loss {np.mean([v for u in losses.values() for v in u]):.4f}"
+            progress.update(task, advance=1, status=status)
         self._fold_ledger(round_index)
         return losses, steps, examples
+
+    def _round_sums(self, round_index: int) -> dict[str, float]:
+        return round_sums([r for u in self.users for r in u.account if int(r[1]) == round_index])
 
     def run_round(self, round_index: int, progress: Progress) -> dict:
         began = time.perf_counter()
@@ -303,20 +340,16 @@ class SplitEngine(SimulationEngine):
             status="",
         )
         losses, steps, examples = self._train_users(round_index, progress, task)
-        rows = [r for u in self.users for r in u.account if int(r[1]) == round_index]
-        column = {name: i for i, name in enumerate(FIELDS)}
-
-        def total(name: str) -> float:
-            return float(sum(r[column[name]] for r in rows))
-
-        clients = [u.index for u in self.users]
-        record = self._round_record(round_index, clients, losses, steps, examples)
+        sums = self._round_sums(round_index)
+        clients = list(range(self.method.user_count))
+        in_order = [value for user in sorted(losses) for value in losses[user]]
+        record = self._round_record(round_index, clients, in_order, steps, examples)
         record |= {
-            "active_fraction": total("active") / (len(rows) * len(self.keys)),
-            "module_values": total("module_values"),
-            "module_values_all_active": total("module_values_all_active"),
-            "device_flops": total("module_flops") + total("head_flops"),
-            "device_flops_all_active": total("module_flops_all_active") + total("head_flops"),
+            "active_fraction": sums["active"] / (sums["rows"] * len(self.keys)),
+            "module_values": sums["module_values"],
+            "module_values_all_active": sums["module_values_all_active"],
+            "device_flops": sums["module_flops"] + sums["head_flops"],
+            "device_flops_all_active": sums["module_flops_all_active"] + sums["head_flops"],
         }
         train_seconds = time.perf_counter() - began
         return self._close_record(record, round_index, progress, task, began, train_seconds)
@@ -333,6 +366,11 @@ class SplitEngine(SimulationEngine):
 
     def _write_round_files(self) -> None:
         super()._write_round_files()
+        if self.user_files:
+            self._write_user_files()
+
+    def _write_user_files(self) -> None:
+        """The users' per-step records so far: traffic.csv (appended), steps.csv, schedule."""
         self._write_traffic(self.traffic_rows)
         self.traffic_rows = []
         with (self.run_dir / "steps.csv").open("w", newline="") as handle:
@@ -385,6 +423,12 @@ class SplitEngine(SimulationEngine):
 
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         result = super().run(start_round, show_progress)
+        if self.user_files:
+            result.notes.extend(self.summary_lines(self._write_run_files()))
+        return result
+
+    def _write_run_files(self) -> dict:
+        """The end of the run: each user's schedule plot and accounting.json; the totals."""
         for user in self.users:
             plot_schedule(
                 self.run_dir / f"schedule_client{user.index}.png",
@@ -394,8 +438,7 @@ class SplitEngine(SimulationEngine):
             )
         totals = self.accounting()
         (self.run_dir / "accounting.json").write_text(json.dumps(totals, indent=2) + "\n")
-        result.notes.extend(self.summary_lines(totals))
-        return result
+        return totals
 
     def summary_lines(self, totals: dict) -> list[str]:
         o, t = self.method.opts, totals

@@ -7,6 +7,11 @@ object collectives (``send_object_list`` and friends) are never used.
 
 A failed exchange (a peer that died, a timeout) becomes a ``PeerError`` naming both ranks, so
 the error a user sees says which process was lost.
+
+Every frame a rank receives passes through ``_receive``. With ``FEDLORA_RECORD_FRAMES`` set to
+a directory, each rank appends every frame it receives there (``frames-rank<k>.bin``: 4 bytes
+of sender rank, 8 of length, then the frame, big-endian), so an audit (the deployment tests)
+can decode, independently of this code, everything a process was ever sent.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,8 +71,9 @@ def connect(timeout: timedelta, backend: str = "gloo") -> None:
         torch.cuda.set_device(device())
 
 
-def _failed(peer: int, error: Exception) -> PeerError:
-    return PeerError(f"rank {dist.get_rank()}: exchange with rank {peer} failed ({error})")
+def _failed(peer: int | None, error: Exception) -> PeerError:
+    who = "any rank" if peer is None else f"rank {peer}"
+    return PeerError(f"rank {dist.get_rank()}: exchange with {who} failed ({error})")
 
 
 class Sends:
@@ -106,26 +113,50 @@ def send_bytes(payload: bytes, peer: int) -> None:
         raise _failed(peer, error) from None
 
 
-def recv_bytes(peer: int) -> bytes:
+RECORD = "FEDLORA_RECORD_FRAMES"  # a directory: record every received frame there (audits)
+
+
+def _record(peer: int, payload: bytes) -> None:
+    folder = os.environ.get(RECORD)
+    if folder:
+        with open(Path(folder) / f"frames-rank{dist.get_rank()}.bin", "ab") as handle:
+            handle.write(peer.to_bytes(4, "big") + len(payload).to_bytes(8, "big") + payload)
+
+
+def _receive(peer: int | None) -> tuple[int, bytes]:
+    """The next frame from ``peer`` (None: from whichever peer sends first) and its sender."""
     where = device()
     try:
         length = torch.zeros(1, dtype=torch.int64, device=where)
-        dist.recv(length, peer)
+        sender = dist.recv(length, peer)
         size = int(length)
         if size == 0:
-            return b""
+            _record(sender, b"")
+            return sender, b""
         if not 0 < size <= _limits["bytes"]:
             raise ProtocolError(
-                f"rank {dist.get_rank()}: rank {peer} announced a message of {size} bytes; the "
+                f"rank {dist.get_rank()}: rank {sender} announced a message of {size} bytes; the "
                 f"limit is {_limits['bytes']} (federation.max_message_bytes)"
             )
         data = torch.empty(size, dtype=torch.uint8, device=where)
-        dist.recv(data, peer)
+        dist.recv(data, sender)
     except ProtocolError:
         raise
     except RuntimeError as error:
         raise _failed(peer, error) from None
-    return data.cpu().numpy().tobytes()
+    payload = data.cpu().numpy().tobytes()
+    _record(sender, payload)
+    return sender, payload
+
+
+def recv_bytes(peer: int) -> bytes:
+    return _receive(peer)[1]
+
+
+def recv_any() -> tuple[int, bytes]:
+    """The next frame from any peer, and who sent it: a server that several processes share
+    serves them in the order they ask (gloo only; nccl cannot receive from any source)."""
+    return _receive(None)
 
 
 def send_json(record: dict, peer: int) -> None:

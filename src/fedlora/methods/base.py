@@ -7,6 +7,7 @@ A round, whichever engine drives it:
     ... the trainer runs the local steps on the parameters ``trainable`` selects ...
     reply   = client_reply(client, trained)   client -> server   (through the channel)
     aggregate(replies, weights)               new server state
+    (secure aggregation: aggregate_mean(Σ p_i reply_i), the server never sees one reply)
 
 Server hooks see only server state; client hooks see only the message and that client's own
 ``store`` (tensors the client keeps between rounds, checkpointed by the engine). That split is
@@ -20,15 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedlora import robust
 from fedlora.channel import Schema, schema_of
 from fedlora.config import Config, TrainConfig
+from fedlora.lazy import torch
 from fedlora.privacy.central import CentralDP
 from fedlora.tensors import LoraModule, TensorDict
 from fedlora.training import standard_optimizer
+
+MEAN = -1  # the client index ``aggregate_mean`` gives the mean of the replies
 
 
 class NoOptions(BaseModel):
@@ -61,7 +64,7 @@ def store_under(store: TensorDict, prefix: str, state: TensorDict) -> None:
     store.update({prefix + k: v for k, v in state.items()})
 
 
-Regularizer = Callable[[dict[str, torch.nn.Parameter]], torch.Tensor]
+Regularizer = Callable[[dict[str, "torch.nn.Parameter"]], "torch.Tensor"]
 
 
 class Method(ABC):
@@ -78,6 +81,10 @@ class Method(ABC):
     full_weights: ClassVar[bool] = False  # trains whole target matrices instead of LoRA
     # Its server step is a mean of replies, taken by ``combine``: robust aggregators apply.
     mean_of_replies: ClassVar[bool] = False
+    # Why its server step needs each reply itself; "" if the weighted mean Σ p_i X_i of the
+    # replies (one schema for all of a round) is all it needs: then secure aggregation applies
+    # and ``aggregate_mean`` is its server step.
+    needs_each_reply: ClassVar[str] = "its server step is not declared a function of the mean"
     needs_base_weights: ClassVar[bool] = False  # the engine calls ``attach_base`` (FRLoRA)
     engine: ClassVar[str] = (
         "simulation"  # "simulation": server rounds; "gossip": peers over a graph
@@ -97,6 +104,14 @@ class Method(ABC):
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
         """Combine the clients' replies into the new server state."""
+
+    def aggregate_mean(self, round_index: int, mean: TensorDict) -> None:
+        """The server step from the weighted mean of the replies alone (secure aggregation).
+        ``aggregate`` over that mean as the only reply, of weight 1, is the same step for the
+        methods without ``needs_each_reply``, whose ``aggregate`` is a weighted mean."""
+        if self.needs_each_reply:
+            raise TypeError(f"method {self.name} cannot aggregate a mean: {self.needs_each_reply}")
+        self.aggregate(round_index, {MEAN: mean}, {MEAN: 1.0})
 
     def global_state(self) -> TensorDict | None:
         """The full adapter state of the global model, or None if there is none."""

@@ -8,15 +8,14 @@ slot-shaped state from factors of any rank ≤ the slot rank by zero-padding (ex
 
 from __future__ import annotations
 
-import torch
-
 from fedlora.channel import Schema
 from fedlora.config import LoraConfig
+from fedlora.lazy import torch
 from fedlora.lora import lora_scale, pad_factors, weighted_average
 from fedlora.methods.base import MethodContext
 from fedlora.tensors import LoraModule, TensorDict
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key -> (B, A)
+Factors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]  # module key -> (B, A)
 
 
 def head_of(state: TensorDict, modules: list[LoraModule]) -> TensorDict:

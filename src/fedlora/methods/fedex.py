@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema, schema_of
+from fedlora.lazy import torch
 from fedlora.lora import normalized, product_svd, stack_factors
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
@@ -55,6 +55,7 @@ class FedExOptions(BaseModel):
 class FedExLoRA(FedIT):
     name = "fedex"
     mean_of_replies = False  # the residual needs the exact mean of the products
+    needs_each_reply = "its residual Σ p_i s·B_i·A_i − s·B̄·Ā needs each client's product B_i·A_i"
     summary = "FedEx-LoRA: FedIT plus the exact residual Σp·sBA − s·B̄Ā merged into the base (2024)"
     Options = FedExOptions
 

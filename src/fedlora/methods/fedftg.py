@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.config import ConfigError, TrainConfig
+from fedlora.lazy import torch
 from fedlora.methods.base import MethodContext
 from fedlora.methods.dwa import DirectWeightAveraging
 from fedlora.tensors import FULL_COPY

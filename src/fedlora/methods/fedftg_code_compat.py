@@ -8,9 +8,8 @@ can compare it with ``fedftg``.
 
 from __future__ import annotations
 
-import torch
-
 from fedlora.config import TrainConfig
+from fedlora.lazy import torch
 from fedlora.methods.dwa import DirectWeightAveraging
 from fedlora.training import parameter_groups
 

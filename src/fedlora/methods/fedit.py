@@ -12,6 +12,7 @@ class FedIT(Method):
     name = "fedit"
     summary = "FedAvg of A and B separately, weighted by data size (Zhang et al. 2023)"
     mean_of_replies = True
+    needs_each_reply = ""
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

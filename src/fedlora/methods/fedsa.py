@@ -23,6 +23,7 @@ class FedSALoRA(Method):
     )
     per_client_eval = True
     mean_of_replies = True
+    needs_each_reply = ""  # the mean of the A's
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

@@ -27,18 +27,16 @@ clipping, if set, clips the slot gradient before the projection.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError, TrainConfig
+from fedlora.lazy import torch
 from fedlora.lora import weighted_average, weighted_product_svd
 from fedlora.methods.base import Method, MethodContext, store_under, stored
 from fedlora.methods.factors import averaged_head, head_of
 from fedlora.tensors import TensorDict
-from fedlora.training import parameter_groups, standard_optimizer
+from fedlora.training import standard_optimizer
 
 CORE, BASIS_B, BASIS_A = ".fedsb_R", ".fedsb_B", ".fedsb_A"  # suffixes to module keys
 BASIS = "fedsb.basis."  # client-store prefix of the fixed factors
@@ -50,45 +48,13 @@ class FedSBOptions(BaseModel):
     init_rounds: int = Field(1, ge=1, description="FedIT rounds whose SVD fixes B and A")
 
 
-class CoreOptimizer(torch.optim.Optimizer):
-    """Trains R in slot B = U·R (U fixed, orthonormal columns) through the slot tensors.
-
-    Its own param groups are the slot tensors, so the trainer's zero_grad, learning-rate schedule
-    and gradient scaler act on them as on any optimizer; the inner optimizer (``[train]``'s AdamW
-    or SGD) holds R and the other tensors, and its state is this optimizer's state."""
-
-    def __init__(
-        self,
-        params: list[tuple[str, torch.nn.Parameter]],
-        bases: dict[str, torch.Tensor],
-        config: TrainConfig,
-    ) -> None:
-        super().__init__(parameter_groups(params, config), {"lr": config.lr})
-        self.bases = {p: bases[name].to(p.device) for name, p in params if name in bases}
-        self.cores = {p: torch.nn.Parameter(u.T @ p.detach()) for p, u in self.bases.items()}
-        self.inner = standard_optimizer([(n, self.cores.get(p, p)) for n, p in params], config)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> None:
-        for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
-            inner["lr"] = outer["lr"]
-        for p, core in self.cores.items():
-            core.grad = None if p.grad is None else self.bases[p].T @ p.grad
-        self.inner.step()
-        for p, core in self.cores.items():
-            p.copy_(self.bases[p] @ core)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.inner.load_state_dict(state_dict)
-
-
 class FedSB(Method):
     name = "fedsb"
     summary = "Fed-SB: LoRA-SB's fixed B, A from an SVD; only r×r R trained and averaged (2025)"
     Options = FedSBOptions
+    needs_each_reply = (
+        "its init rounds take an SVD of Σ p_i s·B_i·A_i, which needs each client's product"
+    )
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)
@@ -163,6 +129,8 @@ class FedSB(Method):
         if self.current is None:
             return standard_optimizer(params, config)
         bases = {m.b: self.current[m.key + BASIS_B] for m in self.context.modules}
+        from fedlora.core_optimizer import CoreOptimizer  # subclasses torch's: lazily
+
         return CoreOptimizer(params, bases, config)
 
     def expected_reply(self, client: int, message: TensorDict) -> Schema:

@@ -30,6 +30,10 @@ class FlexLoRA(RankedClients, Method):
     name = "flexlora"
     summary = "FlexLoRA: average s_i·B_i·A_i, truncated SVD to each client's rank (Bai et al. 2024)"
     heterogeneous_ranks = True
+    needs_each_reply = (
+        "its server step is an SVD of Σ p_i s_i·B_i·A_i, which needs each client's product "
+        "(a mean of the factors is not the mean of the products), at each client's own rank"
+    )
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

@@ -17,10 +17,10 @@ because stacking is exact whatever the A_k.
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import fresh_a, stack_factors
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import (
@@ -43,6 +43,7 @@ class FLoRA(RankedClients, Method):
     name = "flora"
     summary = "FLoRA: stacked Σ p_k s_k B_k A_k merged into the base each round (Wang et al. 2024)"
     heterogeneous_ranks = True
+    needs_each_reply = "it stacks every client's factors [B_1 … B_K] and [p_1·s_1·A_1; …]"
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

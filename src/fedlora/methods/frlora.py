@@ -29,11 +29,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema, schema_of
 from fedlora.config import ConfigError
+from fedlora.lazy import torch
 from fedlora.lora import principal_factors, weighted_average
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import Factors, averaged_head, factors_of, head_of, pack
@@ -56,6 +56,7 @@ class FRLoRA(Method):
     summary = "FRLoRA: merge s(B̄Ā − B_sA_s) into the base each round, restart from W's SVD (2025)"
     Options = FRLoRAOptions
     needs_base_weights = True
+    needs_each_reply = ""  # it merges the product of the mean factors
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

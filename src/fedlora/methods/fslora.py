@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import sketch_factors, sketch_indices
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.factors import factors_of, head_of, pack, slot_state
@@ -55,6 +55,10 @@ class FSLoRA(Method):
     )
     Options = FSLoRAOptions
     heterogeneous_ranks = True
+    needs_each_reply = (
+        "each reply holds the client's own sketched components I_i (its shape and place "
+        "differ per client), scattered by the server"
+    )
     sketched: ClassVar[bool] = True  # False: every client trains all r components
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:

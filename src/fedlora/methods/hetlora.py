@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import lora_scale, pad_factors, sparsity_weights
 from fedlora.methods.base import Method, MethodContext, Regularizer
 from fedlora.methods.factors import (
@@ -62,6 +62,9 @@ class HetLoRA(Method):
     )
     Options = HetLoRAOptions
     heterogeneous_ranks = True
+    needs_each_reply = (
+        "its weights p_i ∝ ‖s_i·B_i·A_i‖ come from each reply, and replies differ in rank"
+    )
 
     def __init__(self, context: MethodContext, options: BaseModel) -> None:
         super().__init__(context, options)

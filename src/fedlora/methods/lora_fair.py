@@ -33,6 +33,7 @@ class LoRAFairOptions(BaseModel):
 class LoRAFAIR(FedIT):
     name = "lora_fair"
     mean_of_replies = False  # the correction targets the exact mean of the products
+    needs_each_reply = "its correction targets Σ p_i B_i·A_i, which needs each client's product"
     summary = "LoRA-FAIR: FedIT plus a server ridge correction ΔB so (B̄+ΔB)Ā ≈ Σp·B·A (2025)"
     Options = LoRAFairOptions
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedlora.channel import Schema
+from fedlora.lazy import torch
 from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext
 from fedlora.methods.fedit import FedIT
@@ -38,6 +38,7 @@ class RoLoRAOptions(BaseModel):
 class RoLoRA(FedIT):
     name = "rolora"
     mean_of_replies = False  # each aggregation is exact only as a mean
+    needs_each_reply = ""  # the mean of the factor trained this round
     summary = "RoLoRA: rounds alternate training/averaging B (A frozen) and A (B frozen) (2025)"
     Options = RoLoRAOptions
 

@@ -33,8 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
+from fedlora.lazy import torch
 from fedlora.privacy.noise import gaussian_noise, generator, noisy_mean
 from fedlora.robust import clip
 from fedlora.tensors import TensorDict

@@ -35,10 +35,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch.func import functional_call, grad_and_value, vmap
 
 from fedlora.config import ConfigError, DpSampling
+from fedlora.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -97,14 +96,14 @@ class PerExampleGradients:
         self.causal = causal
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
-        self._gradients = vmap(
-            grad_and_value(self._loss), in_dims=(None, 0), randomness="different"
+        self._gradients = torch.func.vmap(
+            torch.func.grad_and_value(self._loss), in_dims=(None, 0), randomness="different"
         )
 
     def _loss(self, tensors: dict[str, torch.Tensor], example: dict[str, torch.Tensor]):
         inputs = {k: v.unsqueeze(0) for k, v in example.items()}
         inputs["attention_mask"] = example_mask(example["attention_mask"], self.causal)
-        return functional_call(self.model, tensors, args=(), kwargs=inputs).loss
+        return torch.func.functional_call(self.model, tensors, args=(), kwargs=inputs).loss
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(per-example gradients, one (B, *shape) tensor per parameter in ``params`` order;

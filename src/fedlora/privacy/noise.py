@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from fedlora.lazy import torch
 
 
 def generator(seed: int) -> torch.Generator:

@@ -1,0 +1,133 @@
+"""The engine's side of secure aggregation (``privacy.secure_aggregation``): the same round, with
+replies that travel masked and reach the server only as their weighted mean.
+
+Client side, per reply: ``prepare`` (the seam for central DP: a client clips its own update
+here, since nobody else sees it), then the client's weight p_i = n_i / Σ_{sampled} n_j (known
+before the round), then the fixed-point code. Server side: the unmasked sum over the clients
+whose inputs arrived (U3), decoded and divided by Σ_{U3} p_i (the server knows the weights and
+who is in the sum), which is exactly the plain engine's mean over the replies it accepted, up to
+the quantization error n·2^(−f−1) / Σ_{U3} p_i per coordinate; then ``finish`` (the seam for
+central DP: the server noises the aggregate, the only thing it sees).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedlora.channel import Schema
+from fedlora.config import PrivacyConfig
+from fedlora.privacy import fixed_point
+from fedlora.privacy.secagg import Wire, secure_sum
+from fedlora.tensors import TensorDict
+
+
+def default_threshold(clients: int) -> int:
+    """t = ⌊2n/3⌋ + 1 for a round of n clients."""
+    return 2 * clients // 3 + 1
+
+
+def flatten(tensors: TensorDict) -> np.ndarray:
+    """Every tensor, in name order, as one float64 vector."""
+    return np.concatenate(
+        [tensors[k].detach().to("cpu", torch.float64).reshape(-1).numpy() for k in sorted(tensors)]
+    )
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def unflatten(vector: np.ndarray, shapes: Shapes) -> TensorDict:
+    """The inverse of ``flatten`` (float32 tensors)."""
+    tensors, start = {}, 0
+    for name in sorted(shapes):
+        shape = shapes[name]
+        size = math.prod(shape)
+        tensors[name] = torch.from_numpy(vector[start : start + size].reshape(shape)).float()
+        start += size
+    return tensors
+
+
+def common_shapes(schemas: dict[int, Schema]) -> Shapes:
+    """The one fully known schema every reply of the round shares (what a sum needs); a
+    method that declares it needs only the sum of replies guarantees it."""
+    distinct = {tuple(sorted(s.items())) for s in schemas.values()}
+    shapes = {
+        name: tuple(d for d in shape if d is not None)
+        for name, shape in next(iter(schemas.values())).items()
+    }
+    if len(distinct) != 1 or distinct != {tuple(sorted(shapes.items()))}:
+        raise RuntimeError("secure aggregation needs every reply of a round to share one schema")
+    return shapes
+
+
+@dataclass(frozen=True)
+class SecureMean:
+    mean: TensorDict  # Σ p_i x_i / Σ p_i over ``summed``, after ``finish``
+    summed: list[int]
+    absent: dict[int, str]  # clients whose input is not in the sum, and why
+
+
+class SecureAggregation:
+    """Secure aggregation under ``privacy``'s threshold and code, for rounds of ``round_size``
+    clients (the default threshold's n)."""
+
+    def __init__(self, privacy: PrivacyConfig, round_size: int) -> None:
+        self.bits = privacy.fixed_point_bits
+        self.threshold = (
+            privacy.threshold if privacy.threshold is not None else default_threshold(round_size)
+        )
+
+    def describe(self) -> str:
+        return (
+            f"Secure aggregation (Bonawitz et al. 2017): threshold t = {self.threshold}, "
+            f"{self.bits} fractional bits mod 2^32 (per-coordinate error ≤ n·2^-{self.bits + 1} "
+            "for n summands, divided by their total weight)."
+        )
+
+    # -- client side -----------------------------------------------------------------------
+    def prepare(self, client: int, reply: TensorDict, sent: TensorDict) -> TensorDict:
+        """What client ``client`` masks in place of its reply to ``sent``: the reply itself.
+        The seam for central DP, which must clip on the client (reply − sent, before the
+        weight and the code) under secure aggregation."""
+        return reply
+
+    # -- server side -----------------------------------------------------------------------
+    def finish(self, round_index: int, mean: TensorDict, weights: dict[int, float]) -> TensorDict:
+        """What the method's server step gets from the unmasked mean of the clients of
+        ``weights``: the mean itself. The seam for central DP's noise on the aggregate."""
+        return mean
+
+    def mean(
+        self,
+        round_index: int,
+        wire: Wire,
+        held: dict[int, TensorDict],
+        schemas: dict[int, Schema],
+        participants: list[int],
+        weights: dict[int, float],
+    ) -> SecureMean:
+        """One protocol run: the ``held`` (prepared) replies, each client's with its weight of
+        ``weights`` (over at least all ``participants``), masked, summed, unmasked and turned
+        into their weighted mean. ``schemas``: what the server expects of each held reply;
+        participants without one drop after ShareKeys. Raises ``SecureAggregationError``."""
+        shapes = common_shapes({c: schemas[c] for c in held})
+        summands = len(weights)
+        inputs, absent = {}, {}
+        for client, reply in held.items():
+            try:
+                vector = flatten(reply)
+                inputs[client] = fixed_point.encode(vector, weights[client], self.bits, summands)
+            except fixed_point.FixedPointError as error:
+                absent[client] = f"its reply cannot be masked: {error}"
+        length = sum(math.prod(shape) for shape in shapes.values())
+        outcome = secure_sum(wire, participants, inputs, self.threshold, length)
+        total = sum(weights[c] for c in outcome.summed)
+        mean = unflatten(fixed_point.decode(outcome.total, self.bits) / total, shapes)
+        summed = {c: weights[c] for c in outcome.summed}
+        return SecureMean(
+            self.finish(round_index, mean, summed), outcome.summed, absent | outcome.absent
+        )
