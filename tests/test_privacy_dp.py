@@ -22,7 +22,12 @@ from fedlora.experiment import build
 from fedlora.models import load_base_model, load_tokenizer, model_spec
 from fedlora.privacy.accounting import Sampling, StepAccountant, solve_noise_multiplier
 from fedlora.privacy.central import CentralDP, clip_update, noised_mean, update_noise_multiplier
-from fedlora.privacy.dp_sgd import DpSgd, PerExampleGradients, clip_per_example
+from fedlora.privacy.dp_sgd import (
+    DpSgd,
+    PerExampleGradients,
+    clip_per_example,
+    private_batches,
+)
 from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.training import LocalTrainer
 from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
@@ -68,6 +73,26 @@ def test_per_example_gradients_equal_one_backward_pass_per_example(name: str, ca
         for (wire, p), g in zip(params, grads, strict=True):
             assert p.grad.abs().max() > 0, wire  # a real comparison, not of zeros
             torch.testing.assert_close(g[i], p.grad, rtol=1e-4, atol=1e-6, msg=wire)
+
+
+def test_private_samples_have_the_accounted_distribution() -> None:
+    """Poisson: every row in with probability q = L/n independently (4000 steps: frequencies
+    within 5 sigma of q, batch sizes averaging L); fixed: L distinct rows every step; seeded."""
+    rows, batch, steps = list(range(100, 150)), 8, 4000
+    q = batch / len(rows)
+    poisson = private_batches("poisson", rows, batch, seed=3)
+    samples = [next(poisson) for _ in range(steps)]
+    counts = np.bincount([r - 100 for sample in samples for r in sample], minlength=len(rows))
+    assert np.all(np.abs(counts / steps - q) < 5 * math.sqrt(q * (1 - q) / steps))
+    sizes = np.array([len(sample) for sample in samples])
+    assert abs(sizes.mean() - batch) < 5 * math.sqrt(len(rows) * q * (1 - q) / steps)
+    assert sizes.min() < batch < sizes.max()  # the batch size varies
+    fixed = private_batches("fixed", rows, batch, seed=3)
+    for _ in range(50):
+        sample = next(fixed)
+        assert len(set(sample)) == batch and set(sample) <= set(rows)
+    again = private_batches("poisson", rows, batch, seed=3)
+    assert [next(again) for _ in range(5)] == samples[:5]
 
 
 def test_clipping_bounds_every_example_and_keeps_the_small_ones() -> None:
