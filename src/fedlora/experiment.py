@@ -103,7 +103,7 @@ def build(config: Config) -> Experiment:
         initial=slots.read(),
         num_examples=sizes,
         ranks=client_ranks(config, len(clients)),
-        central=central,
+        central=None if config.privacy.secure_aggregation else central,  # see secure_round
     )
     method = build_method(config.method, context)
     trainer = LocalTrainer(

@@ -91,13 +91,6 @@ def check_secure_aggregation(config: Config) -> None:
             f"{prefix} cannot run on the sum of the replies alone: {cls.needs_each_reply}; "
             f"methods that support secure aggregation: {able}"
         )
-    if config.privacy.mechanism == "central":
-        raise ConfigError(
-            "privacy.secure_aggregation with privacy.mechanism 'central' is not supported yet: "
-            "central DP clips each client's update at the server, which secure aggregation "
-            "hides (clipping on the clients and noising the unmasked sum is not built); use one "
-            "of them, or dp_sgd with secure aggregation"
-        )
     aggregator = config.federation.aggregator
     if aggregator != "mean":
         raise ConfigError(

@@ -106,10 +106,14 @@ class SimulationEngine:
         federation, privacy = experiment.config.federation, experiment.config.privacy
         clients = len(experiment.clients)
         size = round_size(clients, federation.clients_per_round, federation.fraction)
-        self.secure = SecureAggregation(privacy, size) if privacy.secure_aggregation else None
+        self.privacy = experiment.privacy
+        central = self.privacy.central if self.privacy else None
+        self.secure = (
+            SecureAggregation(privacy, size, central) if privacy.secure_aggregation else None
+        )
+        self.sent: dict[int, TensorDict] = {}  # under secure aggregation: each one's download
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
-        self.privacy = experiment.privacy
         self._charges: dict[int, dict[int, int]] = {}  # per round: privacy steps charged
         if experiment.method.needs_base_weights:
             weights = experiment.slots.model.state_dict()
@@ -366,7 +370,7 @@ class SimulationEngine:
         travels, in ``_aggregate``."""
         expect = self.exp.method.expected_reply(client, sent)
         if self.secure is not None:
-            self.expected[client] = expect
+            self.expected[client], self.sent[client] = expect, sent
             return self.secure.prepare(client, reply, sent)
         try:
             return self._transfer(reply, client_name(client), SERVER, round_index, expect)
@@ -379,6 +383,7 @@ class SimulationEngine:
         began = time.perf_counter()
         sampled = self.sampled(round_index)
         self.absent, self.reached, self.expected, self.skip_reason = {}, [], {}, ""
+        self.sent = {}
         task = progress.add_task(
             f"round {round_index + 1}/{config.experiment.rounds}", total=len(sampled), status=""
         )
@@ -432,12 +437,24 @@ class SimulationEngine:
         wire = ChannelWire(self.channel, round_index, client_name, SERVER)
         weights = self.weights(self.sampled(round_index))  # known to all before the round
         try:
-            secure = self.secure.mean(round_index, wire, held, self.expected, self.reached, weights)
+            secure = self.secure.mean(
+                round_index, wire, held, self.expected, self.reached, weights, self.reference(held)
+            )
         except SecureAggregationError as error:
             self.skip_reason = str(error)
             return None
         self.absent.update(secure.absent)
         return None if self._too_few(len(secure.summed)) else secure
+
+    def reference(self, held: dict[int, TensorDict]) -> TensorDict:
+        """The state the clients of ``held`` started from: a method whose server step is the
+        mean of the replies sends every client the same download."""
+        downloads = [self.sent[c] for c in held]
+        first = downloads[0] if downloads else {}
+        for other in downloads[1:]:
+            if other is not first and any(not torch.equal(first[k], other[k]) for k in first):
+                raise RuntimeError("secure aggregation needs every client to get the same download")
+        return first
 
     def _too_few(self, replies: int) -> bool:
         """Whether ``replies`` are below ``federation.min_replies`` (the reason is kept)."""

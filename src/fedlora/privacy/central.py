@@ -20,11 +20,11 @@ then z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), so the two Gaussian releases tog
 noise multiplier z (the bits have sensitivity 1/2 once centred; Andrew et al., Theorem 1), and
 the accountant charges one Gaussian step at z per round either way. That needs 2σ_b > z.
 
-The pieces are separate functions so that another path to the sum can reuse them: under secure
-aggregation each client runs ``clip_update`` on its own update (and sends its bit) before
-masking, and the server, which only ever sees the unmasked sums, runs ``noised_mean`` on the
-summed updates and ``noised_fraction``/``next_clip_norm`` on the summed bits. ``CentralDP`` is
-the in-process composition that ``Method.combine`` uses.
+The server's part needs only the two sums Σ_i Δ̃_i and Σ_i b_i (``CentralDP.release``), so the
+clipping can move to the clients: under secure aggregation (``fedlora.privacy.secure_round``)
+each client runs ``clip_update`` on its own update, masks Δ̃_i with its bit as one more
+coordinate, and the server noises the unmasked sums, the only thing it sees. Without secure
+aggregation ``Method.combine`` calls ``CentralDP.mean_update``, which clips at the server.
 """
 
 from __future__ import annotations
@@ -127,15 +127,22 @@ class CentralDP:
         self.released: dict[int, dict[str, float]] = {}  # per round: what the metrics show
 
     def mean_update(self, round_index: int, updates: Sequence[Mapping[str, torch.Tensor]]):
-        """Δ̄ of this round's updates, then the next round's clip norm (adaptive)."""
+        """Δ̄ of this round's updates, each clipped here at the server, then the next round's
+        clip norm (adaptive)."""
+        clipped, bits = zip(*(clip_update(u, self.clip_norm) for u in updates), strict=True)
+        return self.release(round_index, summed(clipped), sum(bits))
+
+    def release(self, round_index: int, total: Mapping[str, torch.Tensor], unclipped: int):
+        """Δ̄ from Σ_i Δ̃_i (updates clipped to the current ``clip_norm``) and Σ_i b_i alone, the
+        only two things the server needs (and, under secure aggregation, the only two it sees);
+        then the next round's clip norm (adaptive)."""
         used = self.clip_norm
-        clipped, bits = zip(*(clip_update(u, used) for u in updates), strict=True)
         source = generator(derived_seed(self.seed, round_index, UPDATE_STREAM))
-        mean = noised_mean(summed(clipped), used, self.update_multiplier, self.clients, source)
+        mean = noised_mean(total, used, self.update_multiplier, self.clients, source)
         released = {"clip_norm": used}
         if self.adaptive is not None:
             counts = generator(derived_seed(self.seed, round_index, COUNT_STREAM))
-            fraction = noised_fraction(sum(bits), self.adaptive.count_stddev, self.clients, counts)
+            fraction = noised_fraction(unclipped, self.adaptive.count_stddev, self.clients, counts)
             self.clip_norm = next_clip_norm(
                 used, fraction, self.adaptive.target_quantile, self.adaptive.learning_rate
             )

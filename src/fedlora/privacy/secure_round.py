@@ -1,13 +1,23 @@
 """The engine's side of secure aggregation (``privacy.secure_aggregation``): the same round, with
 replies that travel masked and reach the server only as their weighted mean.
 
-Client side, per reply: ``prepare`` (the seam for central DP: a client clips its own update
-here, since nobody else sees it), then the client's weight p_i = n_i / Σ_{sampled} n_j (known
-before the round), then the fixed-point code. Server side: the unmasked sum over the clients
-whose inputs arrived (U3), decoded and divided by Σ_{U3} p_i (the server knows the weights and
-who is in the sum), which is exactly the plain engine's mean over the replies it accepted, up to
-the quantization error n·2^(−f−1) / Σ_{U3} p_i per coordinate; then ``finish`` (the seam for
-central DP: the server noises the aggregate, the only thing it sees).
+Client side, per reply: ``prepare``, then the client's weight p_i = n_i / Σ_{sampled} n_j
+(known before the round), then the fixed-point code. Server side: the unmasked sum over the
+clients whose inputs arrived (U3), decoded and divided by Σ_{U3} p_i (the server knows the
+weights and who is in the sum), which is exactly the plain engine's mean over the replies it
+accepted, up to the quantization error n·2^(−f−1) / Σ_{U3} p_i per coordinate; then ``finish``.
+
+With central DP (``privacy.mechanism = "central"``) nobody but the client sees its update, so
+the client clips it: ``prepare`` masks Δ̃_i = clip(reply − sent, C) and, with adaptive clipping,
+its bit b_i = 1[‖Δ_i‖ ≤ C] as one more coordinate (C is the server's current clip norm, which a
+deployment would send with the download; here every party reads it from the one ``CentralDP``).
+Central DP weighs the m sampled clients uniformly (p_i = 1/m), so the k summed inputs decode to
+(Σ Δ̃_i / k, Σ b_i / k): ``finish`` multiplies by k and hands the two sums to
+``CentralDP.release``, which adds the noise and divides by the fixed m, exactly what the server
+does without secure aggregation (the same noise draws), up to the quantization error: ≤
+k·2^(−f−1) per coordinate of Δ̄, and Σ b_i is an integer read back exactly (its error,
+m·k·2^(−f−1), is below 1/2 while m·k < 2^f). A client that drops out adds a zero update, as
+in the plain mean over m.
 """
 
 from __future__ import annotations
@@ -21,8 +31,12 @@ import torch
 from fedlora.channel import Schema
 from fedlora.config import PrivacyConfig
 from fedlora.privacy import fixed_point
+from fedlora.privacy.central import CentralDP, clip_update
 from fedlora.privacy.secagg import Wire, secure_sum
+from fedlora.robust import applied, update_of
 from fedlora.tensors import TensorDict
+
+UNCLIPPED = "privacy.unclipped"  # the coordinate that carries a client's adaptive-clipping bit
 
 
 def default_threshold(clients: int) -> int:
@@ -73,9 +87,13 @@ class SecureMean:
 
 class SecureAggregation:
     """Secure aggregation under ``privacy``'s threshold and code, for rounds of ``round_size``
-    clients (the default threshold's n)."""
+    clients (the default threshold's n); with ``central``, the server's central-DP mechanism,
+    whose clipping moves to the clients."""
 
-    def __init__(self, privacy: PrivacyConfig, round_size: int) -> None:
+    def __init__(
+        self, privacy: PrivacyConfig, round_size: int, central: CentralDP | None = None
+    ) -> None:
+        self.central = central
         self.bits = privacy.fixed_point_bits
         self.threshold = (
             privacy.threshold if privacy.threshold is not None else default_threshold(round_size)
@@ -86,20 +104,47 @@ class SecureAggregation:
             f"Secure aggregation (Bonawitz et al. 2017): threshold t = {self.threshold}, "
             f"{self.bits} fractional bits mod 2^32 (per-coordinate error ≤ n·2^-{self.bits + 1} "
             "for n summands, divided by their total weight)."
+            + (
+                " Central DP: each client clips its own update (and masks its clipping bit); "
+                "the server noises the unmasked sum."
+                if self.central is not None
+                else ""
+            )
         )
 
     # -- client side -----------------------------------------------------------------------
     def prepare(self, client: int, reply: TensorDict, sent: TensorDict) -> TensorDict:
-        """What client ``client`` masks in place of its reply to ``sent``: the reply itself.
-        The seam for central DP, which must clip on the client (reply − sent, before the
-        weight and the code) under secure aggregation."""
-        return reply
+        """What client ``client`` masks in place of its reply to ``sent``: the reply itself,
+        or under central DP its clipped update (and its bit, with adaptive clipping)."""
+        if self.central is None:
+            return reply
+        clipped, unclipped = clip_update(update_of(reply, sent), self.central.clip_norm)
+        if self.central.adaptive is not None:
+            clipped[UNCLIPPED] = torch.tensor([float(unclipped)])
+        return clipped
+
+    def shapes(self, schemas: dict[int, Schema]) -> Shapes:
+        """The names and shapes of every masked input: the replies' common schema, and the
+        bit's coordinate under adaptive central DP."""
+        shapes = common_shapes(schemas)
+        if self.central is not None and self.central.adaptive is not None:
+            shapes[UNCLIPPED] = (1,)
+        return shapes
 
     # -- server side -----------------------------------------------------------------------
-    def finish(self, round_index: int, mean: TensorDict, weights: dict[int, float]) -> TensorDict:
-        """What the method's server step gets from the unmasked mean of the clients of
-        ``weights``: the mean itself. The seam for central DP's noise on the aggregate."""
-        return mean
+    def finish(
+        self, round_index: int, mean: TensorDict, summed: list[int], reference: TensorDict
+    ) -> TensorDict:
+        """What the method's server step gets from the unmasked mean of the ``summed`` clients:
+        the mean itself, or under central DP ``reference`` (the state the server sent) plus
+        the noised mean update."""
+        if self.central is None:
+            return mean
+        count = len(summed)
+        bits = mean.pop(UNCLIPPED, None)
+        unclipped = round(float(bits.double().sum()) * count) if bits is not None else 0
+        total = {k: v * count for k, v in mean.items()}
+        return applied(self.central.release(round_index, total, unclipped), reference)
 
     def mean(
         self,
@@ -109,12 +154,14 @@ class SecureAggregation:
         schemas: dict[int, Schema],
         participants: list[int],
         weights: dict[int, float],
+        reference: TensorDict,
     ) -> SecureMean:
         """One protocol run: the ``held`` (prepared) replies, each client's with its weight of
         ``weights`` (over at least all ``participants``), masked, summed, unmasked and turned
         into their weighted mean. ``schemas``: what the server expects of each held reply;
-        participants without one drop after ShareKeys. Raises ``SecureAggregationError``."""
-        shapes = common_shapes({c: schemas[c] for c in held})
+        participants without one drop after ShareKeys. ``reference``: what the server sent
+        (central DP's updates are relative to it). Raises ``SecureAggregationError``."""
+        shapes = self.shapes({c: schemas[c] for c in held})
         summands = len(weights)
         inputs, absent = {}, {}
         for client, reply in held.items():
@@ -127,7 +174,8 @@ class SecureAggregation:
         outcome = secure_sum(wire, participants, inputs, self.threshold, length)
         total = sum(weights[c] for c in outcome.summed)
         mean = unflatten(fixed_point.decode(outcome.total, self.bits) / total, shapes)
-        summed = {c: weights[c] for c in outcome.summed}
         return SecureMean(
-            self.finish(round_index, mean, summed), outcome.summed, absent | outcome.absent
+            self.finish(round_index, mean, outcome.summed, reference),
+            outcome.summed,
+            absent | outcome.absent,
         )
