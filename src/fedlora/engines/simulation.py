@@ -41,6 +41,7 @@ from fedlora.experiment import Experiment
 from fedlora.lora import normalized
 from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
 from fedlora.privacy.secure_round import SecureAggregation, SecureMean
+from fedlora.streaming import RunningMean
 from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, deadline_steps, derived_seed, steps_per_round
 
@@ -387,10 +388,14 @@ class SimulationEngine:
         task = progress.add_task(
             f"round {round_index + 1}/{config.experiment.rounds}", total=len(sampled), status=""
         )
-        replies: dict[int, TensorDict] = {}
+        replies: dict[int, TensorDict] = {}  # each accepted reply, or {} once folded
+        running = RunningMean() if self.streams() else None
         losses, steps, examples = [], 0, 0
         for client, reply, result in self._train_clients(sampled, round_index):
-            if reply is not None:
+            if reply is not None and running is not None:
+                running.add(reply, self.raw_weight(client))
+                replies[client] = {}
+            elif reply is not None:
                 replies[client] = reply
             if result is not None:
                 losses.append(result.loss)
@@ -398,26 +403,48 @@ class SimulationEngine:
                 examples += result.examples
             status = f"loss {np.mean(losses):.4f}" if losses else "no reply"
             progress.update(task, advance=1, status=status)
-        aggregated = self._aggregate(round_index, replies)
+        aggregated = self._aggregate(round_index, replies, running)
         train_seconds = time.perf_counter() - began
         record = self._round_record(round_index, sampled, losses, steps, examples)
         record.update(self._reliability(round_index, replies, aggregated))
         return self._close_record(record, round_index, progress, task, began, train_seconds)
 
+    def raw_weight(self, client: int) -> float:
+        """A client's aggregation weight before normalisation: its data size, or 1."""
+        return float(
+            len(self.exp.clients[client]) if self.exp.config.federation.weighting == "size" else 1
+        )
+
     def weights(self, clients: list[int]) -> dict[int, float]:
         """Aggregation weights over the clients whose replies were accepted."""
-        sizes = [len(self.exp.clients[c]) for c in clients]
-        raw = sizes if self.exp.config.federation.weighting == "size" else [1] * len(clients)
-        return dict(zip(clients, normalized(raw), strict=True))
+        return dict(zip(clients, normalized([self.raw_weight(c) for c in clients]), strict=True))
 
-    def _aggregate(self, round_index: int, replies: dict[int, TensorDict]) -> list[int] | None:
-        """The method's server step over the accepted replies (under secure aggregation, over
-        their securely summed mean); with fewer than ``federation.min_replies``, or a secure sum
-        that fails, the round is skipped (the global state stays). Returns the clients in the
-        aggregate, None if skipped."""
+    def streams(self) -> bool:
+        """Whether the server folds each reply into a running sum (``fedlora.streaming``): the
+        method's step needs only their weighted mean, under the plain mean aggregator, without
+        central DP (which clips each update) or secure aggregation (no reply reaches it)."""
+        method = self.exp.method
+        return (
+            not method.needs_each_reply
+            and method.communicates
+            and method.context.central is None
+            and self.secure is None
+            and self.exp.config.federation.aggregator == "mean"
+        )
+
+    def _aggregate(
+        self, round_index: int, replies: dict[int, TensorDict], running: RunningMean | None
+    ) -> list[int] | None:
+        """The method's server step over the accepted replies (their running mean when
+        streamed; under secure aggregation, their securely summed mean); with fewer than
+        ``federation.min_replies``, or a secure sum that fails, the round is skipped (the global
+        state stays). Returns the clients in the aggregate, None if skipped."""
         if self._too_few(len(replies)):
             return None
-        if self.secure is None:
+        if running is not None:
+            self.exp.method.aggregate_mean(round_index, running.mean())
+            aggregated = sorted(replies)
+        elif self.secure is None:
             self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
             aggregated = sorted(replies)
         else:
