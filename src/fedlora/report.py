@@ -209,7 +209,15 @@ def arms_of(runs: list[RunView]) -> list[ArmView]:
     groups: dict[str, list[RunView]] = {}
     for run in runs:
         groups.setdefault(_arm_key(run), []).append(run)
-    return [ArmView(_arm_label(members), tuple(members)) for members in groups.values()]
+    members = list(groups.values())
+    names = short_names([_arm_place(group) for group in members])
+    return [
+        ArmView(
+            name if group[0].method in name.split("/") else f"{name} ({group[0].method})",
+            tuple(group),
+        )
+        for name, group in zip(names, members, strict=True)
+    ]
 
 
 def _arm_key(run: RunView) -> str:
@@ -221,14 +229,30 @@ def _arm_key(run: RunView) -> str:
     return json.dumps({**run.config, "experiment": experiment}, sort_keys=True, default=str)
 
 
-def _arm_label(runs: list[RunView]) -> str:
-    """One run: its label; seeds of one config in one directory (``arm/seed<k>``): the
-    directory's name; else the runs' names."""
-    if len(runs) == 1:
-        return runs[0].label
+def _arm_place(runs: list[RunView]) -> Path:
+    """Where an arm's runs are: one run's directory, or the one directory holding its seeds
+    (``arm/seed<k>``; else the first run's)."""
     parents = {run.path.parent for run in runs}
-    name = parents.pop().name if len(parents) == 1 else ", ".join(r.path.name for r in runs)
-    return name if name == runs[0].method else f"{name} ({runs[0].method})"
+    return parents.pop() if len(runs) > 1 and len(parents) == 1 else runs[0].path
+
+
+def short_names(places: list[Path]) -> list[str]:
+    """Each path's shortest ending that no other path shares (``ffa/seed0`` next to
+    ``central/seed0``, ``fedit`` alone)."""
+
+    def ending(path: Path, depth: int) -> str:
+        return "/".join(path.parts[-depth:])
+
+    names = []
+    for i, place in enumerate(places):
+        others = places[:i] + places[i + 1 :]
+        depths = range(1, len(place.parts) + 1)
+        depth = next(
+            (d for d in depths if all(ending(o, d) != ending(place, d) for o in others)),
+            len(place.parts),
+        )
+        names.append(ending(place, depth))
+    return names
 
 
 @dataclass(frozen=True)
