@@ -459,8 +459,9 @@ def caption(arms: list[ArmView]) -> str:
 
 def _finish(figure: Figure, title: str, notes: list[str]) -> None:
     figure.suptitle(title, fontsize=11)
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
-    figure.text(0.01, 0.005, "\n".join(notes), fontsize=7.5, va="bottom", wrap=True)
+    figure.tight_layout()
+    # Below the figure: ``save`` writes the tight box around everything, the caption included.
+    figure.text(0.01, 0.0, "\n".join(notes), fontsize=7.5, va="top")
 
 
 def save(figure: Figure, path: Path) -> Path:
