@@ -285,8 +285,8 @@ def arm_curve(arm: ArmView, key: str, x_key: str) -> Curve | None:
 
 
 def progress_axis(arms: list[ArmView]) -> str:
-    """ "round" where every run has the same rounds with the same steps and examples in each
-    (a round then costs the same everywhere); else training examples seen."""
+    """Rounds where every run has the same rounds with the same steps and examples in each (a
+    round then costs the same everywhere); else training examples seen."""
     schedules = {
         tuple((m["round"], m.get("steps"), m.get("examples")) for m in run.metrics)
         for arm in arms
@@ -360,7 +360,7 @@ def curves_figure(arms: list[ArmView], key: str, title: str = "") -> Figure | No
     return figure
 
 
-def _draw_curve(axis: Axes, arm: ArmView, key: str, x_key: str, style: tuple) -> None:
+def _draw_curve(axis: Axes, arm: ArmView, key: str, x_key: str, style: tuple[object, str]) -> None:
     curve = arm_curve(arm, key, x_key)
     assert curve is not None  # drawn arms have one
     colour = method_colour(arm.method)
