@@ -1,7 +1,7 @@
 """The run directory: what a finished run leaves behind.
 
 config.toml            the resolved config (defaults filled in)
-metrics.jsonl          one line per round
+metrics.jsonl          one line per round, from round 0 (the initial model, evaluated)
 ledger.jsonl           one line per transfer: round, sender, receiver, bytes
 checkpoint.safetensors the state after the last completed round (for --resume)
 adapter/               the final global adapter in PEFT format (if the method has one)
@@ -9,7 +9,7 @@ adapters/client_<i>/   per-client adapters (methods whose clients keep their own
 rank<k>/               a distributed deployment's rank k: its own checkpoint (and DLoRA's
                        per-step files of its users); rank 0's is checkpoint.safetensors above
 summary.md             tables: final metrics, bytes, client label histograms
-<metric>.png           the metric over training from round 0 (the initial model), by round
+<metric>.png           the metric over training from round 0, by round (or examples seen)
                        and by bytes on the wire (``fedlora.report``)
 """
 
