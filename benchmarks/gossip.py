@@ -44,8 +44,9 @@ def main() -> None:
     experiment = build(load_config(REPO / "configs" / "default.toml", overrides))
     with tempfile.TemporaryDirectory() as directory:
         result = GossipEngine(experiment, Path(directory)).run(show_progress=False)
-    local = sum(m["local_seconds"] for m in result.metrics)
-    mixing = sum(m["mix_seconds"] for m in result.metrics)
+    rounds = [m for m in result.metrics if m["round"] > 0]  # round 0: the initial model
+    local = sum(m["local_seconds"] for m in rounds)
+    mixing = sum(m["mix_seconds"] for m in rounds)
     sent = result.metrics[-1]["cumulative_bytes"]
     print(
         f"{args.nodes} nodes, ring, {args.steps} local steps, {args.rounds} rounds, "

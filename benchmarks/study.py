@@ -7,9 +7,16 @@ thread, ``--jobs`` at a time, under ``runs/studies/<study>/<arm>/seed<k>``. A fi
 ``summary.md`` exists) is skipped and an interrupted one continues with ``--resume``, so the
 command can be repeated until the study is complete. An arm with ``from_study`` reuses the runs
 of an arm of another study (``from_arm``, default the same label; same config and overrides).
-Then it writes the table (``runs/studies/<study>/results.md``, also printed) and one plot
-(``docs/figures/<study>.png``): the first quality metric vs round and vs cumulative bytes, mean
-over seeds with a ±1 std band.
+Then it writes the table (``runs/studies/<study>/results.md``, also printed) and two figures of
+the first quality metric (``fedlora.report`` states their rules): ``docs/figures/<study>.png``,
+its curves from round 0 (the initial model) against an equal-cost axis (rounds only where every
+arm runs the same rounds and steps, else training examples seen) and against bytes on the wire,
+mean over seeds with a ±1 std band; and ``docs/figures/<study>_final.png``, the final value per
+arm, mean ± 1 std, the reference arms marked. The study's optional ``title`` heads both. An arm
+may give a ``group`` (its panel: more than 8 arms need groups, e.g. one per rank, else they are
+grouped by method), a ``variant`` (its line style among its method's arms, the same in every
+group, e.g. "ring K=1"; default its label) and ``reference = true``; the claims' references
+are references too.
 
 Grids. An arm may give a list of values for any config key, ``grid = { "train.lr" = [1e-3,
 2e-3, 5e-3] }`` (several keys: every combination). The grid is run first, on the study's
@@ -59,7 +66,7 @@ import tomli_w
 from fedlora.channel import human_bytes
 from fedlora.config import ConfigError, load_config
 from fedlora.convergence import PLATEAU_TOLERANCE, ClaimKind, plateaued, verdict
-from fedlora.report import RunView, lower_is_better, plot_mean_bands, read_run
+from fedlora.report import ArmView, RunView, lower_is_better, read_run, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "studies"
@@ -80,6 +87,9 @@ class Arm:
     from_study: str | None = None  # the same arm's runs, already made by another study
     from_arm: str | None = None  # the arm's label in that study (default: the same label)
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, values) to select among
+    group: str = ""  # its panel in the figures
+    variant: str = ""  # its line style among its method's arms (default: the label)
+    reference: bool = False  # marked in the final-value figure
 
     @property
     def slug(self) -> str:
@@ -136,6 +146,7 @@ class Study:
     plateau_tolerance: float = PLATEAU_TOLERANCE
     claims: tuple[Claim, ...] = ()
     root: Path = RUNS  # where every study's runs live
+    title: str = ""  # what the figures compare (default: the name)
 
     @property
     def directory(self) -> Path:
@@ -166,6 +177,9 @@ def load_study(path: Path, root: Path = RUNS) -> Study:
             arm.get("from_study"),
             arm.get("from_arm"),
             parse_grid(arm.get("grid", {}), arm["label"]),
+            arm.get("group", ""),
+            arm.get("variant", ""),
+            bool(arm.get("reference", False)),
         )
         for arm in data["arms"]
     )
@@ -202,6 +216,7 @@ def load_study(path: Path, root: Path = RUNS) -> Study:
         float(plateau.get("tolerance", PLATEAU_TOLERANCE)),
         tuple(claims),
         root,
+        data.get("title", ""),
     )
     check_grids(study, path)
     return study
@@ -470,17 +485,34 @@ def results_table(study: Study) -> str:
     )
 
 
-def report(study: Study) -> str:
-    """The results table (``results_table``), written with the study's plot."""
+def report(study: Study, figures: Path = REPO / "docs" / "figures") -> str:
+    """The results table (``results_table``), written with the study's two figures."""
     table = results_table(study)
-    curves = {arm.label: finished_runs(study, arm) for arm in study.arms}
-    main = study.metrics[0]
-    figures = REPO / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    plot_mean_bands(curves, main, figures / f"{study.name}.png", title=study.name)
+    write_figures(figure_arms(study), study.metrics[0], figures / study.name, figure_title(study))
     study.directory.mkdir(parents=True, exist_ok=True)
     (study.directory / "results.md").write_text(table + "\n")
     return table
+
+
+def figure_arms(study: Study) -> list[ArmView]:
+    """Each arm's finished seeds as the figures draw them; the claims' references and the arms
+    marked ``reference`` are the references."""
+    references = {claim.reference for claim in study.claims}
+    return [
+        ArmView(
+            arm.label,
+            tuple(finished_runs(study, arm)),
+            arm.variant,
+            arm.group,
+            arm.reference or arm.label in references,
+        )
+        for arm in study.arms
+    ]
+
+
+def figure_title(study: Study) -> str:
+    return f"{study.title or study.name}: {study.metrics[0]}"
 
 
 def grid_table(study: Study) -> str:

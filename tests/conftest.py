@@ -41,6 +41,11 @@ def timeless_metrics(run: Path) -> list[dict]:
     return without_timing(read_metrics(run))
 
 
+def trained(metrics: list[dict]) -> list[dict]:
+    """The trained rounds' records: without round 0, the initial model's evaluation."""
+    return [m for m in metrics if m["round"] > 0]
+
+
 @pytest.fixture(scope="session")
 def fedit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "fedit"

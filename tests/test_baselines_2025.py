@@ -21,6 +21,7 @@ from fedlora.methods import method_class, registry
 from fedlora.methods.base import Method, MethodContext
 from fedlora.methods.fedsb import CORE
 from fedlora.tensors import LoraModule
+from tests.conftest import trained
 from tests.test_methods_server import framed, local_least_squares
 
 NEW = ["fedex", "rolora", "lora_fair", "fedsb", "frlora"]
@@ -336,8 +337,8 @@ def expected_shapes(name: str, experiment: Experiment, round_index: int, up: boo
 @pytest.mark.parametrize("name", NEW)
 def test_two_tiny_rounds_and_every_message_has_the_expected_bytes(name: str, finished) -> None:
     experiment, _, result = finished(name)
-    assert [m["round"] for m in result.metrics] == [1, 2]
-    assert all(math.isfinite(m["train_loss"]) for m in result.metrics)
+    assert [m["round"] for m in result.metrics] == [0, 1, 2]  # 0: the initial model
+    assert all(math.isfinite(m["train_loss"]) for m in trained(result.metrics))
     assert 0.0 <= result.metrics[-1]["accuracy"] <= 1.0
     for record in result.ledger.records:
         up = record.receiver == "server"
@@ -351,10 +352,10 @@ def test_measured_uploads_rolora_half_of_fedit_fedsb_r_squared(finished) -> None
     dropped tensors' header entries (name + ~80 bytes of JSON each)."""
     experiment, _, rolora = finished("rolora")
     modules, clients = experiment.slots.modules, len(experiment.clients)
-    fedit = finished("fedit")[2].metrics
-    fedsb = finished("fedsb")[2].metrics
+    fedit = trained(finished("fedit")[2].metrics)
+    fedsb = trained(finished("fedsb")[2].metrics)
     header = clients * sum(len(m.a) + 80 for m in modules)
-    for mine, theirs in zip(rolora.metrics, fedit, strict=True):
+    for mine, theirs in zip(trained(rolora.metrics), fedit, strict=True):
         saved = theirs["bytes_up"] - mine["bytes_up"]
         half = 4 * clients * sum(m.rank * m.d_in for m in modules)
         assert half == 2 * clients * sum(m.rank * (m.d_out + m.d_in) for m in modules)

@@ -17,7 +17,7 @@ from fedlora.channel import Channel, decode, encode
 from fedlora.compute import Compute, available_devices, on_cpu, resolve
 from fedlora.config import ComputeConfig, ConfigError, load_config
 from fedlora.experiment import build
-from tests.conftest import TINY, read_metrics, run_cli
+from tests.conftest import TINY, read_metrics, run_cli, trained
 
 FEDIT = str(TINY / "fedit.toml")
 
@@ -102,7 +102,7 @@ def test_cpu_run_is_bit_identical_to_before_compute_existed(
     assert "on cpu, float32, 1 CPU thread ->" in output.splitlines()[0]  # where it runs, first
     rows = [
         (m["train_loss"], m["accuracy"], m["macro_f1"], m["test_loss"], m["cumulative_bytes"])
-        for m in read_metrics(tmp_path)
+        for m in trained(read_metrics(tmp_path))
     ]
     assert rows == PINNED_ROUNDS
     assert sum(ledger_bytes(tmp_path)) == PINNED_ROUNDS[-1][-1]
@@ -126,7 +126,7 @@ def test_bfloat16_compute_keeps_float32_masters_and_wire_bytes(
     # Same messages, same sizes: the wire carries float32 whatever the compute dtype.
     assert ledger_bytes(tmp_path) == ledger_bytes(fedit_run)
     # bfloat16 keeps 8 bits of mantissa: the first round's loss moves by well under 1%.
-    first, reference = read_metrics(tmp_path)[0], read_metrics(fedit_run)[0]
+    first, reference = read_metrics(tmp_path)[1], read_metrics(fedit_run)[1]  # round 1
     assert abs(first["train_loss"] - reference["train_loss"]) < 0.01 * reference["train_loss"]
     assert first["train_loss"] != reference["train_loss"]  # bfloat16 really computed
 
@@ -334,8 +334,8 @@ def test_the_gpu_check_comparison_flags_what_disagrees(fedit_run: Path, tmp_path
     other = tmp_path / "other"
     shutil.copytree(fedit_run, other)
     rows = read_metrics(other)
-    rows[1]["train_loss"] *= 1.01
-    rows[0]["accuracy"] += 0.05
+    rows[2]["train_loss"] *= 1.01  # rows[0] is round 0, the initial model
+    rows[1]["accuracy"] += 0.05
     (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     found = differences(other, fedit_run, 1e-3, 0.02)
     assert len(found) == 2

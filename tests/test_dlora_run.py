@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, trained
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,9 @@ def test_run_directory_has_the_usual_files_and_the_schedule(dlora_run: Path) -> 
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert any(".lora_A." in k for k in load_file(adapter / "adapter_model.safetensors"))
     metrics = [json.loads(line) for line in (dlora_run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [1, 2, 3]
-    assert all("accuracy" in m and m["steps"] == 12 for m in metrics)  # 2 users x 6 steps
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]  # 0: the initial model
+    assert all("accuracy" in m for m in metrics)
+    assert all(m["steps"] == 12 for m in trained(metrics))  # 2 users x 6 steps
     assert "## DLoRA split execution and Kill-and-Revive" in (dlora_run / "summary.md").read_text()
 
 

@@ -30,7 +30,7 @@ from fedlora.privacy.dp_sgd import (
 )
 from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.training import LocalTrainer
-from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
+from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -375,7 +375,7 @@ def test_dp_sgd_run_reports_growing_epsilon_stops_at_the_budget_and_repeats(tmp_
     sets = BUDGET_STOP
     first = tmp_path / "first"
     output = cli_run(first, sets)
-    metrics = read_metrics(first)
+    metrics = trained(read_metrics(first))
     assert [m["round"] for m in metrics] == [1, 2]
     assert 0 < metrics[0]["epsilon"] < metrics[1]["epsilon"] < 2.99
     for m in metrics:  # ε is the largest client's; every client trained every round
@@ -413,7 +413,7 @@ def test_central_dp_clip_norm_follows_andrew_et_al_and_survives_resume(tmp_path:
     assert load_checkpoint(run).completed_rounds == 1
     experiment = build(load_config(TINY / "fedit.toml", sets))
     engine = SimulationEngine(experiment, run, Console(quiet=True))
-    metrics = engine.run(engine.resume(), show_progress=False).metrics
+    metrics = trained(engine.run(engine.resume(), show_progress=False).metrics)
     norms = [m["clip_norm"] for m in metrics]
     assert norms[0] == 0.05 and len(set(norms)) == 3
     for before, after, m in zip(norms, norms[1:], metrics, strict=False):

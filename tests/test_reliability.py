@@ -19,7 +19,7 @@ from fedlora.experiment import Experiment, build
 from fedlora.robust import combine
 from fedlora.session import ENGINES
 from fedlora.training import derived_seed
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, trained
 
 FEDIT = TINY / "fedit.toml"
 
@@ -86,7 +86,7 @@ def test_a_refused_reply_never_reaches_the_global_model(kind: str, tmp_path: Pat
     overrides = ["experiment.rounds=1", "attack.clients=[1]", f"attack.kind='{kind}'"]
     experiment, engine = engine_for(overrides, tmp_path)
     result = engine.run(show_progress=False)
-    (record,) = result.metrics
+    (record,) = trained(result.metrics)
     assert record["aggregated"] == [0, 2, 3]
     assert list(record["absent"]) == ["1"] and "reply refused" in record["absent"]["1"]
     (rejected,) = record["rejected"]
@@ -132,7 +132,7 @@ def test_dropout_aggregates_exactly_the_clients_that_replied(tmp_path: Path) -> 
     clients = range(len(experiment.clients))
     expected_missing = {r: [c for c in clients if dropped(0, r, c, 0.5)] for r in range(4)}
     assert any(expected_missing.values())  # the seeds exercise dropout
-    for r, record in enumerate(result.metrics):
+    for r, record in enumerate(trained(result.metrics)):
         missing = expected_missing[r]
         if not missing:
             assert "absent" not in record
@@ -210,11 +210,11 @@ def test_a_deadline_cuts_or_drops_stragglers(tmp_path: Path) -> None:
     needs = {c: engine.required_steps(c) for c in range(len(experiment.clients))}
     slow = sorted(c for c, n in needs.items() if n > 12)
     assert slow == [0, 2]  # needs 16, 9, 16, 11 steps (2 epochs at batch 8)
-    (record,) = engine.run(show_progress=False).metrics
+    (record,) = trained(engine.run(show_progress=False).metrics)
     assert sorted(int(c) for c in record["absent"]) == slow
     assert all(why.startswith("straggler: needs") for why in record["absent"].values())
     _, cut = engine_for([*base, "federation.stragglers='cut'"], tmp_path / "cut")
-    (record,) = cut.run(show_progress=False).metrics
+    (record,) = trained(cut.run(show_progress=False).metrics)
     assert "absent" not in record
     assert record["steps"] == sum(min(n, 12) for n in needs.values())
 

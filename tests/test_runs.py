@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.report import plot_mean_bands, read_run
 from tests.conftest import TINY, assert_adapter_reloads, read_metrics, run_cli, without_timing
 
 
@@ -19,13 +18,12 @@ def test_run_directory_has_every_output(fedit_run: Path) -> None:
         "ledger.jsonl",
         "checkpoint.safetensors",
         "summary.md",
-        "accuracy_vs_round.png",
-        "accuracy_vs_bytes.png",
+        "accuracy.png",
     ):
         assert (fedit_run / name).is_file(), name
     assert (fedit_run / "adapter" / "adapter_model.safetensors").is_file()
     metrics = read_metrics(fedit_run)
-    assert [m["round"] for m in metrics] == [1, 2]
+    assert [m["round"] for m in metrics] == [0, 1, 2]  # 0: the initial model
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics)
     ledger = [json.loads(line) for line in (fedit_run / "ledger.jsonl").read_text().splitlines()]
     # 4 clients x 2 rounds, one message down and one up each.
@@ -102,29 +100,16 @@ def test_causal_lm_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_report_compares_runs(fedit_run: Path, tmp_path: Path) -> None:
+    """The table and, per metric, the curves and final-value figures a study gets (their
+    contents: tests/test_report.py)."""
     other = tmp_path / "central"
     assert run_cli("run", str(TINY / "centralized.toml"), "--out", str(other), "--quiet")[0] == 0
     code, output = run_cli("report", str(fedit_run), str(other), "--out", str(tmp_path / "cmp"))
     assert code == 0, output
     text = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "(fedit)" in text and "(centralized)" in text
-    assert (tmp_path / "cmp" / "accuracy_vs_bytes.png").is_file()
-
-
-def test_seed_bands_plot_the_rounds_every_seed_evaluated(fedit_run: Path, tmp_path: Path) -> None:
-    """The study plot: one arm of two real runs (the second stopped a round early) is drawn
-    over the rounds both evaluated; an arm without runs is skipped, no arms give no file."""
-    short = tmp_path / "short"
-    code, output = run_cli(
-        "run", str(TINY / "fedit.toml"), "--out", str(short), "--quiet",
-        "--set", "experiment.rounds=1", "--set", "experiment.seed=1",
-    )  # fmt: skip
-    assert code == 0, output
-    runs = [read_run(fedit_run), read_run(short)]
-    drawn = plot_mean_bands({"fedit": runs, "none": []}, "accuracy", tmp_path / "bands.png")
-    assert drawn == tmp_path / "bands.png" and drawn.stat().st_size > 0
-    assert plot_mean_bands({"none": []}, "accuracy", tmp_path / "empty.png") is None
-    assert not (tmp_path / "empty.png").exists()
+    for name in ("accuracy.png", "accuracy_final.png"):
+        assert (tmp_path / "cmp" / name).is_file() and f"]({name})" in text
 
 
 def test_methods_lists_every_registered_method() -> None:

@@ -266,7 +266,15 @@ def test_study_grid_picks_the_better_validation_value(tmp_path: Path) -> None:
     """The grid's two runs (through the study's own command lines, in-process) are scored by
     val_accuracy: lr 1e-8 stays at chance, 0.05 learns the task, so 0.05 must be chosen, and the
     table shows it with the chosen run's test accuracy."""
-    from benchmarks.study import choose, final_tasks, grid_tasks, load_study, results_table
+    from benchmarks.study import (
+        choose,
+        figure_arms,
+        final_tasks,
+        grid_tasks,
+        load_study,
+        report,
+        results_table,
+    )
 
     data = write_toy(tmp_path / "toy.csv", 60)
     study = load_study(write_study(tmp_path / "study.toml", data), root=tmp_path / "runs")
@@ -289,6 +297,16 @@ def test_study_grid_picks_the_better_validation_value(tmp_path: Path) -> None:
     assert "| train.lr=0.05 |" in row and f"{test_accuracy:.3f} ± 0.000" in row
     assert "| FedIT | train.lr=0.05 |" in table and "**chosen**" in table
     assert "fewer than two seeds" in table  # the claim's verdict: inconclusive on one seed
+
+    # The figures draw the chosen run, the claim's reference marked (their contents:
+    # tests/test_report.py).
+    (drawn,) = figure_arms(study)
+    assert drawn.reference and [run.path for run in drawn.runs] == [tasks[1].out]
+    report(study, tmp_path / "figures")
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
+        "toy_grid.png",
+        "toy_grid_final.png",
+    }
 
 
 def test_study_grid_without_validation_is_refused(tmp_path: Path) -> None:

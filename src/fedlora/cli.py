@@ -115,7 +115,8 @@ def report(
     runs: Annotated[list[Path], typer.Argument(help="run directories")],
     out: Annotated[Path, typer.Option(help="where the table and plots go")] = Path("report"),
 ) -> None:
-    """Put several runs side by side: a Markdown table and plots."""
+    """Put several runs side by side: a Markdown table and, per metric, the figures a study
+    gets (runs differing only in the seed are one arm)."""
     from fedlora.report import compare
 
     try:
@@ -123,7 +124,7 @@ def report(
     except FileNotFoundError as error:
         fail(str(error))
     console.print(table, highlight=False)
-    console.print(f"written: {out}/comparison.md and plots")
+    console.print(f"written: {out}/comparison.md and figures")
 
 
 @app.command()

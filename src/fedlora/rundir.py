@@ -1,7 +1,7 @@
 """The run directory: what a finished run leaves behind.
 
 config.toml            the resolved config (defaults filled in)
-metrics.jsonl          one line per round
+metrics.jsonl          one line per round, from round 0 (the initial model, evaluated)
 ledger.jsonl           one line per transfer: round, sender, receiver, bytes
 checkpoint.safetensors the state after the last completed round (for --resume)
 adapter/               the final global adapter in PEFT format (if the method has one)
@@ -9,7 +9,8 @@ adapters/client_<i>/   per-client adapters (methods whose clients keep their own
 rank<k>/               a distributed deployment's rank k: its own checkpoint (and DLoRA's
                        per-step files of its users); rank 0's is checkpoint.safetensors above
 summary.md             tables: final metrics, bytes, client label histograms
-*_vs_round.png, *_vs_bytes.png
+<metric>.png           the metric over training from round 0, by round (or examples seen)
+                       and by bytes on the wire (``fedlora.report``)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fedlora.checkpoint import remove_partial
 from fedlora.config import Config, ConfigError
 from fedlora.engines.simulation import RunResult
 from fedlora.experiment import Experiment
-from fedlora.report import RunView, markdown_table, plot_runs
+from fedlora.report import RunView, markdown_table, plot_run
 from fedlora.tensors import TensorDict
 
 
@@ -160,5 +161,8 @@ def reliability_lines(result: RunResult) -> list[str]:
 
 def finish(experiment: Experiment, result: RunResult, out: Path) -> None:
     export_adapters(experiment, result, out)
-    plot_runs([RunView(out, experiment.config.method.name, result.metrics)], out)
+    config = experiment.config
+    label = f"{config.experiment.name} ({config.method.name})"
+    dump, tested = config.model_dump(exclude_none=True), len(experiment.split.test)
+    plot_run(RunView(out, label, result.metrics, dump, tested), out)
     (out / "summary.md").write_text(summary_markdown(experiment, result, out))

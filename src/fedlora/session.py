@@ -64,13 +64,13 @@ def final_table(result: RunResult) -> Table:
     table = Table(
         "round", "train loss", *keys, *privacy, "bytes (cum.)", "seconds", title="results"
     )
-    for m in result.metrics:
-        spent = [format_epsilon(m["epsilon"]), f"{m['delta']:.3g}"] if private else []
+    for m in result.metrics:  # round 0 (the initial model) has no training nor privacy spent
+        spent = [format_epsilon(m["epsilon"]), f"{m['delta']:.3g}"] if "epsilon" in m else ["", ""]
         table.add_row(
             str(m["round"]),
-            f"{m['train_loss']:.4f}",
+            f"{m['train_loss']:.4f}" if "train_loss" in m else "",
             *[f"{m[k]:.4f}" if k in m else "" for k in keys],
-            *spent,
+            *(spent if private else []),
             f"{m['cumulative_bytes']:,}",
             f"{m['seconds']:.1f}",
         )

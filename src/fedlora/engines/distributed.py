@@ -194,12 +194,23 @@ class RankEngine(SimulationEngine):
         return result
 
     def _receive_start(self) -> int:
+        """A worker's start: the round, and its clients' state (observer) or its own files;
+        on a fresh deployment, its report of round 0 (``initial_record``)."""
         start = int(recv_json(WRITER)["start"])
         if self.observer:
             recv_states(WRITER, self.placement.hosted(self.rank), self.stores, self.optimizers)
         else:
             self._load_own(start)
+            if start == 0:
+                send_json(self._hosted_metrics(), WRITER)
         return start
+
+    def initial_record(self) -> dict:
+        """Round 0 as in one process; in a deployment the workers' own models are in their
+        round-0 reports, sent when the run starts."""
+        if not self.observer:
+            self._collect()
+        return super().initial_record()
 
     def serve(self) -> None:
         """A worker's whole run: its clients' part of every round."""
@@ -256,11 +267,18 @@ class RankEngine(SimulationEngine):
     def _report(self, round_index: int, report: dict) -> None:
         """A worker's end of a deployment round: its own models' metrics when the round is
         evaluated, its checkpoint, then the report (so a report means "saved")."""
-        if self.exp.method.per_client_eval and self.evaluation_due(round_index):
-            hosted = self.placement.hosted(self.rank)
-            report["metrics"] = {str(c): self.client_metrics(c) for c in hosted}
+        if self.evaluation_due(round_index):
+            report |= self._hosted_metrics()
         self._save(round_index + 1)
         send_json(report, WRITER)
+
+    def _hosted_metrics(self) -> dict:
+        """A report's own-model metrics of the clients this worker hosts (methods with
+        ``per_client_eval``; nothing for the others, whose global model rank 0 evaluates)."""
+        if not self.exp.method.per_client_eval:
+            return {}
+        hosted = self.placement.hosted(self.rank)
+        return {"metrics": {str(c): self.client_metrics(c) for c in hosted}}
 
     def _collect(self) -> None:
         """Rank 0's end of a deployment round: every worker's report, in rank order."""

@@ -283,7 +283,7 @@ class GossipEngine(SimulationEngine):
         )
         graph = self.topology.describe() + "."
         if config.time_varying:
-            per_round = [m["lambda2"] for m in self.metrics]
+            per_round = [m["lambda2"] for m in self.metrics if m["round"] > 0]  # not the initial
             graph += f" Mean λ2 over the {len(per_round)} rounds' graphs: {np.mean(per_round):.4f}."
         return [
             "",

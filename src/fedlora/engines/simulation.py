@@ -226,9 +226,10 @@ class SimulationEngine:
         return checkpoint.completed_rounds
 
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
-        config = self.exp.config
-        rounds = config.experiment.rounds
+        rounds = self.exp.config.experiment.rounds
         self._sync_base()  # a method may start from a moved base (FRLoRA: W0 − s·B0·A0)
+        if start_round == 0:
+            self._keep(self.initial_record(), show_progress)
         stopped = None
         with Progress(
             TextColumn("{task.description}"),
@@ -243,14 +244,29 @@ class SimulationEngine:
                 if stopped := self.budget_stop(round_index):
                     self.console.print(f"stopped: {stopped}", highlight=False, soft_wrap=True)
                     break
-                record = self.run_round(round_index, progress)
-                self.metrics.append(record)
-                if show_progress and not self.console.is_terminal:  # logs get one line a round
-                    self.console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
+                self._keep(self.run_round(round_index, progress), show_progress)
                 self._write_round_files()
                 self._save(round_index + 1)
         notes = [self.secure.describe()] if self.secure is not None else []
         return RunResult(self.metrics, self.channel.ledger, self.stores, notes, stopped=stopped)
+
+    def _keep(self, record: dict, show_progress: bool) -> None:
+        """A round's record into the metrics (logs get one line a round)."""
+        self.metrics.append(record)
+        if show_progress and not self.console.is_terminal:
+            line = round_line(record, self.exp.config.experiment.rounds)
+            self.console.print(line, highlight=False, soft_wrap=True)
+
+    def initial_record(self) -> dict:
+        """Round 0: the initial model, evaluated before any training, so that every curve
+        starts where training did (nothing trained, nothing sent yet). Evaluation draws no
+        random numbers and leaves no state behind, so the rounds after it are unchanged."""
+        began = time.perf_counter()
+        record: dict = {"round": 0, "steps": 0, "examples": 0, "cumulative_bytes": 0}
+        record.update(self.test_metrics())
+        record["train_seconds"] = 0.0
+        record["seconds"] = time.perf_counter() - began
+        return record
 
     # -- the privacy budget ----------------------------------------------------------------
     def scheduled(self, round_index: int) -> dict[int, int]:
@@ -553,14 +569,20 @@ class SimulationEngine:
         """Add test metrics to ``record`` on evaluation rounds (every ``eval.every``, the last,
         and the last the privacy budget allows)."""
         if self.evaluation_due(round_index):
-            metrics = self.evaluate()
-            # "loss" alone would be ambiguous next to train_loss.
-            record.update(
-                {("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()}
-            )
+            metrics = self.test_metrics()
+            record.update(metrics)
             progress.update(
-                task, status=", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "_" not in k)
+                task,
+                status=", ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if "_" not in k.removeprefix("test_")
+                ),
             )
+
+    def test_metrics(self) -> dict[str, float]:
+        """``evaluate`` as a record holds it: "loss" alone would be ambiguous next to
+        train_loss, so it is ``test_loss`` (and ``test_loss_std`` ...)."""
+        metrics = self.evaluate()
+        return {("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()}
 
     def _write_round_files(self) -> None:
         (self.run_dir / "metrics.jsonl").write_text(

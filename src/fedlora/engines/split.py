@@ -194,7 +194,8 @@ class SplitEngine(SimulationEngine):
         return summarize_clients([self.client_metrics(u.index) for u in self.users])
 
     def client_metrics(self, client: int) -> dict[str, float]:
-        return self.exp.evaluator.evaluate(self.method.client_model(client, self.stores[client]))
+        """The user's adapter; before its first round (round 0), the common initial one."""
+        return self.exp.evaluator.evaluate(self.method.own_model(client, self.stores[client]))
 
     # -- one block of steps per user -----------------------------------------------------------
     def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:

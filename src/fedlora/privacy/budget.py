@@ -114,7 +114,7 @@ class PrivacyBudget:
             f"{what}. Accounted with dp-accounting's RDP accountant; adjacency: "
             f"{plan.adjacency}; δ = {plan.delta:.3g} ({plan.delta_basis}).",
             "",
-            f"ε spent after {len(metrics)} rounds: {spent}"
+            f"ε spent after {last.get('round', 0)} rounds: {spent}"
             + (f" (limit privacy.max_epsilon {plan.max_epsilon:g})" if plan.max_epsilon else ""),
         ]
         if "epsilon_clients" in last:
