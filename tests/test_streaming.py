@@ -75,8 +75,9 @@ def test_a_streamed_round_equals_the_round_that_keeps_every_reply(tmp_path: Path
     assert streamed.streams() and not kept.streams()
     first = streamed.run(show_progress=False).metrics
     second = kept.run(show_progress=False).metrics
-    for record in (first[0], second[0]):  # only a round that lost replies records them
-        assert record["aggregated"] == [1, 2] and "aggregated" not in second[1]
+    assert [m["round"] for m in first] == [m["round"] for m in second] == [0, 1, 2]
+    for records in (first, second):  # only a round that lost replies records them
+        assert records[1]["aggregated"] == [1, 2] and "aggregated" not in records[2]
     a, b = streamed.exp.method.global_state(), kept.exp.method.global_state()
     assert sorted(a) == sorted(b)
     for key in a:
