@@ -15,8 +15,11 @@ SuperNode, so a round costs one such start per node, in parallel.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.flower.protocol import STATUS_FILE
-from tests.conftest import TINY, run_cli, timeless_metrics
+from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
 from tests.flower_nodes import federation, make_node_key, make_tls
 
 TWO_CLIENTS = ["--set", "partition.num_clients=2"]
@@ -146,3 +149,49 @@ def test_flower_run_refuses_a_directory_that_is_not_an_app(tmp_path: Path) -> No
 def test_methods_with_per_client_models_are_refused_for_now(tmp_path: Path) -> None:
     code, output = run_cli("flower-app", str(TINY / "fedsa.toml"), "--out", str(tmp_path))
     assert code == 2 and "--engine distributed" in output
+
+
+def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishes(
+    tmp_path: Path,
+) -> None:
+    """SuperNode 1 is killed (SIGKILL, its ClientApp too) as soon as round 1 is recorded, while
+    round 2 is under way. Flower answers for it once its heartbeats stop; rounds 2 and 3
+    aggregate client 0 alone, record client 1 absent with the reason, and the run completes."""
+    rounds = ["--set", "experiment.rounds=3"]
+    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds, "--reply-timeout", "300")
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        victim = fed.node(1, 2)
+        command = [sys.executable, "-m", "fedlora", "flower-run", str(app)]
+        launched = fed.start("flower-run", command)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        metrics = run / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert launched.poll() is None and time.monotonic() < deadline, fed.log("flower-run")
+            time.sleep(0.5)
+        os.killpg(victim.pid, signal.SIGKILL)
+        code = launched.wait(max(1.0, deadline - time.monotonic()))
+    assert code == 0, fed.log("flower-run")
+    records = read_metrics(run)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert "absent" not in records[0]
+    for record in records[1:]:
+        assert record["aggregated"] == [0]
+        assert list(record["absent"]) == ["1"]
+        assert "SuperNode" in record["absent"]["1"]
+    assert "## Reliability" in (run / "summary.md").read_text()
+
+
+def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path: Path) -> None:
+    """FlexLoRA's clients (ranks 4 and 8 here) each get the global update truncated to their
+    own rank, so the two downloads differ in size; the run still equals the simulation."""
+    app, run = make_app("flexlora.toml", tmp_path, *TWO_CLIENTS)
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        fed.node(1, 2)
+        result = flower_run(app, fed.env)
+    assert_completed(result, run, 2)
+    assert_same_run(run, reference("flexlora.toml", tmp_path / "ref", *TWO_CLIENTS))
+    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}
+    assert len(down) == 2 and down["client0"] != down["client1"], down
