@@ -59,9 +59,8 @@ class FlowerEngine(ServedEngine):
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             asked.update(new)
-            query = [self._message(n, "query", {}) for n in new]
-            for reply in self.grid.send_and_receive(query, timeout=self.node_wait) if new else []:
-                node = reply.metadata.src_node_id
+            query = {n: self._message(n, "query", {}) for n in new}
+            for node, reply in self._exchange(query, self.node_wait).items():
                 if reply.has_error():
                     raise FlowerError(f"SuperNode {node} refused: {reply.error.reason}")
                 got = json.loads(reply.content[RECORD]["hosting"])
@@ -102,10 +101,13 @@ class FlowerEngine(ServedEngine):
         content = RecordDict({RECORD: ConfigRecord(fields)})
         return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_index))
 
-    def _exchange(self, messages: dict[int, Message]) -> dict[int, Message]:
-        """Send ``messages`` (by key) and return the replies that came in time, by key."""
+    def _exchange(self, messages: dict[int, Message], timeout: float) -> dict[int, Message]:
+        """Send ``messages`` (by key) and return the replies that came in time, by key (an
+        error reply may come from the SuperLink, not the node: its source says nothing)."""
+        if not messages:
+            return {}
         sent = list(messages.values())
-        replies = list(self.grid.send_and_receive(sent, timeout=self.reply_timeout))
+        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
         by_id = {m.metadata.message_id: key for key, m in messages.items()}
         return {by_id[r.metadata.reply_to_message_id]: r for r in replies}
 
@@ -122,10 +124,9 @@ class FlowerEngine(ServedEngine):
             for client, payload in downloads.items()
         }
         self.replies = {}
-        for client, reply in self._exchange(messages).items():
-            node = reply.metadata.src_node_id
+        for client, reply in self._exchange(messages, self.reply_timeout).items():
             if reply.has_error():
-                why = f"SuperNode {node} failed: {reply.error.reason}"
+                why = f"SuperNode {self.owner(client)} failed: {reply.error.reason}"
                 self.replies[client] = b"", {"outcome": None, "reason": why}
                 continue
             record = reply.content[RECORD]
