@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: run, report, methods."""
+"""The ``fedlora`` command: run, flower-app, flower-run, report, methods."""
 
 from __future__ import annotations
 
@@ -108,6 +108,60 @@ def run(
             fail(f"--engine must be simulation or distributed, not {engine!r}")
     except ConfigError as error:
         fail(str(error))
+
+
+@app.command("flower-app")
+def flower_app(
+    config_file: Annotated[Path, typer.Argument(help="experiment config (TOML)")],
+    out: Annotated[Path, typer.Option(help="the Flower app directory to write")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.key=value")
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="where the ServerApp writes the run (default runs/<experiment.name>)"),
+    ] = None,
+    reply_timeout: Annotated[
+        float, typer.Option(help="seconds a round waits for the SuperNodes' replies")
+    ] = 600.0,
+    node_wait: Annotated[
+        float, typer.Option(help="seconds the ServerApp waits for every partition's SuperNode")
+    ] = 300.0,
+) -> None:
+    """Write a Flower app (pyproject.toml) that runs CONFIG on a SuperLink and SuperNodes."""
+    from fedlora.config import load_config
+    from fedlora.flower.app_dir import write_app
+    from fedlora.rundir import out_dir
+
+    try:
+        target = run_dir or out_dir(None, load_config(config_file, set_ or []))
+        path = write_app(config_file, set_ or [], out, target, reply_timeout, node_wait)
+    except ConfigError as error:
+        fail(str(error))
+    console.print(f"written: {path} (run directory {target.resolve()})", highlight=False)
+    console.print(f"run it: fedlora flower-run {out} [CONNECTION]", highlight=False)
+
+
+@app.command("flower-run")
+def flower_run(
+    appdir: Annotated[Path, typer.Argument(help="an app written by `fedlora flower-app`")],
+    connection: Annotated[
+        str | None,
+        typer.Argument(help="SuperLink connection in Flower's config (default: its default)"),
+    ] = None,
+) -> None:
+    """`flwr run APPDIR --stream`, offline, failing when the run failed (flwr run does not)."""
+    from fedlora.flower.launch import RunFailed
+    from fedlora.flower.launch import flower_run as run_app
+
+    try:
+        out = run_app(appdir, connection)
+    except ConfigError as error:
+        fail(str(error))
+    except RunFailed as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"run directory: {out}", highlight=False)
 
 
 @app.command()

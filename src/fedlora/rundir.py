@@ -8,6 +8,7 @@ adapter/               the final global adapter in PEFT format (if the method ha
 adapters/client_<i>/   per-client adapters (methods whose clients keep their own model)
 rank<k>/               a distributed deployment's rank k: its own checkpoint (and DLoRA's
                        per-step files of its users); rank 0's is checkpoint.safetensors above
+flower-status.json     a Flower deployment's end (written by fedlora.flower.server_app)
 summary.md             tables: final metrics, bytes, client label histograms
 <metric>.png           the metric over training from round 0, by round (or examples seen)
                        and by bytes on the wire (``fedlora.report``)

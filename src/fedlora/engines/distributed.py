@@ -50,7 +50,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -81,11 +81,10 @@ from fedlora.engines.layout import (
     rank_dir,
     refuse_deployment,
 )
+from fedlora.engines.served import ServedEngine, from_outcome, outcome
 from fedlora.engines.simulation import (
-    SERVER,
     RunResult,
     SimulationEngine,
-    client_name,
     summarize_clients,
 )
 from fedlora.engines.transport import (
@@ -130,16 +129,6 @@ def recv_states(
         optimizer = recv_tensors(peer)
         if optimizer:
             optimizers[client] = optimizer
-
-
-def outcome(result: LocalResult) -> list[float]:
-    """What rank 0 needs of a local result for the round's record (the state stays put)."""
-    return [result.loss, result.steps, result.examples]
-
-
-def from_outcome(row: list[float]) -> LocalResult:
-    loss, steps, examples = row
-    return LocalResult({}, {}, int(steps), loss, int(examples))
 
 
 class RankEngine(SimulationEngine):
@@ -318,78 +307,33 @@ class RankEngine(SimulationEngine):
         ]
 
 
-class DistributedSimulationEngine(RankEngine):
-    """Server methods: rank 0 runs ``run`` (the server), workers run ``serve``."""
+class DistributedSimulationEngine(ServedEngine, RankEngine):
+    """Server methods: rank 0 runs ``run`` (the server), workers run ``serve``. The round is
+    ``ServedEngine``'s; this class carries its bytes over point-to-point sends."""
 
     rank0_hosts = False
 
-    def _pack(self, tensors: TensorDict, sender: str, round_index: int) -> bytes:
-        return self.channel.pack(tensors, sender, round_index) if tensors else b""
-
-    def _unpack(self, payload: bytes) -> TensorDict:
-        return self.channel.unpack(payload) if payload else {}
-
-    def _count(
-        self, payload: bytes, tensors: int, sender: str, receiver: str, round_index: int
-    ) -> None:
-        """Record a transfer as the in-process engine's ``_transfer`` does (not for empty
-        messages nor for methods that do not communicate)."""
-        if payload and self.exp.method.communicates:
-            self.channel.ledger.add(Transfer(round_index, sender, receiver, len(payload), tensors))
-
-    def _train_clients(
-        self, sampled: list[int], round_index: int
-    ) -> Iterator[tuple[int, TensorDict | None, LocalResult | None]]:
-        method, placement = self.exp.method, self.placement
+    def _dispatch(self, downloads: dict[int, bytes], round_index: int) -> None:
         # The merged base (FLoRA) is shared by all parties in one process; here workers get it.
-        offset = method.base_offset() or {}
-        for peer in placement.workers():
+        offset = self.exp.method.base_offset() or {}
+        for peer in self.placement.workers():
             send_tensors(offset, peer)
-        sends = Sends()
-        down: dict[int, tuple[bytes, TensorDict]] = {}
-        for client in sampled:
-            message = method.server_message(client, round_index)
-            down[client] = (self._pack(message, SERVER, round_index), message)
-            sends.bytes(down[client][0], placement.owner(client))
-        for client in sampled:
-            owner, name = placement.owner(client), client_name(client)
-            payload, sent = down[client]
-            self._count(payload, len(sent), SERVER, name, round_index)
-            if reason := self.missing(client, round_index):  # the worker knows it too
-                self.absent[client] = reason
-                yield client, None, None
-                continue
-            payload = recv_bytes(owner)
-            report = recv_json(owner)
-            if report["outcome"] is None:
-                self.absent[client] = report["reason"]
-                yield client, None, None
-                continue
-            yield (
-                client,
-                self._receive(client, payload, sent, round_index),
-                from_outcome(report["outcome"]),
-            )
-        sends.wait()
+        self.sends = Sends()
+        for client, payload in downloads.items():
+            self.sends.bytes(payload, self.placement.owner(client))
+
+    def _reply(self, client: int, round_index: int) -> tuple[bytes, dict]:
+        owner = self.placement.owner(client)
+        return recv_bytes(owner), recv_json(owner)
+
+    def _close_round(self, sampled: list[int], round_index: int) -> None:
+        self.sends.wait()
         if not self.observer:
             self._collect()
             return
-        for peer in placement.workers():
-            clients = [c for c in sampled if placement.owner(c) == peer]
+        for peer in self.placement.workers():
+            clients = [c for c in sampled if self.placement.owner(c) == peer]
             recv_states(peer, clients, self.stores, self.optimizers)
-
-    def _receive(
-        self, client: int, payload: bytes, sent: TensorDict, round_index: int
-    ) -> TensorDict | None:
-        """A worker's reply, checked and counted as the in-process engine's ``_accept`` does."""
-        if not self.exp.method.communicates or not payload:
-            return self._unpack(payload)
-        expect = self.exp.method.expected_reply(client, sent)
-        try:
-            return self.channel.receive(payload, client_name(client), SERVER, round_index, expect)
-        except MessageError as error:
-            self.absent[client] = f"reply refused: {error}"
-            return None
 
     def evaluate(self) -> dict[str, float]:
         """The global model here; in a deployment, each client's own model on its worker."""
@@ -410,15 +354,9 @@ class DistributedSimulationEngine(RankEngine):
                 payload = recv_bytes(WRITER)
                 if self.missing(client, round_index):
                     continue
-                try:
-                    message = self._unpack(payload)
-                except MessageError as error:
-                    send_bytes(b"", WRITER)
-                    send_json({"outcome": None, "reason": f"refused the download: {error}"}, WRITER)
-                    continue
-                reply, result = self.client_work(client, message, round_index)
-                send_bytes(self._pack(reply, client_name(client), round_index), WRITER)
-                send_json({"outcome": outcome(result)}, WRITER)
+                reply, report = self.answer(client, payload, round_index)
+                send_bytes(reply, WRITER)
+                send_json(report, WRITER)
             if self.observer:
                 send_states(WRITER, mine, self.stores, self.optimizers)
             else:

@@ -1,0 +1,152 @@
+"""The server's rounds on Flower: ``ServedEngine``'s round with Flower's Grid as the transport.
+
+Runs inside the ServerApp. Before the first round it asks every connected SuperNode which
+partition it hosts (a ``query`` message; each answers from its node config) and waits until
+every partition of ``num-partitions`` has a node. Each round it sends one ``train`` message per
+sampled client to the node hosting it and waits at most ``fedlora-reply-timeout`` seconds for
+the replies (``Grid.send_and_receive``); a client whose node answered with an error, or not in
+time, is absent from the round with that reason, as a dropped client is in one process. The
+clients' state stays on the nodes, so the server's checkpoint holds the server's state only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+
+from fedlora.channel import encode
+from fedlora.engines.served import ServedEngine
+from fedlora.engines.simulation import RunResult
+from fedlora.experiment import Experiment
+from fedlora.flower.protocol import RECORD, Hosting
+
+
+class FlowerError(RuntimeError):
+    """The deployment cannot run: a partition never connected, or nodes disagree about it."""
+
+
+class FlowerEngine(ServedEngine):
+    def __init__(
+        self,
+        experiment: Experiment,
+        run_dir: Path,
+        console: Console | None,
+        grid: Grid,
+        reply_timeout: float,
+        node_wait: float,
+    ):
+        super().__init__(experiment, run_dir, console)
+        self.grid = grid
+        self.reply_timeout = reply_timeout
+        self.node_wait = node_wait
+        self.nodes: dict[int, int] = {}  # partition -> node id
+        self.partitions = 0
+        self.replies: dict[int, tuple[bytes, dict]] = {}  # this round's, by client
+
+    # -- which node hosts which client --------------------------------------------------------
+    def owner(self, client: int) -> int:
+        return self.nodes[client % self.partitions]
+
+    def discover(self) -> None:
+        """Map every partition to its node, asking new nodes until all are there."""
+        deadline, asked = time.monotonic() + self.node_wait, set()
+        hosting: dict[int, Hosting] = {}
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            asked.update(new)
+            query = {n: self._message(n, "query", {}) for n in new}
+            for node, reply in self._exchange(query, self.node_wait).items():
+                if reply.has_error():
+                    raise FlowerError(f"SuperNode {node} refused: {reply.error.reason}")
+                got = json.loads(reply.content[RECORD]["hosting"])
+                hosting[node] = Hosting(got["partition"], got["partitions"])
+            counts = {h.partitions for h in hosting.values()}
+            if len(counts) > 1:
+                raise FlowerError(f"SuperNodes disagree on num-partitions: {sorted(counts)}")
+            taken: dict[int, int] = {}
+            for node, h in sorted(hosting.items()):
+                if h.partition in taken:
+                    raise FlowerError(
+                        f"SuperNodes {taken[h.partition]} and {node} both host partition "
+                        f"{h.partition}"
+                    )
+                taken[h.partition] = node
+            if counts and len(taken) == next(iter(counts)):
+                self.nodes, self.partitions = taken, next(iter(counts))
+                return
+            if time.monotonic() > deadline:
+                wanted = next(iter(counts)) if counts else "?"
+                raise FlowerError(
+                    f"after {self.node_wait:g} s, SuperNodes host partitions "
+                    f"{sorted(taken)} of {wanted}; start the missing ones (--node-config "
+                    '"partition-id=P num-partitions=N")'
+                )
+            time.sleep(1.0)
+
+    def describe_nodes(self) -> str:
+        clients = len(self.exp.clients)
+        return "; ".join(
+            f"SuperNode {node}: partition {p}, clients "
+            + ", ".join(map(str, Hosting(p, self.partitions).clients(clients)))
+            for p, node in sorted(self.nodes.items())
+        )
+
+    # -- the transport --------------------------------------------------------------------------
+    def _message(self, node: int, kind: str, fields: dict, round_index: int = -1) -> Message:
+        content = RecordDict({RECORD: ConfigRecord(fields)})
+        return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_index))
+
+    def _exchange(self, messages: dict[int, Message], timeout: float) -> dict[int, Message]:
+        """Send ``messages`` (by key) and return the replies that came in time, by key (an
+        error reply may come from the SuperLink, not the node: its source says nothing)."""
+        if not messages:
+            return {}
+        sent = list(messages.values())
+        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        by_id = {m.metadata.message_id: key for key, m in messages.items()}
+        return {by_id[r.metadata.reply_to_message_id]: r for r in replies}
+
+    def _dispatch(self, downloads: dict[int, bytes], round_index: int) -> None:
+        offset = self.exp.method.base_offset()
+        base = encode(offset) if offset else b""
+        messages = {
+            client: self._message(
+                self.owner(client),
+                "train",
+                {"client": client, "round": round_index, "payload": payload, "offset": base},
+                round_index,
+            )
+            for client, payload in downloads.items()
+        }
+        self.replies = {}
+        for client, reply in self._exchange(messages, self.reply_timeout).items():
+            if reply.has_error():
+                why = f"SuperNode {self.owner(client)} failed: {reply.error.reason}"
+                self.replies[client] = b"", {"outcome": None, "reason": why}
+                continue
+            record = reply.content[RECORD]
+            self.replies[client] = record["payload"], json.loads(record["report"])
+
+    def _reply(self, client: int, round_index: int) -> tuple[bytes, dict]:
+        if client in self.replies:
+            return self.replies[client]
+        why = f"no reply from SuperNode {self.owner(client)} within {self.reply_timeout:g} s"
+        return b"", {"outcome": None, "reason": why}
+
+    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
+        self.discover()
+        self.console.print(self.describe_nodes(), highlight=False, soft_wrap=True)
+        result = super().run(start_round, show_progress)
+        result.notes += [
+            "",
+            "## SuperNodes (Flower deployment)",
+            "",
+            f"{self.describe_nodes()}. Each node kept its clients' state; only protocol "
+            "messages and per-round scalars reached the server.",
+        ]
+        return result

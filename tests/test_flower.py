@@ -1,0 +1,197 @@
+"""fedlora on real Flower processes: a SuperLink and SuperNodes on loopback, ``flwr run``
+(through ``fedlora flower-run``), against the in-process engine.
+
+Tolerance: none. The ServerApp and every ClientApp build the experiment from the same config
+and seed, a client's steps draw from generators seeded by (seed, round, client), the reply
+crosses as the channel's safetensors bytes, and the server aggregates them in client order, so
+metrics, ledger and adapter are bit-identical to ``fedlora run`` with the same thread count
+(the apps run one intra-op thread each, like distributed ranks; the reference does too).
+
+Time: Flower starts a fresh ClientApp process per message, and each imports torch and
+transformers and rebuilds the tiny experiment; the configs here have two clients, one per
+SuperNode, so a round costs one such start per node, in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.flower.protocol import STATUS_FILE
+from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
+from tests.flower_nodes import federation, make_node_key, make_tls
+
+TWO_CLIENTS = ["--set", "partition.num_clients=2"]
+RUN_TIMEOUT = 600  # seconds for one `fedlora flower-run` on two busy cores
+
+
+def reference(config: str, out: Path, *overrides: str) -> Path:
+    """The in-process run of the same config, one intra-op thread (see the docstring)."""
+    code, output = run_cli(
+        "run",
+        str(TINY / config),
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "compute.threads=1",
+        *overrides,
+    )
+    assert code == 0, output
+    return out
+
+
+def make_app(config: str, tmp_path: Path, *options: str) -> tuple[Path, Path]:
+    app, run = tmp_path / "app", tmp_path / "run"
+    code, output = run_cli(
+        "flower-app", str(TINY / config), "--out", str(app), "--run-dir", str(run), *options
+    )
+    assert code == 0, output
+    return app, run
+
+
+def flower_run(app: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora", "flower-run", str(app)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    assert timeless_metrics(run) == timeless_metrics(ref)
+    assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(ref / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    files = {p.name for p in ref.iterdir()}
+    assert files <= {p.name for p in run.iterdir()}, "a simulation run's file is missing"
+
+
+@pytest.fixture(scope="module")
+def fedit_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return reference("fedit.toml", tmp_path_factory.mktemp("reference") / "fedit", *TWO_CLIENTS)
+
+
+def assert_completed(result: subprocess.CompletedProcess, run: Path, rounds: int) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads((run / STATUS_FILE).read_text())
+    assert status["status"] == "completed" and status["rounds"] == rounds
+    assert "SuperNodes (Flower deployment)" in (run / "summary.md").read_text()
+
+
+def test_fedit_on_a_superlink_and_two_supernodes_equals_the_simulation(
+    tmp_path: Path, fedit_reference: Path
+) -> None:
+    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS)
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        fed.node(1, 2)
+        result = flower_run(app, fed.env)
+    assert_completed(result, run, 2)
+    assert_same_run(run, fedit_reference)
+
+
+def test_tls_and_node_authentication_refuse_an_unregistered_supernode(
+    tmp_path: Path, fedit_reference: Path
+) -> None:
+    """Everything over TLS (a CA and a server certificate made here), SuperNodes authenticated
+    by keys registered with the SuperLink; a third SuperNode with an unregistered key claims
+    partition 1 as well. Had it been let in, the ServerApp would stop on two nodes hosting one
+    partition; it is refused, and the run equals the simulation."""
+    tls = make_tls(tmp_path / "tls")
+    keys = {name: make_node_key(tmp_path / "keys", name) for name in ("node0", "node1", "intruder")}
+    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS)
+    with federation(tmp_path / "flower", tls=tls, auth=True) as fed:
+        for name in ("node0", "node1"):
+            registered = fed.flwr("supernode", "register", str(keys[name][1]))
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        fed.node(0, 2, key=keys["node0"][0])
+        fed.node(1, 2, key=keys["node1"][0])
+        intruder = fed.node(1, 2, key=keys["intruder"][0], tag="-intruder")
+        refused = intruder.wait(120)  # it exits by itself, refused at activation
+        result = flower_run(app, fed.env)
+        listed = fed.flwr("supernode", "ls", "--format", "json")
+    assert refused != 0 and "Failed to activate SuperNode" in fed.log("node1-intruder")
+    assert_completed(result, run, 2)
+    assert_same_run(run, fedit_reference)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["nodes"]) == 2, listed.stdout
+
+
+def test_methods_outside_a_server_round_are_refused_naming_their_engines(tmp_path: Path) -> None:
+    for method, engine in (("declora", "gossip"), ("dlora", "split")):
+        code, output = run_cli("flower-app", str(TINY / f"{method}.toml"), "--out", str(tmp_path))
+        assert code == 2, output
+        assert f"{engine!r} engine" in output and "--engine simulation" in output
+        assert "Traceback" not in output
+    assert not (tmp_path / "pyproject.toml").exists()
+
+
+def test_flower_run_refuses_a_directory_that_is_not_an_app(tmp_path: Path) -> None:
+    code, output = run_cli("flower-run", str(tmp_path))
+    assert code == 2 and "fedlora flower-app" in output and "Traceback" not in output
+
+
+def test_methods_with_per_client_models_are_refused_for_now(tmp_path: Path) -> None:
+    code, output = run_cli("flower-app", str(TINY / "fedsa.toml"), "--out", str(tmp_path))
+    assert code == 2 and "--engine distributed" in output
+
+
+def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishes(
+    tmp_path: Path,
+) -> None:
+    """SuperNode 1 is killed (SIGKILL, its ClientApp too) as soon as round 1 is recorded, while
+    round 2 is under way. Flower answers for it once its heartbeats stop; rounds 2 and 3
+    aggregate client 0 alone, record client 1 absent with the reason, and the run completes."""
+    rounds = ["--set", "experiment.rounds=3"]
+    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds, "--reply-timeout", "300")
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        victim = fed.node(1, 2)
+        command = [sys.executable, "-m", "fedlora", "flower-run", str(app)]
+        launched = fed.start("flower-run", command)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        metrics = run / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert launched.poll() is None and time.monotonic() < deadline, fed.log("flower-run")
+            time.sleep(0.5)
+        os.killpg(victim.pid, signal.SIGKILL)
+        code = launched.wait(max(1.0, deadline - time.monotonic()))
+    assert code == 0, fed.log("flower-run")
+    records = read_metrics(run)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert "absent" not in records[0]
+    for record in records[1:]:
+        assert record["aggregated"] == [0]
+        assert list(record["absent"]) == ["1"]
+        assert "SuperNode" in record["absent"]["1"]
+    assert "## Reliability" in (run / "summary.md").read_text()
+
+
+def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path: Path) -> None:
+    """FlexLoRA's clients (ranks 4 and 8 here) each get the global update truncated to their
+    own rank, so the two downloads differ in size; the run still equals the simulation."""
+    app, run = make_app("flexlora.toml", tmp_path, *TWO_CLIENTS)
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        fed.node(1, 2)
+        result = flower_run(app, fed.env)
+    assert_completed(result, run, 2)
+    assert_same_run(run, reference("flexlora.toml", tmp_path / "ref", *TWO_CLIENTS))
+    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}
+    assert len(down) == 2 and down["client0"] != down["client1"], down
