@@ -16,6 +16,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
+# Adaptive central DP on a tiny run: a clip norm that binds and noise that shows.
+ADAPTIVE_CENTRAL = [
+    "federation.weighting=uniform",
+    "privacy.mechanism=central",
+    "privacy.noise_multiplier=0.5",
+    "privacy.clip_norm=0.05",
+    "privacy.adaptive_clipping=true",
+    "privacy.clipped_count_stddev=1.0",
+]
 
 
 def run_cli(*args: str) -> tuple[int, str]:

@@ -93,15 +93,22 @@ def assert_completed(result: subprocess.CompletedProcess, run: Path, rounds: int
     assert "SuperNodes (Flower deployment)" in (run / "summary.md").read_text()
 
 
-def test_fedit_on_a_superlink_and_two_supernodes_equals_the_simulation(
-    tmp_path: Path, fedit_reference: Path
-) -> None:
-    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS)
+def deployed_on_two_nodes(config: str, tmp_path: Path) -> Path:
+    """``config`` with 2 clients, run to completion on a SuperLink and 2 SuperNodes (one
+    client each); returns its run directory."""
+    app, run = make_app(config, tmp_path, *TWO_CLIENTS)
     with federation(tmp_path / "flower") as fed:
         fed.node(0, 2)
         fed.node(1, 2)
         result = flower_run(app, fed.env)
     assert_completed(result, run, 2)
+    return run
+
+
+def test_fedit_on_a_superlink_and_two_supernodes_equals_the_simulation(
+    tmp_path: Path, fedit_reference: Path
+) -> None:
+    run = deployed_on_two_nodes("fedit.toml", tmp_path)
     assert_same_run(run, fedit_reference)
 
 
@@ -185,12 +192,7 @@ def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishe
 def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path: Path) -> None:
     """FlexLoRA's clients (ranks 4 and 8 here) each get the global update truncated to their
     own rank, so the two downloads differ in size; the run still equals the simulation."""
-    app, run = make_app("flexlora.toml", tmp_path, *TWO_CLIENTS)
-    with federation(tmp_path / "flower") as fed:
-        fed.node(0, 2)
-        fed.node(1, 2)
-        result = flower_run(app, fed.env)
-    assert_completed(result, run, 2)
+    run = deployed_on_two_nodes("flexlora.toml", tmp_path)
     assert_same_run(run, reference("flexlora.toml", tmp_path / "ref", *TWO_CLIENTS))
     rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}

@@ -30,7 +30,7 @@ from fedlora.privacy.dp_sgd import (
 )
 from fedlora.privacy.noise import generator, noisy_mean
 from fedlora.training import LocalTrainer
-from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics, trained
+from tests.conftest import ADAPTIVE_CENTRAL, TINY, read_metrics, run_cli, timeless_metrics, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -397,15 +397,7 @@ def test_central_dp_clip_norm_follows_andrew_et_al_and_survives_resume(tmp_path:
     """Adaptive central DP on 4 clients (all per round: one Gaussian step at z per round, δ =
     1/4), stopped by max_epsilon after round 1 and resumed without it: every round's clip norm
     follows C·exp(−η(b̄ − γ)) from the previous round's, across the resume too."""
-    sets = [
-        "experiment.rounds=3",
-        "federation.weighting=uniform",
-        "privacy.mechanism=central",
-        "privacy.noise_multiplier=0.5",
-        "privacy.clip_norm=0.05",
-        "privacy.adaptive_clipping=true",
-        "privacy.clipped_count_stddev=1.0",
-    ]
+    sets = ["experiment.rounds=3", *ADAPTIVE_CENTRAL]
     gaussian = StepAccountant(Sampling("poisson", 4, 4), 0.5)
     budget = (gaussian.epsilon(1, 0.25) + gaussian.epsilon(2, 0.25)) / 2
     run = tmp_path / "run"

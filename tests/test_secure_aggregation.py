@@ -34,7 +34,7 @@ from fedlora.privacy.secagg import (
     secure_sum,
 )
 from fedlora.tensors import LoraModule, TensorDict
-from tests.conftest import TINY, run_cli
+from tests.conftest import ADAPTIVE_CENTRAL, TINY, run_cli
 
 MODULUS = 2**32
 
@@ -369,16 +369,7 @@ def test_central_dp_under_secure_aggregation_is_the_plain_central_dp_run(
     7e-3: noise added twice or not at all would fail), round 3's within twice that (measured
     3.5e-5), the bits' count is exact, so the released clip norms and unclipped
     fractions are the plain run's, and no update ever reaches the server unmasked."""
-    central = [
-        "experiment.rounds=3",
-        "federation.dropout=0.3",
-        "federation.weighting=uniform",
-        "privacy.mechanism=central",
-        "privacy.noise_multiplier=0.5",
-        "privacy.clip_norm=0.05",
-        "privacy.adaptive_clipping=true",
-        "privacy.clipped_count_stddev=1.0",
-    ]
+    central = ["experiment.rounds=3", "federation.dropout=0.3", *ADAPTIVE_CENTRAL]
 
     def engine(overrides: list[str], out: Path) -> SimulationEngine:
         experiment = build(load_config(TINY / config, [*central, *overrides]))
