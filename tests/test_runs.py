@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, assert_adapter_reloads, read_metrics, run_cli, without_timing
+from tests.conftest import (
+    ONE,
+    TINY,
+    assert_adapter_reloads,
+    read_metrics,
+    run_cli,
+    without_timing,
+)
 
 
 def test_run_directory_has_every_output(fedit_run: Path) -> None:
@@ -39,7 +46,7 @@ def test_exported_adapter_reloads_with_identical_logits(fedit_run: Path) -> None
 
 def test_same_config_and_seed_give_the_same_numbers(fedit_run: Path, tmp_path: Path) -> None:
     code, output = run_cli(
-        "run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "again"), "--quiet"
+        "run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "again"), "--quiet", *ONE
     )
     assert code == 0, output
     assert without_timing(read_metrics(tmp_path / "again")) == without_timing(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from fedlora.training import (
     standard_optimizer,
     steps_per_round,
 )
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, read_metrics, run_cli, trained
 
 
 def test_schedules_warm_up_then_decay_to_zero() -> None:
@@ -71,7 +70,7 @@ def test_sgd_accumulation_schedule_epochs_and_sampling_run_end_to_end(tmp_path: 
         "--set", "eval.every=2", "--set", "experiment.rounds=3",
     )  # fmt: skip
     assert code == 0, output
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = trained(read_metrics(out))
     assert [len(r["clients"]) for r in rows] == [2, 2, 2]
     assert ["accuracy" in r for r in rows] == [False, True, True]  # every 2 rounds and the last
     assert all(r["examples"] == r["steps"] * 2 * 8 for r in rows)  # 2 micro-batches of 8 a step

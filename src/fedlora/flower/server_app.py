@@ -62,4 +62,5 @@ def main(grid: Grid, context: Context) -> None:
             },
         )
         raise
-    write_status(run_dir, {**run, "status": "completed", "rounds": len(result.metrics)})
+    trained = sum(1 for record in result.metrics if record["round"] > 0)  # round 0: the init
+    write_status(run_dir, {**run, "status": "completed", "rounds": trained})
