@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedlora.checkpoint import FILE, PARTIAL, Checkpoint, load_checkpoint, save_checkpoint
-from tests.conftest import TINY, read_metrics, run_cli, without_timing
+from tests.conftest import ONE, TINY, read_metrics, run_cli, without_timing
 
 FEDIT = str(TINY / "fedit.toml")
 
@@ -31,7 +31,7 @@ def run_copy(fedit_run: Path, tmp_path: Path) -> Path:
 
 
 def resume(run: Path) -> tuple[int, str]:
-    code, output = run_cli("run", FEDIT, "--out", str(run), "--quiet", "--resume")
+    code, output = run_cli("run", FEDIT, "--out", str(run), "--quiet", "--resume", *ONE)
     return code, " ".join(output.split())
 
 
