@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.flower.protocol import STATUS_FILE
-from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics
+from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics, trained
 from tests.flower_nodes import federation, make_node_key, make_tls
 
 TWO_CLIENTS = ["--set", "partition.num_clients=2"]
@@ -153,9 +153,36 @@ def test_flower_run_refuses_a_directory_that_is_not_an_app(tmp_path: Path) -> No
     assert code == 2 and "fedlora flower-app" in output and "Traceback" not in output
 
 
-def test_methods_with_per_client_models_are_refused_for_now(tmp_path: Path) -> None:
-    code, output = run_cli("flower-app", str(TINY / "fedsa.toml"), "--out", str(tmp_path))
-    assert code == 2 and "--engine distributed" in output
+def test_fedsa_evaluates_each_client_on_its_node_and_equals_the_simulation(
+    tmp_path: Path,
+) -> None:
+    """FedSA-LoRA's clients keep their own B and head on their SuperNodes: each evaluation
+    round the server asks the nodes for their clients' metrics, and their means, spreads and
+    minima equal the in-process run's; each node exports its own clients' adapters, equal to
+    the in-process run's, and the server's run directory has no client model."""
+    run = deployed_on_two_nodes("fedsa.toml", tmp_path)
+    ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS)
+    assert timeless_metrics(run) == timeless_metrics(ref)
+    assert "accuracy_std" in trained(read_metrics(run))[-1]
+    assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
+    assert not (run / "adapters").exists(), "a client's model reached the server"
+    run_id = json.loads((run / STATUS_FILE).read_text())["run_id"]
+    for client in (0, 1):
+        node = tmp_path / "flower" / f"node{client}" / f"run-{run_id}"
+        ours = load_file(node / "adapters" / f"client_{client}" / "adapter_model.safetensors")
+        theirs = load_file(ref / "adapters" / f"client_{client}" / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_flora_trains_on_the_moved_base_on_every_node_and_equals_the_simulation(
+    tmp_path: Path,
+) -> None:
+    """FLoRA merges each round's stacked update into the frozen base: round 2's clients train
+    on W0 + the merged offset, which reaches each node with its download; a node that trained
+    on W0 would give a different round-2 loss, adapter and metrics."""
+    run = deployed_on_two_nodes("flora.toml", tmp_path)
+    assert_same_run(run, reference("flora.toml", tmp_path / "ref", *TWO_CLIENTS))
 
 
 def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishes(

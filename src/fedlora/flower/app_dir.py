@@ -39,12 +39,6 @@ def refuse(config: Config) -> None:
             f"method {name!r} has no server-client messages to deploy; run it with "
             "`fedlora run --engine simulation`"
         )
-    if cls.per_client_eval:
-        raise ConfigError(
-            f"method {name!r} evaluates each client's own model, which lives on the SuperNodes; "
-            "the Flower app does not evaluate on the nodes yet. Run it with `fedlora run "
-            "--engine distributed` (each rank evaluates its clients) or `--engine simulation`"
-        )
     if config.privacy.secure_aggregation:
         raise ConfigError(
             "privacy.secure_aggregation runs on the in-process engine only (the Flower app does "

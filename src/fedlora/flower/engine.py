@@ -21,7 +21,7 @@ from rich.console import Console
 
 from fedlora.channel import encode
 from fedlora.engines.served import ServedEngine
-from fedlora.engines.simulation import RunResult
+from fedlora.engines.simulation import RunResult, summarize_clients
 from fedlora.experiment import Experiment
 from fedlora.flower.protocol import RECORD, Hosting
 
@@ -111,9 +111,13 @@ class FlowerEngine(ServedEngine):
         by_id = {m.metadata.message_id: key for key, m in messages.items()}
         return {by_id[r.metadata.reply_to_message_id]: r for r in replies}
 
-    def _dispatch(self, downloads: dict[int, bytes], round_index: int) -> None:
+    def _base(self) -> bytes:
+        """The merged base offset every party trains and evaluates on (FLoRA), or nothing."""
         offset = self.exp.method.base_offset()
-        base = encode(offset) if offset else b""
+        return encode(offset) if offset else b""
+
+    def _dispatch(self, downloads: dict[int, bytes], round_index: int) -> None:
+        base = self._base()
         messages = {
             client: self._message(
                 self.owner(client),
@@ -138,6 +142,32 @@ class FlowerEngine(ServedEngine):
         why = f"no reply from SuperNode {self.owner(client)} within {self.reply_timeout:g} s"
         return b"", {"outcome": None, "reason": why}
 
+    # -- evaluation of the clients' own models, on their nodes ---------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """The global model here; for methods that evaluate each client's own model, every
+        client on the node that holds it, averaged as in one process."""
+        if not self.exp.method.per_client_eval:
+            return super().evaluate()
+        clients, base = len(self.exp.clients), self._base()
+        nodes = self.nodes.items()
+        hosted = {node: Hosting(p, self.partitions).clients(clients) for p, node in nodes}
+        messages = {
+            node: self._message(node, "evaluate", {"clients": json.dumps(mine), "offset": base})
+            for node, mine in hosted.items()
+        }
+        metrics: dict[int, dict[str, float]] = {}
+        for node, reply in self._exchange(messages, self.reply_timeout).items():
+            if reply.has_error():
+                raise FlowerError(f"SuperNode {node} failed to evaluate: {reply.error.reason}")
+            metrics |= {int(c): m for c, m in json.loads(reply.content[RECORD]["metrics"]).items()}
+        if len(metrics) < clients:
+            silent = sorted(set(messages) - {self.owner(c) for c in metrics})
+            raise FlowerError(
+                f"SuperNodes {silent} sent no evaluation within {self.reply_timeout:g} s; the "
+                "clients' own models live on them, so the round cannot be evaluated"
+            )
+        return summarize_clients([metrics[c] for c in range(clients)])
+
     def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
         self.discover()
         self.console.print(self.describe_nodes(), highlight=False, soft_wrap=True)
@@ -147,6 +177,12 @@ class FlowerEngine(ServedEngine):
             "## SuperNodes (Flower deployment)",
             "",
             f"{self.describe_nodes()}. Each node kept its clients' state; only protocol "
-            "messages and per-round scalars reached the server.",
+            "messages and per-round scalars reached the server."
+            + (
+                " Each node exported its clients' own adapters under its state directory "
+                "(`run-<run id>/adapters/client_<i>`)."
+                if self.exp.method.per_client_eval
+                else ""
+            ),
         ]
         return result
