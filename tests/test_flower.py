@@ -26,9 +26,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlora.flower.loopback import federation
 from fedlora.flower.protocol import STATUS_FILE
 from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics, trained
-from tests.flower_nodes import federation, make_node_key, make_tls
+from tests.flower_nodes import make_node_key, make_tls
 
 TWO_CLIENTS = ["--set", "partition.num_clients=2"]
 RUN_TIMEOUT = 600  # seconds for one `fedlora flower-run` on two busy cores
@@ -110,6 +111,15 @@ def test_fedit_on_a_superlink_and_two_supernodes_equals_the_simulation(
 ) -> None:
     run = deployed_on_two_nodes("fedit.toml", tmp_path)
     assert_same_run(run, fedit_reference)
+    # Flower's bytes hold the ledger's (the tensors' safetensors bytes) plus its own framing
+    # of each message (metadata, record names, the JSON report): a little more, never less.
+    flower = json.loads((run / STATUS_FILE).read_text())["flower_bytes"]["train"]
+    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    down = sum(r["bytes"] for r in rows if r["sender"] == "server")
+    up = sum(r["bytes"] for r in rows if r["receiver"] == "server")
+    assert flower["messages"] == 4  # 2 rounds x 2 clients
+    assert down < flower["down"] < down + 2048 * flower["messages"], (flower, down)
+    assert up < flower["up"] < up + 2048 * flower["messages"], (flower, up)
 
 
 def test_tls_and_node_authentication_refuse_an_unregistered_supernode(

@@ -5,7 +5,8 @@ partition it hosts (a ``query`` message; each answers from its node config) and 
 every partition of ``num-partitions`` has a node. Each round it sends one ``train`` message per
 sampled client to the node hosting it and waits at most ``fedlora-reply-timeout`` seconds for
 the replies (``Grid.send_and_receive``); a client whose node answered with an error, or not in
-time, is absent from the round with that reason, as a dropped client is in one process. The
+time, is absent from the round with that reason, as a dropped client is in one process. It
+counts the bytes Flower moves per message type (``wire``), to compare with the ledger. The
 clients' state stays on the nodes, so the server's checkpoint holds the server's state only.
 """
 
@@ -17,13 +18,21 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from rich.console import Console
 
-from fedlora.channel import encode
+from fedlora.channel import encode, human_bytes
 from fedlora.engines.served import ServedEngine
 from fedlora.engines.simulation import RunResult, summarize_clients
 from fedlora.experiment import Experiment
 from fedlora.flower.protocol import RECORD, Hosting
+
+
+def message_bytes(message: Message) -> int:
+    """The bytes Flower moves for ``message``: the serialized content of each object it is
+    sent as (the message with its metadata, its record dict, each record), as its Grid pushes
+    them to the SuperLink and the SuperNode pulls them (transport framing not included)."""
+    return sum(len(o.deflate()) for o in get_all_nested_objects(message).values())
 
 
 class FlowerError(RuntimeError):
@@ -47,6 +56,7 @@ class FlowerEngine(ServedEngine):
         self.nodes: dict[int, int] = {}  # partition -> node id
         self.partitions = 0
         self.replies: dict[int, tuple[bytes, dict]] = {}  # this round's, by client
+        self.wire: dict[str, dict[str, int]] = {}  # Flower's bytes, by message type
 
     # -- which node hosts which client --------------------------------------------------------
     def owner(self, client: int) -> int:
@@ -108,6 +118,11 @@ class FlowerEngine(ServedEngine):
             return {}
         sent = list(messages.values())
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        kind = sent[0].metadata.message_type
+        counts = self.wire.setdefault(kind, {"messages": 0, "down": 0, "up": 0})
+        counts["messages"] += len(sent)
+        counts["down"] += sum(map(message_bytes, sent))
+        counts["up"] += sum(map(message_bytes, replies))
         by_id = {m.metadata.message_id: key for key, m in messages.items()}
         return {by_id[r.metadata.reply_to_message_id]: r for r in replies}
 
@@ -184,5 +199,14 @@ class FlowerEngine(ServedEngine):
                 if self.exp.method.per_client_eval
                 else ""
             ),
+            "",
+            "Bytes Flower moved (its message objects; the ledger counts the tensors' bytes "
+            "inside them): "
+            + "; ".join(
+                f"{kind}: {c['messages']} messages, down {human_bytes(c['down'])}, up "
+                f"{human_bytes(c['up'])}"
+                for kind, c in self.wire.items()
+            )
+            + ".",
         ]
         return result

@@ -4,14 +4,14 @@ It reads the fedlora config and the run directory from the run config (``fedlora
 writes both), runs the experiment with ``FlowerEngine`` (the same round, evaluation, ledger,
 checkpoints and run-directory files as the in-process engine) and records how it ended in
 ``<run dir>/flower-status.json``: ``flwr run`` reports success even when a ServerApp failed, so
-``fedlora flower-run`` reads this file instead.
+``fedlora flower-run`` reads this file instead. The file also has the bytes Flower moved per
+message type (``flower_bytes``: messages, down, up), to set beside the ledger.
 """
 
 from __future__ import annotations
 
 import json
 import traceback
-from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
@@ -42,12 +42,18 @@ def main(grid: Grid, context: Context) -> None:
     try:
         with config_from_text(str(run_config[CONFIG_TEXT])) as (config, path):
             refuse(config)
-            engine = partial(
-                FlowerEngine,
-                grid=grid,
-                reply_timeout=float(run_config[REPLY_TIMEOUT]),
-                node_wait=float(run_config[NODE_WAIT]),
-            )
+            engines: list[FlowerEngine] = []
+
+            def engine(*args: object) -> FlowerEngine:
+                made = FlowerEngine(
+                    *args,
+                    grid=grid,
+                    reply_timeout=float(run_config[REPLY_TIMEOUT]),
+                    node_wait=float(run_config[NODE_WAIT]),
+                )
+                engines.append(made)
+                return made
+
             result = run_experiment(
                 path, [], run_dir, False, Console(), False, {"simulation": engine}, THREADS
             )
@@ -63,4 +69,5 @@ def main(grid: Grid, context: Context) -> None:
         )
         raise
     trained = sum(1 for record in result.metrics if record["round"] > 0)  # round 0: the init
-    write_status(run_dir, {**run, "status": "completed", "rounds": trained})
+    wire = engines[0].wire
+    write_status(run_dir, {**run, "status": "completed", "rounds": trained, "flower_bytes": wire})
