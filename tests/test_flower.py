@@ -94,10 +94,10 @@ def assert_completed(result: subprocess.CompletedProcess, run: Path, rounds: int
     assert "SuperNodes (Flower deployment)" in (run / "summary.md").read_text()
 
 
-def deployed_on_two_nodes(config: str, tmp_path: Path) -> Path:
-    """``config`` with 2 clients, run to completion on a SuperLink and 2 SuperNodes (one
-    client each); returns its run directory."""
-    app, run = make_app(config, tmp_path, *TWO_CLIENTS)
+def deployed_on_two_nodes(config: str, tmp_path: Path, *overrides: str) -> Path:
+    """``config`` with 2 clients (and ``overrides``), run to completion on a SuperLink and 2
+    SuperNodes (one client each); returns its run directory."""
+    app, run = make_app(config, tmp_path, *TWO_CLIENTS, *overrides)
     with federation(tmp_path / "flower") as fed:
         fed.node(0, 2)
         fed.node(1, 2)
@@ -170,8 +170,9 @@ def test_fedsa_evaluates_each_client_on_its_node_and_equals_the_simulation(
     round the server asks the nodes for their clients' metrics, and their means, spreads and
     minima equal the in-process run's; each node exports its own clients' adapters, equal to
     the in-process run's, and the server's run directory has no client model."""
-    run = deployed_on_two_nodes("fedsa.toml", tmp_path)
-    ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS)
+    evaluations = ["--set", "eval.every=2"]  # round 0 and round 2: two ClientApp starts fewer
+    run = deployed_on_two_nodes("fedsa.toml", tmp_path, *evaluations)
+    ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS, *evaluations)
     assert timeless_metrics(run) == timeless_metrics(ref)
     assert "accuracy_std" in trained(read_metrics(run))[-1]
     assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
