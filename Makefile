@@ -25,8 +25,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fedlora run configs/default.toml --out runs/demo
 
+# One pytest worker per core (pytest-xdist), each with one torch thread (OMP_NUM_THREADS, also
+# inherited by the runs the tests start), so the workers do not oversubscribe the cores; tests
+# that compare runs bit for bit pin their thread count themselves.
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --durations=15
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
