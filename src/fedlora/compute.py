@@ -14,7 +14,7 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from fedlora.config import ComputeConfig, ConfigError
+from fedlora.config import ComputeConfig, Config, ConfigError, round_size
 from fedlora.lazy import torch
 
 
@@ -149,6 +149,29 @@ def resolve(config: ComputeConfig) -> Compute:
         config.gradient_checkpointing,
         config.states_on_device,
     )
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def pool_size(config: Config, device: torch.device) -> tuple[int, int]:
+    """(worker processes, intra-op threads each) of an in-process run of server methods
+    (``compute.workers``; 1 worker: the clients train in the server's process, in turn).
+    ``auto``: one worker per core when the run computes on the CPU and every round has at
+    least two clients per core, else 1 (docs/benchmarks.md, "Clients in parallel", has the
+    measurements behind the rule). Threads per worker: ``compute.threads``, else the cores
+    shared out among the workers."""
+    compute, federation = config.compute, config.federation
+    per_round = round_size(
+        config.partition.num_clients, federation.clients_per_round, federation.fraction
+    )
+    if compute.workers == "auto":
+        workers = cores() if device.type == "cpu" and per_round >= 2 * cores() else 1
+    else:
+        workers = min(compute.workers, per_round)
+    return workers, compute.threads or max(1, cores() // workers)
 
 
 def configure_threads(config: ComputeConfig, default: int | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -280,6 +280,11 @@ class ComputeConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     threads: int | None = Field(
         None, ge=1, description="CPU intra-op threads; None: torch's default (1 a distributed rank)"
+    )
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="processes training a round's clients in parallel (server methods, CPU); "
+        "auto: one per core when rounds have 2+ clients per core",
     )
     states_on_device: bool = Field(
         False, description="keep idle clients' optimizer states on the device (else in CPU memory)"

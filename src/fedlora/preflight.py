@@ -17,7 +17,9 @@ def preflight(config: Config) -> Compute:
     """``check_config``, then device and dtype against this machine; returns where the run
     computes."""
     check_config(config)
-    return computes.resolve(config.compute)
+    compute = computes.resolve(config.compute)
+    check_workers(config, compute.device.type)
+    return compute
 
 
 def check_config(config: Config) -> None:
@@ -39,6 +41,29 @@ def check_config(config: Config) -> None:
     check_reliability(config)
     check_secure_aggregation(config)
     check_privacy(config)
+
+
+def check_workers(config: Config, device: str) -> None:
+    """What clients trained by worker processes (``compute.workers`` > 1) cannot run."""
+    workers = config.compute.workers
+    if workers == "auto" or workers == 1:
+        return
+    cls, prefix = method_class(config.method.name), f"compute.workers = {workers}"
+    if cls.engine != "simulation":
+        raise ConfigError(
+            f"{prefix}: method {config.method.name!r} runs on the {cls.engine!r} engine, which "
+            "trains its parties in turn; workers apply to server methods (set workers = 1)"
+        )
+    if config.privacy.secure_aggregation:
+        raise ConfigError(
+            f"{prefix}: secure aggregation runs its clients in the server's process; set "
+            "workers = 1"
+        )
+    if device != "cpu":
+        raise ConfigError(
+            f"{prefix}: worker processes share out the CPU's cores; on {device} the clients "
+            "share one accelerator in one process, so set workers = 1"
+        )
 
 
 def check_reliability(config: Config) -> None:

@@ -15,6 +15,7 @@ from fedlora import rundir
 from fedlora.compute import Compute, configure_determinism, configure_threads
 from fedlora.config import load_config
 from fedlora.engines.gossip import GossipEngine
+from fedlora.engines.pool import in_process
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
 from fedlora.privacy.accounting import format_epsilon
@@ -24,8 +25,8 @@ from fedlora.report import QUALITY_KEYS
 EngineFactory = Callable[[experiments.Experiment, Path, Console], SimulationEngine]
 
 # by ``Method.engine``
-ENGINES: dict[str, type[SimulationEngine]] = {
-    "simulation": SimulationEngine,
+ENGINES: dict[str, EngineFactory] = {
+    "simulation": in_process,  # SimulationEngine, or PooledEngine with compute.workers > 1
     "gossip": GossipEngine,
     "split": SplitEngine,
 }

@@ -1,0 +1,86 @@
+"""Clients in parallel over the cores (``compute.workers``) vs one after another (issue 16).
+
+    python -P benchmarks/workers.py [--config configs/default.toml] [--workers 1 2]
+
+The job is issue 16's: minilm-l6 + BBC News, FedIT, 10 IID clients, 5 rounds of 4 local steps
+at batch 8 and length 64, evaluation on 8 test articles (``--set`` overrides of the config; add
+more with ``--set``). Each row is one whole ``fedlora run`` (process start to exit), back to back:
+workers = 1 with torch's default threads (all cores), then each ``--workers`` count with the
+cores shared out among the workers. Training seconds are the metrics' ``train_seconds`` summed
+over the rounds (the clients' work and the server's aggregation; no start-up, no evaluation).
+The script also says whether each pooled run's metrics equal those of a one-process run with
+the same threads per client (it runs that reference too when the thread count differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = [
+    "partition.kind=iid",
+    "partition.num_clients=10",
+    "experiment.rounds=5",
+    "train.local_steps=4",
+    "train.batch_size=8",
+    "model.max_length=64",
+    "data.max_test_examples=8",
+]
+
+
+def run(config: Path, out: Path, overrides: list[str]) -> tuple[float, float, list[dict]]:
+    """(wall seconds, training seconds, the metrics without timings) of one run."""
+    command = [sys.executable, "-m", "fedlora", "run", str(config), "--out", str(out), "--quiet"]
+    for override in overrides:
+        command += ["--set", override]
+    began = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+    wall = time.perf_counter() - began
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = sum(row.get("train_seconds", 0.0) for row in rows)
+    return wall, train, [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.toml")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--set", dest="extra", action="append", default=[])
+    args = parser.parse_args()
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cores = len(os.sched_getaffinity(0))
+    job = JOB + args.extra
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        base = run(args.config, Path(work) / "one", job)
+        rows.append(("1 (in-process)", "default", *base[:2], "-"))
+        for workers in args.workers:
+            threads = max(1, cores // workers)
+            pooled = run(
+                args.config, Path(work) / f"w{workers}", [*job, f"compute.workers={workers}"]
+            )
+            reference = run(
+                args.config, Path(work) / f"t{threads}", [*job, f"compute.threads={threads}"]
+            )
+            same = "yes" if pooled[2] == reference[2] else "NO"
+            rows.append((f"{workers}", f"{threads} each", *pooled[:2], same))
+            rows.append((f"1, {threads} thread(s)", f"{threads}", *reference[:2], "-"))
+    print(f"{args.config.relative_to(REPO)} with {' '.join(job)}; {cores} cores\n")
+    print("| workers | threads | wall s | training s | training speed-up | equal to 1 process |")
+    print("|---|---|---|---|---|---|")
+    for workers, threads, wall, train, same in rows:
+        ratio = rows[0][3] / train
+        print(f"| {workers} | {threads} | {wall:.1f} | {train:.1f} | {ratio:.2f}x | {same} |")
+
+
+if __name__ == "__main__":
+    main()

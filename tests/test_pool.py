@@ -1,0 +1,91 @@
+"""Clients trained by forked worker processes (``compute.workers``) against the in-process
+engine: bit-identical at the same thread count per client, for methods with no client state
+(FedIT), with per-client stores and dropouts (FedSA-LoRA), with kept optimizer states
+(FedFTG's GaLore), and with a moved base (FLoRA); and the refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ONE, TINY, read_metrics, run_cli, timeless_metrics, trained
+
+TWO_WORKERS = ("--set", "compute.workers=2")
+
+
+def run(config: str, out: Path, *overrides: str) -> Path:
+    code, output = run_cli(
+        "run", str(TINY / config), "--out", str(out), "--quiet", *ONE, *overrides
+    )
+    assert code == 0, output
+    return out
+
+
+def adapters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every PEFT adapter a run exported (the global one, and each client's own)."""
+    return {
+        str(path.parent.relative_to(run_dir)): load_file(path)
+        for path in sorted(run_dir.rglob("adapter_model.safetensors"))
+    }
+
+
+def assert_identical(pooled: Path, alone: Path) -> None:
+    assert timeless_metrics(pooled) == timeless_metrics(alone)
+    assert (pooled / "ledger.jsonl").read_text() == (alone / "ledger.jsonl").read_text()
+    ours, theirs = adapters(pooled), adapters(alone)
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        assert ours[name].keys() == theirs[name].keys()
+        assert all(torch.equal(ours[name][k], theirs[name][k]) for k in ours[name]), name
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("fedit.toml", ()),
+        # per-client stores (B and head) that live with the server between rounds; a seeded
+        # dropout, so some clients get no task at all
+        ("fedsa.toml", ("--set", "federation.dropout=0.3", "--set", "experiment.rounds=3")),
+        ("fedftg.toml", ()),  # GaLore's optimizer state kept per client across rounds
+        ("flora.toml", ()),  # every round's clients train on the base moved by the merges
+    ],
+)
+def test_worker_processes_give_the_in_process_run_bit_for_bit(
+    tmp_path: Path, config: str, overrides: tuple[str, ...]
+) -> None:
+    alone = run(config, tmp_path / "alone", *overrides)
+    pooled = run(config, tmp_path / "pooled", *overrides, *TWO_WORKERS)
+    assert_identical(pooled, alone)
+    if "federation.dropout=0.3" in overrides:  # some clients did drop (they got no task)
+        assert any(r.get("absent") for r in trained(read_metrics(pooled)))
+    assert "## Worker processes" in (pooled / "summary.md").read_text()
+    assert "## Worker processes" not in (alone / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "says"),
+    [
+        ("declora.toml", (), "'gossip' engine"),
+        ("dlora.toml", (), "'split' engine"),
+        ("fedit.toml", ("--set", "privacy.secure_aggregation=true"), "secure aggregation"),
+    ],
+)
+def test_workers_are_refused_where_they_cannot_run(
+    tmp_path: Path, config: str, overrides: tuple[str, ...], says: str
+) -> None:
+    code, output = run_cli(
+        "run", str(TINY / config), "--out", str(tmp_path), *overrides, *TWO_WORKERS
+    )
+    assert code == 2, output
+    assert "compute.workers = 2" in output and says in output and "workers = 1" in output
+    assert "Traceback" not in output
+
+
+def test_workers_must_be_a_positive_count_or_auto(tmp_path: Path) -> None:
+    code, output = run_cli(
+        "run", str(TINY / "fedit.toml"), "--out", str(tmp_path), "--set", "compute.workers=0"
+    )
+    assert code == 2 and "workers" in output and "'auto'" in output, output
