@@ -1,15 +1,16 @@
 """Clients in parallel over the cores (``compute.workers``) vs one after another (issue 16).
 
-    python -P benchmarks/workers.py [--config configs/default.toml] [--workers 1 2]
+    python -P benchmarks/workers.py [--config configs/default.toml] [--workers 2] [--as-is]
 
 The job is issue 16's: minilm-l6 + BBC News, FedIT, 10 IID clients, 5 rounds of 4 local steps
 at batch 8 and length 64, evaluation on 8 test articles (``--set`` overrides of the config; add
-more with ``--set``). Each row is one whole ``fedlora run`` (process start to exit), back to back:
-workers = 1 with torch's default threads (all cores), then each ``--workers`` count with the
-cores shared out among the workers. Training seconds are the metrics' ``train_seconds`` summed
-over the rounds (the clients' work and the server's aggregation; no start-up, no evaluation).
-The script also says whether each pooled run's metrics equal those of a one-process run with
-the same threads per client (it runs that reference too when the thread count differs).
+more with ``--set``; ``--as-is`` runs the config without them). Each row is one whole
+``fedlora run`` (process start to exit), back to back: workers = 1 with torch's default threads
+(all cores), then each ``--workers`` count with the cores shared out among the workers, then a
+one-process run with that many threads per client. Training seconds are the metrics'
+``train_seconds`` summed over the rounds (the clients' work and the server's aggregation; no
+start-up, no evaluation). The last column says whether the pooled run's metrics equal those of
+the one-process run with the same threads per client.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.toml")
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--set", dest="extra", action="append", default=[])
+    parser.add_argument("--as-is", action="store_true", help="the config without the job's sets")
     args = parser.parse_args()
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cores = len(os.sched_getaffinity(0))
-    job = JOB + args.extra
+    job = ([] if args.as_is else JOB) + args.extra
     rows = []
     with tempfile.TemporaryDirectory() as work:
         base = run(args.config, Path(work) / "one", job)
