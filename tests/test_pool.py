@@ -5,12 +5,18 @@ engine: bit-identical at the same thread count per client, for methods with no c
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlora.checkpoint import load_checkpoint
 from tests.conftest import ONE, TINY, read_metrics, run_cli, timeless_metrics, trained
 
 TWO_WORKERS = ("--set", "compute.workers=2")
@@ -50,6 +56,8 @@ def assert_identical(pooled: Path, alone: Path) -> None:
         # dropout, so some clients get no task at all
         ("fedsa.toml", ("--set", "federation.dropout=0.3", "--set", "experiment.rounds=3")),
         ("fedftg.toml", ()),  # GaLore's optimizer state kept per client across rounds
+        # DP-SGD's per-example clipping and seeded noise, in the worker
+        ("ffa.toml", ("--set", "privacy.mechanism=dp_sgd", "--set", "privacy.noise_multiplier=1")),
         ("flora.toml", ()),  # every round's clients train on the base moved by the merges
     ],
 )
@@ -71,6 +79,7 @@ def test_worker_processes_give_the_in_process_run_bit_for_bit(
         ("declora.toml", (), "'gossip' engine"),
         ("dlora.toml", (), "'split' engine"),
         ("fedit.toml", ("--set", "privacy.secure_aggregation=true"), "secure aggregation"),
+        ("fedit.toml", ("--engine", "distributed"), "--nproc"),
     ],
 )
 def test_workers_are_refused_where_they_cannot_run(
@@ -80,8 +89,15 @@ def test_workers_are_refused_where_they_cannot_run(
         "run", str(TINY / config), "--out", str(tmp_path), *overrides, *TWO_WORKERS
     )
     assert code == 2, output
-    assert "compute.workers = 2" in output and says in output and "workers = 1" in output
+    assert "compute.workers = 2" in output and says in output
     assert "Traceback" not in output
+
+
+def test_flower_apps_refuse_workers(tmp_path: Path) -> None:
+    code, output = run_cli(
+        "flower-app", str(TINY / "fedit.toml"), "--out", str(tmp_path), *TWO_WORKERS
+    )
+    assert code == 2 and "compute.workers = 2" in output and "SuperNodes" in output, output
 
 
 def test_workers_must_be_a_positive_count_or_auto(tmp_path: Path) -> None:
@@ -89,3 +105,37 @@ def test_workers_must_be_a_positive_count_or_auto(tmp_path: Path) -> None:
         "run", str(TINY / "fedit.toml"), "--out", str(tmp_path), "--set", "compute.workers=0"
     )
     assert code == 2 and "workers" in output and "'auto'" in output, output
+
+
+def test_a_killed_worker_stops_the_run_clearly_and_resume_finishes_it_exactly(
+    tmp_path: Path,
+) -> None:
+    """A worker process killed (SIGKILL, as the out-of-memory killer does) after round 1: the
+    run stops with exit code 1 and a message naming the worker, its checkpoint kept; a rerun
+    with --resume finishes it, equal to the uninterrupted run."""
+    longer = ("--set", "experiment.rounds=3", "--set", "train.local_steps=30")
+    alone = run("fedit.toml", tmp_path / "alone", *longer)
+    out = tmp_path / "pooled"
+    command = [sys.executable, "-m", "fedlora", "run", str(TINY / "fedit.toml"), "--out"]
+    command += [str(out), "--quiet", *ONE, *longer, *TWO_WORKERS]
+    victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.safetensors").exists() or load_checkpoint(out) is None:
+        assert victim.poll() is None and time.monotonic() < deadline, "no round completed"
+        time.sleep(0.05)
+    workers = subprocess.run(
+        ["pgrep", "-P", str(victim.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    output, _ = victim.communicate(timeout=300)
+    assert victim.returncode == 1, output
+    assert f"worker process {workers[0]} exited" in output and "--resume" in output
+    assert "Traceback" not in output
+    assert 1 <= load_checkpoint(out).completed_rounds < 3
+    code, resumed = run_cli(
+        "run", str(TINY / "fedit.toml"), "--out", str(out), "--quiet", "--resume",
+        *ONE, *longer, *TWO_WORKERS,
+    )  # fmt: skip
+    assert code == 0, resumed
+    assert_identical(out, alone)

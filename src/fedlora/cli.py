@@ -74,6 +74,7 @@ def run(
             if observer:
                 fail("--observer needs --engine distributed (one process sees every party)")
             from fedlora.channel import MessageError
+            from fedlora.engines.pool import PoolError
             from fedlora.session import run_experiment
 
             try:
@@ -84,7 +85,16 @@ def run(
                 message = f"[bold red]error:[/] a party refused a message it needed: {error}"
                 console.print(message, highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
+            except PoolError as error:  # a worker process died (killed, out of memory)
+                message = f"[bold red]error:[/] {escape(str(error))}"
+                console.print(message, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
         elif engine == "distributed":
+            if config.compute.workers not in (1, "auto"):
+                fail(
+                    f"compute.workers = {config.compute.workers} is for --engine simulation; "
+                    "with --engine distributed, --nproc sets how many processes host clients"
+                )
             from fedlora.engines.distributed import LaunchError, launch
             from fedlora.engines.transport import PeerError
 

@@ -170,9 +170,21 @@ class PooledEngine(ServedEngine):
         client, payload = self.queue.pending.pop(0)
         header = json.dumps({"client": client, "round": self.round}).encode()
         store, optimizer = self.stores[client], self.optimizers.get(client, {})
-        for part in (header, payload, _bytes(store), _bytes(optimizer), self.offset):
-            worker.connection.send_bytes(part)
+        try:
+            for part in (header, payload, _bytes(store), _bytes(optimizer), self.offset):
+                worker.connection.send_bytes(part)
+        except OSError:
+            raise PoolError(self._died(worker, f"before it got client {client}")) from None
         worker.client = client
+
+    @staticmethod
+    def _died(worker: Worker, when: str) -> str:
+        worker.process.join(1)
+        return (
+            f"worker process {worker.process.pid} exited {when} (exit code "
+            f"{worker.process.exitcode}); the checkpoint of the last completed round is kept: "
+            "rerun with --resume"
+        )
 
     def _collect(self, worker: Worker) -> None:
         """``worker``'s answer into the round's answers, its client's state back here."""
@@ -184,10 +196,7 @@ class PooledEngine(ServedEngine):
                 raise PoolError(f"a worker failed on client {client}:\n{report['error']}")
             reply, store, optimizer = (worker.connection.recv_bytes() for _ in range(3))
         except (EOFError, OSError):
-            raise PoolError(
-                f"worker process {worker.process.pid} exited while training client {client} "
-                f"(exit code {worker.process.exitcode})"
-            ) from None
+            raise PoolError(self._died(worker, f"while training client {client}")) from None
         self.stores[client] = _tensors(store)
         if optimizer:
             self.optimizers[client] = _tensors(optimizer)

@@ -39,6 +39,11 @@ def refuse(config: Config) -> None:
             f"method {name!r} has no server-client messages to deploy; run it with "
             "`fedlora run --engine simulation`"
         )
+    if config.compute.workers not in (1, "auto"):
+        raise ConfigError(
+            f"compute.workers = {config.compute.workers} is for `fedlora run`; on Flower each "
+            "SuperNode trains its own clients: start more SuperNodes instead"
+        )
     if config.privacy.secure_aggregation:
         raise ConfigError(
             "privacy.secure_aggregation runs on the in-process engine only (the Flower app does "
