@@ -1,14 +1,15 @@
 """A server round whose clients live in other processes, written once for every placement.
 
 The in-process engine (``SimulationEngine``) runs each sampled client where the server runs.
-A placement that hosts clients elsewhere (torch.distributed ranks, Flower SuperNodes) differs
-from it, and from each other, only in how a download reaches the process hosting its client and
-how the reply comes back. Everything else about the server's half of the round is here, once:
-every download is packed by the channel before any travels, each transfer is recorded in the
-ledger in the in-process engine's order (down then up, client by client), a seeded dropout or a
-straggler is known without asking, and a reply is validated against the method's schema as the
-in-process ``_accept`` does. The client's half is here too (``answer``): the bytes that arrived
-become the reply's bytes and a report of scalars, wherever the client runs.
+A placement that hosts clients elsewhere (worker processes of this machine, torch.distributed
+ranks, Flower SuperNodes) differs from it, and from each other, only in how a download reaches
+the process hosting its client and how the reply comes back. Everything else about the
+server's half of the round is here, once: every download is packed by the channel before any
+travels, each transfer is recorded in the ledger in the in-process engine's order (down then
+up, client by client), a seeded dropout or a straggler is known without asking, and a reply is
+validated against the method's schema as the in-process ``_accept`` does. The client's half is
+here too (``answer``): the bytes that arrived become the reply's bytes and a report of
+scalars, wherever the client runs.
 
 A placement subclasses ``ServedEngine`` and supplies ``_dispatch`` (send the round's downloads),
 ``_reply`` (one client's reply bytes and report) and, if it needs one, ``_close_round``.
