@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from fedlora.flower.loopback import federation
 from fedlora.flower.protocol import STATUS_FILE
+from fedlora.offline import use_offline_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "train_seconds", "eval_seconds", "server_seconds")
@@ -124,9 +124,7 @@ def main() -> None:
     )
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes, and distributed workers")
     args = parser.parse_args()
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_offline_defaults()
     for config in args.config:
         with tempfile.TemporaryDirectory() as work:
             print(measure(config.resolve(), args.nodes, Path(work)) + "\n", flush=True)

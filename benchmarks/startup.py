@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fedlora.offline import use_offline_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("interpreter and imports", "config checks", "experiment built", "round-0 evaluation")
@@ -77,9 +78,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_offline_defaults()
     if args.child:
         child(args.child, args.launched)
         return

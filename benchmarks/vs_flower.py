@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedlora.offline import use_offline_defaults
+
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS, ROUNDS, STEPS, BATCH, LENGTH, LR, TEST_ROWS, SEED = 10, 5, 4, 8, 64, 5e-3, 8, 0
 FEDLORA_JOB = [
@@ -181,9 +183,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["flower"], help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_offline_defaults()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if args.side == "flower":
         flower_simulation()

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedlora.offline import use_offline_defaults
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = [
     "partition.kind=iid",
@@ -56,9 +58,7 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[])
     parser.add_argument("--as-is", action="store_true", help="the config without the job's sets")
     args = parser.parse_args()
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_offline_defaults()
     cores = len(os.sched_getaffinity(0))
     job = ([] if args.as_is else JOB) + args.extra
     rows = []
