@@ -1,7 +1,8 @@
 """Clients trained by forked worker processes (``compute.workers``) against the in-process
-engine: bit-identical at the same thread count per client, for methods with no client state
-(FedIT), with per-client stores and dropouts (FedSA-LoRA), with kept optimizer states
-(FedFTG's GaLore), and with a moved base (FLoRA); and the refusals."""
+engine: bit-identical at the same thread count per client, for every server method's tiny
+config, among them per-client stores and dropouts (FedSA-LoRA), kept optimizer states
+(FedFTG's GaLore), DP-SGD (FFA-LoRA) and a moved base (FLoRA); a killed worker; the
+refusals."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ from fedlora.checkpoint import load_checkpoint
 from tests.conftest import ONE, TINY, read_metrics, run_cli, timeless_metrics, trained
 
 TWO_WORKERS = ("--set", "compute.workers=2")
+OTHER_SERVER_METHODS = (
+    "dwa",
+    "fedex",
+    "fedftg_code_compat",
+    "fedsb",
+    "flexlora",
+    "frlora",
+    "fslora",
+    "fslora_code_compat",
+    "hetlora",
+    "local",
+    "lora_fair",
+    "rolora",
+)
 
 
 def run(config: str, out: Path, *overrides: str) -> Path:
@@ -59,6 +74,8 @@ def assert_identical(pooled: Path, alone: Path) -> None:
         # DP-SGD's per-example clipping and seeded noise, in the worker
         ("ffa.toml", ("--set", "privacy.mechanism=dp_sgd", "--set", "privacy.noise_multiplier=1")),
         ("flora.toml", ()),  # every round's clients train on the base moved by the merges
+        # every other server method: what a client does may read only its download and store
+        *((f"{name}.toml", ()) for name in OTHER_SERVER_METHODS),
     ],
 )
 def test_worker_processes_give_the_in_process_run_bit_for_bit(
