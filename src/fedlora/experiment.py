@@ -12,7 +12,8 @@ from fedlora.compute import Compute
 from fedlora.config import Config
 from fedlora.data.partition import label_histograms, partition
 from fedlora.data.sources import SplitData, load_split
-from fedlora.data.tokenized import TokenizedSet, tokenize
+from fedlora.data.token_cache import tokenize_cached
+from fedlora.data.tokenized import TokenizedSet
 from fedlora.evaluation import Evaluator
 from fedlora.methods import build_method, method_class
 from fedlora.methods.base import Method, MethodContext
@@ -72,10 +73,10 @@ def build(config: Config) -> Experiment:
 
     tokenizer = load_tokenizer(config.model.name)
     causal = spec.task == "causal"
-    train_set = tokenize(split.train, tokenizer, config.model.max_length, causal)
-    test_set = tokenize(split.test, tokenizer, config.model.max_length, causal)
+    train_set = tokenize_cached(split.train, tokenizer, config.model.max_length, causal)
+    test_set = tokenize_cached(split.test, tokenizer, config.model.max_length, causal)
     validation_set = (
-        tokenize(split.validation, tokenizer, config.model.max_length, causal)
+        tokenize_cached(split.validation, tokenizer, config.model.max_length, causal)
         if split.validation is not None
         else None
     )
