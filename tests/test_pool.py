@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
+from fedlora.compute import cores, pool_pays, pool_size
+from fedlora.config import load_config
 from tests.conftest import ONE, TINY, read_metrics, run_cli, timeless_metrics, trained
 
 TWO_WORKERS = ("--set", "compute.workers=2")
@@ -156,3 +158,39 @@ def test_a_killed_worker_stops_the_run_clearly_and_resume_finishes_it_exactly(
     )  # fmt: skip
     assert code == 0, resumed
     assert_identical(out, alone)
+
+
+def makespan(clients: int, workers: int) -> int:
+    """Naive schedule: each client, in turn, to the least-loaded single-thread worker."""
+    loads = [0] * workers
+    for _ in range(clients):
+        loads[loads.index(min(loads))] += 1
+    return max(loads)
+
+
+@pytest.mark.parametrize("cores", [2, 4, 8])
+def test_auto_pools_exactly_where_the_schedule_beats_threads(cores: int) -> None:
+    """``auto``'s rule against a simulated schedule: the pool's rounds take the longest
+    worker's count of single-thread client times; one process takes n client times at the
+    measured intra-op speed-up, 0.9 per core."""
+    for clients in range(1, 40):
+        expected = clients / (0.9 * cores) > makespan(clients, cores)
+        assert pool_pays(clients, cores) == expected, (clients, cores)
+    assert pool_pays(2, 2) and pool_pays(10, 2) and pool_pays(11, 2)
+    assert not pool_pays(3, 2) and not pool_pays(9, 2) and not pool_pays(1, 2)
+    assert not pool_pays(10, 1)
+
+
+def test_auto_resolves_from_the_clients_per_round() -> None:
+    cpu = torch.device("cpu")
+    here = cores()
+    for per_round in (1, 2, 3, 4):
+        config = load_config(
+            TINY / "fedit.toml",
+            [f"federation.clients_per_round={per_round}", "compute.workers=auto"],
+        )
+        workers, threads = pool_size(config, cpu)
+        if pool_pays(per_round, here):
+            assert (workers, threads) == (here, 1)
+        else:
+            assert (workers, threads) == (1, here)

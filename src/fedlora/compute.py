@@ -10,6 +10,7 @@ where or how precisely a party computed.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -156,19 +157,35 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+# How much faster one client trains on all c cores' intra-op threads than on one, per core:
+# measured 0.83-0.90 on 2 cores (1.66x at batch 8 x 64, 1.68x at 16 x 32, 1.80x at 32 x 64;
+# docs/benchmarks.md, "Clients in parallel"); the rule takes the highest, so that it picks the
+# pool only where the pool won at every measured shape. Not measured beyond 2 cores.
+INTRA_OP_SPEEDUP_PER_CORE = 0.90
+
+
+def pool_pays(per_round: int, cores: int) -> bool:
+    """Whether one single-thread worker per core beats one process on all cores for rounds of
+    ``per_round`` clients: the pool takes ceil(n / c) single-thread client times, the process
+    n client times sped up by its threads (s = 0.9 c). With 2 cores: even rounds yes, odd
+    rounds below 11 no (the last client trains alone while a core idles)."""
+    if cores < 2 or per_round < 2:
+        return False
+    return math.ceil(per_round / cores) * INTRA_OP_SPEEDUP_PER_CORE * cores < per_round
+
+
 def pool_size(config: Config, device: torch.device) -> tuple[int, int]:
     """(worker processes, intra-op threads each) of an in-process run of server methods
     (``compute.workers``; 1 worker: the clients train in the server's process, in turn).
-    ``auto``: one worker per core when the run computes on the CPU and every round has at
-    least two clients per core, else 1 (docs/benchmarks.md, "Clients in parallel", has the
-    measurements behind the rule). Threads per worker: ``compute.threads``, else the cores
+    ``auto``: one single-thread worker per core when the run computes on the CPU and that
+    pays (``pool_pays``), else 1. Threads per worker: ``compute.threads``, else the cores
     shared out among the workers."""
     compute, federation = config.compute, config.federation
     per_round = round_size(
         config.partition.num_clients, federation.clients_per_round, federation.fraction
     )
     if compute.workers == "auto":
-        workers = cores() if device.type == "cpu" and per_round >= 2 * cores() else 1
+        workers = cores() if device.type == "cpu" and pool_pays(per_round, cores()) else 1
     else:
         workers = min(compute.workers, per_round)
     return workers, compute.threads or max(1, cores() // workers)
