@@ -284,7 +284,7 @@ class ComputeConfig(Section):
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1,
         description="processes training a round's clients in parallel (server methods, CPU); "
-        "auto: one per core when rounds have 2+ clients per core",
+        "auto: one per core where that measured faster (fedlora.compute.pool_pays)",
     )
     states_on_device: bool = Field(
         False, description="keep idle clients' optimizer states on the device (else in CPU memory)"
