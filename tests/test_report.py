@@ -13,6 +13,7 @@ from fedlora.config import load_config
 from fedlora.experiment import build
 from fedlora.methods import registry
 from fedlora.report import (
+    LOG_BYTES_SPAN,
     MAX_CURVES,
     METHOD_COLOURS,
     ArmView,
@@ -133,6 +134,49 @@ def test_curves_hold_the_metrics_files_means(runs: dict[str, list[Path]]) -> Non
     caption = " ".join(t.get_text() for t in figure.texts)
     assert "Seeds 0, 1; n = 1 to 2 runs per arm; test examples: 60." in caption
     assert "Not on the bytes axes (they send nothing): central/seed0 (centralized)." in caption
+
+
+def test_bytes_spanning_more_than_a_decade_get_a_log_axis(
+    runs: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    """Full-weight averaging (DWA) next to FFA-LoRA at rank 1 sends more than ten times the
+    bytes: the bytes axis turns symmetric-log from the smallest positive cumulative bytes in
+    the metrics files, with round 0's zero on it and the lines' data unchanged. FedIT next to
+    FFA-LoRA (about twice) stays linear."""
+    made = {}
+    for arm, config, extra in (("dwa", "dwa", []), ("ffa1", "ffa", ["lora.rank=1"])):
+        out = tmp_path / arm / "seed0"
+        sets = [item for value in extra for item in ("--set", value)]
+        code, output = run_cli(
+            "run", str(TINY / f"{config}.toml"), "--out", str(out), "--quiet", *sets
+        )
+        assert code == 0, output
+        made[arm] = [out]
+    totals = {arm: read_metrics(paths[0])[-1]["cumulative_bytes"] for arm, paths in made.items()}
+    assert totals["dwa"] > LOG_BYTES_SPAN * totals["ffa1"]
+    figure = curves_figure(arms(made), KEY)
+    assert figure is not None
+    _, by_bytes = figure.axes
+    smallest = min(
+        m["cumulative_bytes"]
+        for paths in made.values()
+        for m in read_metrics(paths[0])
+        if m["cumulative_bytes"] > 0
+    )
+    assert by_bytes.get_xscale() == "symlog"
+    assert by_bytes.xaxis.get_transform().linthresh == smallest
+    assert by_bytes.get_xlabel().endswith("(log scale)")
+    for arm, paths in made.items():
+        x, mean, _ = expected_curve(paths, "cumulative_bytes")
+        (line,) = [v for k, v in lines_by_label(by_bytes).items() if k.startswith(f"{arm}/")]
+        np.testing.assert_allclose(line.get_xdata(), x)
+        np.testing.assert_allclose(line.get_ydata(), mean)
+        assert x[0] == 0
+    figure.canvas.draw()
+    labelled = [t for t in by_bytes.get_xticklabels() if t.get_text()]
+    assert all(t.get_position()[0] == 0 or t.get_position()[0] >= smallest for t in labelled)
+    linear = curves_figure(arms({"fedit": runs["fedit"], "ffa": runs["ffa"]}), KEY)
+    assert linear is not None and linear.axes[1].get_xscale() == "linear"
 
 
 def test_the_same_schedule_is_drawn_by_round(runs: dict[str, list[Path]]) -> None:

@@ -5,7 +5,8 @@ Every figure follows the same rules, so that a reader can compare at a glance:
 
 - The x-axes mean equal cost. "round" only where every run has the same rounds with the same
   steps and examples in each; otherwise training examples seen (all clients together), the
-  compute an arm spent. Next to it always bytes on the wire (MB/GB), where an arm sends any.
+  compute an arm spent. Next to it always bytes on the wire (MB/GB), where an arm sends any;
+  on a logarithmic axis when the arms' totals span more than a decade.
 - Round 0, the initial model before any training, is every curve's first point.
 - A method has one colour in every figure (``METHOD_COLOURS``); the arms of one method differ by
   line style and marker (their variant).
@@ -41,6 +42,9 @@ VALIDATION_KEYS = ("val_accuracy", "val_macro_f1", "val_rouge_l", "val_perplexit
 QUALITY_KEYS = TEST_KEYS + VALIDATION_KEYS
 
 MAX_CURVES = 8  # per panel: more arms become small multiples
+# Arms whose total bytes span more than this factor get a logarithmic bytes axis: on a linear
+# one the cheaper arms (LoRA next to full weights: 23x) would be squeezed against 0.
+LOG_BYTES_SPAN = 10
 # One colour per method in every figure of the project; the references in black and grey.
 METHOD_COLOURS = {
     "centralized": "#000000",
@@ -341,13 +345,14 @@ def curves_figure(arms: list[ArmView], key: str, title: str = "") -> Figure | No
         squeeze=False,
     )
     style = styles(drawn)
+    log_from = log_bytes_threshold(drawn)
     for row, (name, group) in enumerate(rows):
         for column, x_key in enumerate(x_keys):
             axis = grid[row, column]
             for arm in group:
                 if x_key != BYTES or arm.sent_bytes():
                     _draw_curve(axis, arm, key, x_key, style[arm.label])
-            _label_axis(axis, x_key, key if column == 0 else "", name)
+            _label_axis(axis, x_key, key if column == 0 else "", name, log_from)
         handles, labels = grid[row, 0].get_legend_handles_labels()  # every arm of the row
         grid[row, -1].legend(
             handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False
@@ -358,6 +363,20 @@ def curves_figure(arms: list[ArmView], key: str, title: str = "") -> Figure | No
         notes.append(f"Not on the bytes axes (they send nothing): {', '.join(silent)}.")
     _finish(figure, title or key, [caption(drawn), *notes])
     return figure
+
+
+def log_bytes_threshold(arms: list[ArmView]) -> float | None:
+    """Where a symmetric-log bytes axis turns logarithmic (the smallest positive cumulative
+    bytes of any run, so round 0's zero stays on the axis), when the sending runs' totals span
+    more than ``LOG_BYTES_SPAN``; None: a linear axis."""
+    runs = [run for arm in arms for run in arm.runs if run.metrics]
+    totals = [run.metrics[-1]["cumulative_bytes"] for run in runs]
+    totals = [total for total in totals if total > 0]
+    if not totals or max(totals) <= LOG_BYTES_SPAN * min(totals):
+        return None
+    return min(
+        m["cumulative_bytes"] for run in runs for m in run.metrics if m["cumulative_bytes"] > 0
+    )
 
 
 def _draw_curve(axis: Axes, arm: ArmView, key: str, x_key: str, style: tuple[object, str]) -> None:
@@ -379,19 +398,33 @@ def _draw_curve(axis: Axes, arm: ArmView, key: str, x_key: str, style: tuple[obj
         axis.fill_between(curve.x, *band, color=colour, alpha=0.12, linewidth=0)
 
 
-def _label_axis(axis: Axes, x_key: str, y_label: str, panel: str) -> None:
-    axis.set_xlabel(AXIS_LABELS[x_key])
+def _label_axis(
+    axis: Axes, x_key: str, y_label: str, panel: str, log_from: float | None = None
+) -> None:
+    log = x_key == BYTES and log_from is not None
+    axis.set_xlabel(AXIS_LABELS[x_key] + (" (log scale)" if log else ""))
     if y_label:
         better = "lower" if lower_is_better(y_label) else "higher"
         axis.set_ylabel(f"{y_label} ({better} is better)")
     if panel:
         axis.set_title(panel, fontsize=10)
     if x_key == BYTES:
-        axis.xaxis.set_major_locator(MaxNLocator(5))
-        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: human_bytes(value)))
+        if log:
+            axis.set_xscale("symlog", linthresh=log_from)
+        else:
+            axis.xaxis.set_major_locator(MaxNLocator(5))
+        axis.xaxis.set_major_formatter(bytes_formatter(log_from if log else 0.0))
     else:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
+
+
+def bytes_formatter(unlabelled_below: float) -> FuncFormatter:
+    """Ticks in MB/GB; those in (0, ``unlabelled_below``), the linear stretch next to 0 of a
+    symmetric-log axis where they would crowd the 0, carry no label."""
+    return FuncFormatter(
+        lambda value, _: "" if 0 < value < unlabelled_below else human_bytes(value)
+    )
 
 
 def finals_figure(arms: list[ArmView], key: str, title: str = "") -> Figure | None:
