@@ -16,6 +16,7 @@ from fedlora.channel import Channel, decode, encode
 from fedlora.compute import Compute, available_devices, on_cpu, resolve
 from fedlora.config import ComputeConfig, ConfigError, load_config
 from fedlora.experiment import build
+from fedlora.models import publish_once
 from tests.conftest import TINY, read_metrics, run_cli, trained
 
 FEDIT = str(TINY / "fedit.toml")
@@ -335,3 +336,22 @@ def test_the_gpu_check_comparison_flags_what_disagrees(fedit_run: Path, tmp_path
     found = differences(other, fedit_run, 1e-3, 0.02)
     assert len(found) == 2
     assert found[0].startswith("round 1 accuracy") and found[1].startswith("round 2 train_loss")
+
+
+def test_a_converted_model_is_published_once_whoever_converts_it(tmp_path: Path) -> None:
+    """Two runs started together both convert SmolLM2 (a study's parallel jobs): the first
+    rename puts its directory in place; the second finds it there, keeps it and deletes its
+    own copy instead of failing (the rename of a directory onto a full one)."""
+    target = tmp_path / "model"
+
+    def save(content: str):
+        def write(directory: Path) -> None:
+            directory.mkdir()
+            (directory / "config.json").write_text(content)
+
+        return write
+
+    assert publish_once(target, save("first")) == target
+    assert publish_once(target, save("second")) == target
+    assert (target / "config.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial copy left

