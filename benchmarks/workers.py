@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from fedlora.compute import pool_size
+from fedlora.config import load_config
 from fedlora.offline import use_offline_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +63,6 @@ def run(config: Path, out: Path, overrides: list[str]) -> tuple[float, float, li
 
 def per_round_sweep(config: Path, job: list[str], counts: list[int], cores: int) -> None:
     """One process on all cores vs one single-thread worker per core, per clients per round."""
-    from fedlora.compute import pool_size
-    from fedlora.config import load_config
-
     print(
         "| clients per round | 1 process, training s | workers, training s | pool speed-up |"
         " auto picks |"

@@ -398,9 +398,7 @@ def _draw_curve(axis: Axes, arm: ArmView, key: str, x_key: str, style: tuple[obj
         axis.fill_between(curve.x, *band, color=colour, alpha=0.12, linewidth=0)
 
 
-def _label_axis(
-    axis: Axes, x_key: str, y_label: str, panel: str, log_from: float | None = None
-) -> None:
+def _label_axis(axis: Axes, x_key: str, y_label: str, panel: str, log_from: float | None) -> None:
     log = x_key == BYTES and log_from is not None
     axis.set_xlabel(AXIS_LABELS[x_key] + (" (log scale)" if log else ""))
     if y_label:
