@@ -412,8 +412,8 @@ def _label_axis(axis: Axes, x_key: str, y_label: str, panel: str, log_from: floa
         else:
             axis.xaxis.set_major_locator(MaxNLocator(5))
         axis.xaxis.set_major_formatter(bytes_formatter(log_from if log else 0.0))
-    else:  # at most 5 bins: thousands of examples stay legible on a narrow panel
-        axis.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    else:  # at most 6 bins: every round of a short run, yet thousands of examples legible
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
     axis.grid(alpha=0.3)
 
 
