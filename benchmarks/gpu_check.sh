@@ -35,7 +35,7 @@ PYCHECK
 
 failed=0
 echo "== tiny configs: cpu float32, cuda float32, cuda bfloat16; cuda float32 vs cpu"
-"$PY" -P benchmarks/gpu_runs.py --device cuda --out "$OUT" || failed=1
+"$PY" -m benchmarks.gpu_runs --device cuda --out "$OUT" || failed=1
 
 echo "== default experiment on CUDA (auto: bfloat16); compare with docs/results.md (CPU float32)"
 began=$SECONDS

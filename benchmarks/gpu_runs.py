@@ -2,7 +2,7 @@
 process (the stack is imported once), then the float32 accelerator run compared with the CPU run
 by ``compare_runs.differences``. Exit 1 if any run fails or disagrees.
 
-    python -P benchmarks/gpu_runs.py [--device cuda] [--out runs/gpu_check] [configs ...]
+    python -m benchmarks.gpu_runs [--device cuda] [--out runs/gpu_check] [configs ...]
 
 ``--device cpu`` rehearses the whole check on a machine without a GPU (both sides on the CPU).
 """

@@ -355,3 +355,40 @@ def test_a_converted_model_is_published_once_whoever_converts_it(tmp_path: Path)
     assert publish_once(target, save("second")) == target
     assert (target / "config.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial copy left
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+# Stated tolerance (README, docs/benchmarks.md): a compiled run draws the eager run's dropout
+# masks and differs only by float reassociation, within 1e-5 of every loss and adapter entry.
+COMPILE_TOLERANCE = 1e-5
+
+
+def test_a_compiled_run_matches_the_eager_one_within_the_stated_tolerance(
+    tmp_path: Path, one_thread: None
+) -> None:
+    from torch._dynamo.utils import counters
+
+    common = ["--quiet", "--set", "compute.threads=1"]
+    code, output = run_cli("run", FEDIT, "--out", str(tmp_path / "eager"), *common)
+    assert code == 0, output
+    counters.clear()
+    compiled = ["--set", "compute.compile=true"]
+    code, output = run_cli("run", FEDIT, "--out", str(tmp_path / "compiled"), *common, *compiled)
+    assert code == 0, output
+    assert ", compiled ->" in output.splitlines()[0]
+    assert counters["stats"]["unique_graphs"] >= 2  # dynamo did compile: train and eval graphs
+
+    eager, compiled_metrics = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert len(eager) == len(compiled_metrics) == 3  # round 0 and two trained rounds
+    for plain, fast in zip(eager, compiled_metrics, strict=True):
+        assert (plain["accuracy"], plain["macro_f1"]) == (fast["accuracy"], fast["macro_f1"])
+        assert fast["test_loss"] == pytest.approx(plain["test_loss"], abs=COMPILE_TOLERANCE)
+        if "train_loss" in plain:
+            assert fast["train_loss"] == pytest.approx(plain["train_loss"], abs=COMPILE_TOLERANCE)
+    adapter = "adapter/adapter_model.safetensors"
+    plain_tensors = load_file(tmp_path / "eager" / adapter)
+    fast_tensors = load_file(tmp_path / "compiled" / adapter)
+    assert plain_tensors.keys() == fast_tensors.keys()
+    for name, tensor in plain_tensors.items():
+        torch.testing.assert_close(fast_tensors[name], tensor, atol=COMPILE_TOLERANCE, rtol=0)
+    assert sum(ledger_bytes(tmp_path / "eager")) == sum(ledger_bytes(tmp_path / "compiled"))

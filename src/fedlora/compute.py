@@ -81,6 +81,7 @@ class Compute:
     edge_device: torch.device
     gradient_checkpointing: bool = False
     states_on_device: bool = False
+    compile: bool = False
 
     @property
     def mixed(self) -> bool:
@@ -117,7 +118,9 @@ class Compute:
         count = torch.get_num_threads()
         threads = f", {count} CPU thread{'s' * (count > 1)}" if self.device.type == "cpu" else ""
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
-        return f"{where}, {str(self.dtype).removeprefix('torch.')}{threads}{checkpointing}"
+        compiled = ", compiled" if self.compile else ""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{where}, {dtype}{threads}{checkpointing}{compiled}"
 
 
 def rank_backend(compute: Compute) -> str:
@@ -149,6 +152,7 @@ def resolve(config: ComputeConfig) -> Compute:
         resolve_device(config.edge_device, "compute.edge_device"),
         config.gradient_checkpointing,
         config.states_on_device,
+        config.compile,
     )
 
 

@@ -278,6 +278,11 @@ class ComputeConfig(Section):
         "cpu", pattern=DEVICE_PATTERN, description="DLoRA: the user's device (edge)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model's forward (measured slower on the CPUs here: "
+        "docs/benchmarks.md; try it on an accelerator)",
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU intra-op threads; None: torch's default (1 a distributed rank)"
     )

@@ -50,6 +50,18 @@ class Experiment:
     privacy: PrivacyBudget | None = None  # [privacy] with a mechanism
 
 
+def compile_in_place(model: torch.nn.Module) -> None:
+    """``torch.compile`` of the model's forward, lazily: dynamo traces on the first call,
+    after the adapters exist, and loading a client's state copies into the same parameters,
+    so clients share the compiled graphs. Inductor draws dropout masks from the eager RNG
+    (``fallback_random``), so a compiled run trains on the masks of the eager one and differs
+    only by float reassociation, and the same seed still gives the same numbers."""
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    model.compile()
+
+
 def validate(config: Config) -> Compute:
     """Every check that can run before training: the quick ones first (``preflight``), then
     the model's (its name, its LoRA targets). Returns where the run computes."""
@@ -94,6 +106,8 @@ def build(config: Config) -> Experiment:
     slots = AdapterSlots(
         base, spec, config.lora, derived_seed(init_seed, 0xA0), full_weights=cls.full_weights
     )
+    if compute.compile:
+        compile_in_place(slots.model)
 
     sizes = [len(rows) for rows in clients]
     plan = plan_privacy(config, sizes)
