@@ -254,6 +254,10 @@ def load_base_model(
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if model_spec(name).task != "causal" and model.config.problem_type is None:
+        # What the first labelled forward would set (integer labels, several classes); set
+        # here, it does not change under a compiled forward and force a recompilation.
+        model.config.problem_type = "single_label_classification"
     model.requires_grad_(False)
     return model
 
