@@ -3,6 +3,7 @@ metrics.jsonl files say: curves, bytes axes, the final-value chart, colours and 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 
@@ -261,3 +262,25 @@ def test_many_arms_become_panels_of_at_most_eight_curves(runs: dict[str, list[Pa
     for v in ("ring", "ER", "star"):
         assert style[f"fedit {v} r=2 (n=2)"] == style[f"fedit {v} r=4 (n=2)"]
     assert len({style[f"fedit {v} r=2 (n=2)"] for v in ("ring", "ER", "star")}) == 3
+
+
+STUDY_RUNS = Path(__file__).resolve().parents[1] / "runs" / "studies" / "converged_declora"
+
+
+def test_thousands_of_examples_get_ticks_that_do_not_overlap() -> None:
+    """A committed study's runs (7,200 examples per arm, in 18 and in 90 rounds): the progress
+    axis's tick labels are integers with gaps between them (an unbounded locator wrote
+    0800160024003200...)."""
+    centralized = read_run(STUDY_RUNS / "centralized" / "train.lr=0.001" / "seed0")
+    ring = read_run(STUDY_RUNS / "dec-lora-ring-k-1" / "train.lr=0.005" / "seed0")
+    figure = curves_figure(arms_of([centralized, ring]), "accuracy")
+    assert figure is not None
+    progress = figure.axes[0]
+    assert progress.get_xlabel() == "training examples seen, all clients"
+    figure.canvas.draw()
+    left, right = progress.get_xlim()
+    assert right > 7000
+    shown = [t for t in progress.get_xticklabels() if left <= t.get_position()[0] <= right]
+    assert len(shown) >= 3 and all(float(t.get_position()[0]).is_integer() for t in shown)
+    spans = sorted((e.x0, e.x1) for e in (t.get_window_extent() for t in shown))
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans)), spans
