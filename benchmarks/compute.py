@@ -4,7 +4,12 @@ The step's FLOPs are counted once by ``torch.utils.flop_counter.FlopCounterMode`
 backward of minilm-l6 with LoRA r=8 on q,k,v, one real batch); the step is then timed without the
 counter. The peak is the best of several timings of a large float32 matmul in the same process.
 
-    python benchmarks/compute.py [--batch 16] [--length 128] [--steps 10] [--compile]
+    python benchmarks/compute.py [--batch 16] [--length 128] [--steps 10] [--compile] [--breakdown]
+
+``--breakdown`` says where the step's time goes that the matmul peak does not explain: the
+self time of its operations grouped by kind (torch.profiler), and the same step timed with
+dropout off (``model.eval()``, gradients still flowing), which also lets attention take
+torch's fused kernel (the fused CPU kernels refuse a non-zero dropout).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedlora.adapters import AdapterSlots
@@ -37,6 +43,44 @@ def matmul_peak(size: int = 2048, repeats: int = 3, trials: int = 7) -> float:
     return best
 
 
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm"}
+
+
+def timed_step(step, steps: int) -> float:
+    """Seconds per step, after one warm-up step."""
+    step()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - began) / steps
+
+
+def breakdown(step, model: torch.nn.Module, steps: int) -> None:
+    """Print the step's self time by kind of operation, then its time with dropout off."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    kinds = {"matrix products": 0.0, "dropout masks (bernoulli_)": 0.0, "everything else": 0.0}
+    for event in profiler.key_averages():
+        if event.key in MATRIX_PRODUCTS:
+            kinds["matrix products"] += event.self_cpu_time_total
+        elif event.key == "aten::bernoulli_":
+            kinds["dropout masks (bernoulli_)"] += event.self_cpu_time_total
+        else:
+            kinds["everything else"] += event.self_cpu_time_total
+    total = sum(kinds.values())
+    for kind, microseconds in kinds.items():
+        print(f"{kind}: {microseconds / steps / 1e3:.1f} ms a step, {microseconds / total:.0%}")
+    with_dropout = timed_step(step, steps)
+    model.eval()
+    without = timed_step(step, steps)
+    model.train()
+    print(
+        f"step with dropout {with_dropout:.3f} s, with dropout off {without:.3f} s "
+        f"(dropout and the unfused attention it forces: {1 - without / with_dropout:.0%})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -44,6 +88,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--compile", action="store_true", help="time the step with torch.compile of the forward"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="where the step's time goes (see the docstring)"
     )
     args = parser.parse_args()
     configure_runtime()
@@ -70,11 +117,7 @@ def main() -> None:
         began = time.perf_counter()
         step()  # compiles
         print(f"compiled in {time.perf_counter() - began:.1f} s")
-    step()  # warm-up
-    began = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - began) / args.steps
+    seconds = timed_step(step, args.steps)
     achieved, peak = flops / seconds, matmul_peak()
     print(
         f"step {flops / 1e9:.1f} GFLOP in {seconds:.3f} s (batch {args.batch}, length "
@@ -84,6 +127,8 @@ def main() -> None:
         f"achieved {achieved / 1e9:.1f} GFLOP/s, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
         f"fraction {achieved / peak:.2f}"
     )
+    if args.breakdown:
+        breakdown(step, model, args.steps)
 
 
 if __name__ == "__main__":
