@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,7 +47,7 @@ def matmul_peak(size: int = 2048, repeats: int = 3, trials: int = 7) -> float:
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm"}
 
 
-def timed_step(step, steps: int) -> float:
+def timed_step(step: Callable[[], None], steps: int) -> float:
     """Seconds per step, after one warm-up step."""
     step()
     began = time.perf_counter()
@@ -55,7 +56,7 @@ def timed_step(step, steps: int) -> float:
     return (time.perf_counter() - began) / steps
 
 
-def breakdown(step, model: torch.nn.Module, steps: int) -> None:
+def breakdown(step: Callable[[], None], model: torch.nn.Module, steps: int) -> None:
     """Print the step's self time by kind of operation, then its time with dropout off."""
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(steps):
