@@ -5,6 +5,7 @@ backward of minilm-l6 with LoRA r=8 on q,k,v, one real batch); the step is then 
 counter. The peak is the best of several timings of a large float32 matmul in the same process.
 
     python benchmarks/compute.py [--batch 16] [--length 128] [--steps 10] [--compile] [--breakdown]
+        [--attention sdpa|eager]
 
 ``--breakdown`` says where the step's time goes that the matmul peak does not explain: the
 self time of its operations grouped by kind (torch.profiler), and the same step timed with
@@ -91,6 +92,12 @@ def main() -> None:
         "--compile", action="store_true", help="time the step with torch.compile of the forward"
     )
     parser.add_argument(
+        "--attention",
+        choices=["sdpa", "eager"],
+        default="sdpa",
+        help="transformers' attention implementation (sdpa is what fedlora runs)",
+    )
+    parser.add_argument(
         "--breakdown", action="store_true", help="where the step's time goes (see the docstring)"
     )
     args = parser.parse_args()
@@ -99,6 +106,7 @@ def main() -> None:
     split = load_split(DataConfig(max_train_examples=args.batch), needs_answers=False)
     data = tokenize(split.train, tokenizer, args.length, causal=False)
     base = load_base_model("minilm-l6", len(split.label_names), tokenizer, seed=0)
+    base.set_attn_implementation(args.attention)
     slots = AdapterSlots(base, model_spec("minilm-l6"), LoraConfig(rank=8), init_seed=0)
     model = slots.model.train()
     optimizer = torch.optim.AdamW([p for _, p in slots.parameters(lambda name: True)], lr=1e-3)
