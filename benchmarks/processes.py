@@ -6,7 +6,7 @@ Each row is one ``fedlora run --engine distributed --nproc N`` of the same confi
 rounds and evaluation only after the last one. Throughput is client-steps per second of
 training time (the metrics' ``train_seconds``: from the first message sent to the aggregate,
 so the p2p exchange is in it, process start-up and evaluation are not); wall time includes
-start-up (every rank imports torch and builds the experiment).
+start-up (the launcher imports the stack, then every rank it forks builds the experiment).
 
 What limits it: every rank runs with one intra-op thread (``torch.set_num_threads(1)`` in the
 ranks, so N processes do not oversubscribe the cores), and for server methods rank 0 is the

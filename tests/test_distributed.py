@@ -15,6 +15,7 @@ adapter at the default two threads), so the reference runs with one thread too.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.distributed import layout_notes
+from fedlora.engines.distributed import LaunchError, layout_notes, watch
 from tests.conftest import TINY, run_cli, timeless_metrics, trained
 from tests.frames import received, tensor_keys
 from tests.test_privacy_dp import BUDGET_STOP
@@ -211,6 +212,36 @@ def test_nproc_must_agree_with_an_external_launcher(
     args = ["--out", str(tmp_path / "x"), "--engine", "distributed", "--nproc", "3"]
     code, output = run_cli("run", str(TINY / "fedit.toml"), *args)
     assert code == 2 and "--nproc 3, but the launcher started WORLD_SIZE=2" in output, output
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def test_watch_names_a_rank_that_exits_with_an_error_and_stops_the_others() -> None:
+    """The launcher's watch over real forked ranks: one exits with the CLI's code 2 while
+    another would run for a minute; the error names the failed rank and the other is stopped
+    within the grace period."""
+    context = multiprocessing.get_context("fork")
+    ranks = [
+        context.Process(target=time.sleep, args=(60,)),
+        context.Process(target=exit_with, args=(2,)),
+    ]
+    for rank in ranks:
+        rank.start()
+    began = time.monotonic()
+    with pytest.raises(LaunchError) as error:
+        watch(ranks, grace=5.0)
+    assert str(error.value).startswith(f"rank 1 (pid {ranks[1].pid}) exited with code 2.")
+    assert "--resume continues from the last completed round" in str(error.value)
+    assert not ranks[0].is_alive() and ranks[0].exitcode == -signal.SIGTERM
+    assert time.monotonic() - began < 30
+
+    finished = [context.Process(target=exit_with, args=(0,)) for _ in range(2)]
+    for rank in finished:
+        rank.start()
+    watch(finished)
+    assert [rank.exitcode for rank in finished] == [0, 0]
 
 
 FAULTS = [

@@ -3,7 +3,8 @@
 ``fedlora run CONFIG --engine distributed --nproc N`` starts N ranks of the same command on this
 machine (a small torchrun: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each one's
 environment) and watches them; under an external ``torchrun`` each process finds those variables
-already set and joins directly. Every rank builds the experiment, so each process holds one
+already set and joins directly. The launcher forks its ranks after importing the stack, so they
+start without importing it again. Every rank builds the experiment, so each process holds one
 frozen base model and hosts its share of the clients' stores and optimizer states.
 
 Server methods (``engine = "simulation"``): rank 0 is the server and the clients are dealt
@@ -43,16 +44,16 @@ exits with an error, naming it.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from datetime import timedelta
 from functools import partial
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import ClassVar
 
@@ -625,16 +626,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def describe(rank: int, process: subprocess.Popen, code: int) -> str:
+def describe(rank: int, process: BaseProcess, code: int) -> str:
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     return f"rank {rank} (pid {process.pid}) {how}"
 
 
-def watch(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
+def watch(processes: list[BaseProcess], grace: float = 10.0) -> None:
     """Wait for all ranks; as soon as one fails, stop the others and raise naming it."""
     try:
         while True:
-            codes = [p.poll() for p in processes]
+            codes = [p.exitcode for p in processes]
             failed = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
             if failed:
                 failed.sort(key=lambda entry: (entry[1] >= 0, entry[0]))  # signals first
@@ -646,16 +647,25 @@ def watch(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
                 return
             time.sleep(0.2)
     finally:
-        running = [p for p in processes if p.poll() is None]
+        running = [p for p in processes if p.is_alive()]
         for process in running:
             process.terminate()
         deadline = time.monotonic() + grace
         for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
                 process.kill()
-                process.wait()
+                process.join()
+
+
+def run_forked_rank(arguments: list[str], environment: dict[str, str]) -> None:
+    """A rank the launcher forked: the launcher's imports are already here, so the rank starts
+    at once; with its rank's variables in the environment it runs the same ``fedlora`` command
+    (``launched()`` then joins the group). Its exit code is the command's."""
+    os.environ.update(environment)
+    from fedlora.cli import app
+
+    app(arguments, prog_name="fedlora")
 
 
 def launch(
@@ -692,20 +702,26 @@ def launch(
     rundir.prepare(out, config, resume)  # its errors now, not from rank 0 after the others start
     if resume:
         check_resume(out, config, nproc, observer)
-    command = [sys.executable, "-m", "fedlora", "run", str(config_file), "--out", str(out)]
-    command += [arg for override in overrides for arg in ("--set", override)]
-    command += ["--engine", "distributed", "--timeout", str(timeout)]
-    command += ["--resume"] if resume else []
-    command += ["--observer"] if observer else []
-    command += [] if show_progress else ["--quiet"]
+    arguments = ["run", str(config_file), "--out", str(out)]
+    arguments += [arg for override in overrides for arg in ("--set", override)]
+    arguments += ["--engine", "distributed", "--timeout", str(timeout)]
+    arguments += ["--resume"] if resume else []
+    arguments += ["--observer"] if observer else []
+    arguments += [] if show_progress else ["--quiet"]
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     shared |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}
+    # Forked, not started afresh: the ranks inherit this process's imports (5-6 s of the stack
+    # each on a 2-core CPU, docs/benchmarks.md) and build their experiments themselves.
+    context = multiprocessing.get_context("fork")
     processes = [
-        subprocess.Popen(
-            command, env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        context.Process(
+            target=run_forked_rank,
+            args=(arguments, {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}),
         )
         for rank in range(nproc)
     ]
+    for process in processes:
+        process.start()
     console.print(
         "ranks: " + ", ".join(f"{rank} pid {p.pid}" for rank, p in enumerate(processes)),
         highlight=False,
