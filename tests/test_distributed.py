@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.distributed import LaunchError, layout_notes, watch
+from fedlora.engines.distributed import LaunchError, layout_notes, run_forked_rank, watch
 from tests.conftest import TINY, run_cli, timeless_metrics, trained
 from tests.frames import received, tensor_keys
 from tests.test_privacy_dp import BUDGET_STOP
@@ -242,6 +242,29 @@ def test_watch_names_a_rank_that_exits_with_an_error_and_stops_the_others() -> N
         rank.start()
     watch(finished)
     assert [rank.exitcode for rank in finished] == [0, 0]
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["in the fork", "a fresh interpreter"])
+def test_a_forked_rank_runs_the_cli_with_its_environment_and_exits_with_its_code(
+    tmp_path: Path, fresh: bool
+) -> None:
+    """Both ways a rank runs (in the fork on the CPU, exec'd afresh on a GPU) run the ``fedlora``
+    command with the rank's variables and hand its exit code to the launcher's watch: a config
+    that is not there is the CLI's usage error (2), one that is runs (0)."""
+    context = multiprocessing.get_context("fork")
+    missing = tmp_path / "missing.toml"
+    environment = {"FEDLORA_TOKEN_CACHE": str(tmp_path / "cache")}
+    runs = {
+        2: ["run", str(missing), "--out", str(tmp_path / "a"), "--quiet"],
+        0: ["run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "b"), "--quiet"],
+    }
+    for code, arguments in runs.items():
+        rank = context.Process(target=run_forked_rank, args=(arguments, environment, fresh))
+        rank.start()
+        rank.join(LAUNCH_TIMEOUT)
+        assert rank.exitcode == code
+    assert (tmp_path / "b" / "metrics.jsonl").is_file()
+    assert any((tmp_path / "cache").rglob("*.safetensors")), "the rank's environment was not set"
 
 
 FAULTS = [

@@ -3,9 +3,10 @@
 ``fedlora run CONFIG --engine distributed --nproc N`` starts N ranks of the same command on this
 machine (a small torchrun: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each one's
 environment) and watches them; under an external ``torchrun`` each process finds those variables
-already set and joins directly. The launcher forks its ranks after importing the stack, so they
-start without importing it again. Every rank builds the experiment, so each process holds one
-frozen base model and hosts its share of the clients' stores and optimizer states.
+already set and joins directly. The launcher forks its ranks after importing the stack, so on
+the CPU they start without importing it again (on a GPU each forked rank execs a fresh
+interpreter: CUDA does not survive a fork). Every rank builds the experiment, so each process
+holds one frozen base model and hosts its share of the clients' stores and optimizer states.
 
 Server methods (``engine = "simulation"``): rank 0 is the server and the clients are dealt
 round-robin to ranks 1..N-1. Per round rank 0 sends each sampled client's message to the rank
@@ -49,6 +50,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -658,11 +660,15 @@ def watch(processes: list[BaseProcess], grace: float = 10.0) -> None:
                 process.join()
 
 
-def run_forked_rank(arguments: list[str], environment: dict[str, str]) -> None:
-    """A rank the launcher forked: the launcher's imports are already here, so the rank starts
-    at once; with its rank's variables in the environment it runs the same ``fedlora`` command
-    (``launched()`` then joins the group). Its exit code is the command's."""
+def run_forked_rank(arguments: list[str], environment: dict[str, str], fresh: bool) -> None:
+    """A rank the launcher forked: with its rank's variables in the environment it runs the same
+    ``fedlora`` command (``launched()`` then joins the group); its exit code is the command's.
+    On the CPU it runs in the forked process, whose imports are the launcher's, so it starts at
+    once. ``fresh`` (a GPU): it becomes a new interpreter instead, because the launcher's device
+    checks have initialised CUDA, which a forked child cannot use."""
     os.environ.update(environment)
+    if fresh:
+        os.execv(sys.executable, [sys.executable, "-m", "fedlora", *arguments])
     from fedlora.cli import app
 
     app(arguments, prog_name="fedlora")
@@ -694,7 +700,7 @@ def launch(
             "WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
         )
     config = load_config(config_file, overrides)
-    experiments.validate(config)
+    fresh = experiments.validate(config).device.type != "cpu"
     refuse(config, nproc)
     for note in layout_notes(config, nproc, observer):
         console.print(note, highlight=False)
@@ -710,13 +716,13 @@ def launch(
     arguments += [] if show_progress else ["--quiet"]
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     shared |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}
-    # Forked, not started afresh: the ranks inherit this process's imports (5-6 s of the stack
-    # each on a 2-core CPU, docs/benchmarks.md) and build their experiments themselves.
+    # Forked: on the CPU the ranks inherit this process's imports (5-6 s of the stack each on a
+    # 2-core CPU, docs/benchmarks.md) and build their experiments themselves.
     context = multiprocessing.get_context("fork")
     processes = [
         context.Process(
             target=run_forked_rank,
-            args=(arguments, {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}),
+            args=(arguments, {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}, fresh),
         )
         for rank in range(nproc)
     ]
