@@ -244,13 +244,13 @@ def test_watch_names_a_rank_that_exits_with_an_error_and_stops_the_others() -> N
     assert [rank.exitcode for rank in finished] == [0, 0]
 
 
-@pytest.mark.parametrize("fresh", [False, True], ids=["in the fork", "a fresh interpreter"])
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "exec"])
 def test_a_forked_rank_runs_the_cli_with_its_environment_and_exits_with_its_code(
     tmp_path: Path, fresh: bool
 ) -> None:
     """Both ways a rank runs (in the fork on the CPU, exec'd afresh on a GPU) run the ``fedlora``
-    command with the rank's variables and hand its exit code to the launcher's watch: a config
-    that is not there is the CLI's usage error (2), one that is runs (0)."""
+    command with the rank's variables and exit with its code, which the launcher's watch reads:
+    a config that is not there is the CLI's usage error (2), one that is runs (0)."""
     context = multiprocessing.get_context("fork")
     missing = tmp_path / "missing.toml"
     environment = {"FEDLORA_TOKEN_CACHE": str(tmp_path / "cache")}
