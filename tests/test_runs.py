@@ -60,6 +60,19 @@ def test_same_config_and_seed_give_the_same_numbers(fedit_run: Path, tmp_path: P
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_output_that_is_not_a_terminal_gets_one_line_a_round_and_no_progress_bars(
+    tmp_path: Path,
+) -> None:
+    """A log (a file, a pipe, CI) gets a plain line per round; the live bars, which a log would
+    only show as their last frame repeating those lines, are for terminals."""
+    code, output = run_cli("run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "log"), *ONE)
+    assert code == 0, output
+    lines = output.splitlines()
+    for round_index in (0, 1, 2):
+        assert sum(line.startswith(f"round {round_index}/2: ") for line in lines) == 1, output
+    assert "4/4" not in output, output  # a bar's clients-done column (4 clients a round)
+
+
 def test_a_different_seed_gives_different_numbers(fedit_run: Path, tmp_path: Path) -> None:
     code, _ = run_cli(
         "run",

@@ -238,7 +238,7 @@ class SimulationEngine:
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=self.console,
-            disable=not show_progress,
+            disable=not show_progress or not self.console.is_terminal,  # logs: _keep's lines
         ) as progress:
             for round_index in range(start_round, rounds):
                 if stopped := self.budget_stop(round_index):
