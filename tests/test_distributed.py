@@ -31,7 +31,13 @@ from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.distributed import LaunchError, layout_notes, run_forked_rank, watch
+from fedlora.engines.distributed import (
+    LaunchError,
+    free_port,
+    layout_notes,
+    run_forked_rank,
+    watch,
+)
 from tests.conftest import TINY, run_cli, timeless_metrics, trained
 from tests.frames import received, tensor_keys
 from tests.test_privacy_dp import BUDGET_STOP
@@ -212,6 +218,21 @@ def test_nproc_must_agree_with_an_external_launcher(
     args = ["--out", str(tmp_path / "x"), "--engine", "distributed", "--nproc", "3"]
     code, output = run_cli("run", str(TINY / "fedit.toml"), *args)
     assert code == 2 and "--nproc 3, but the launcher started WORLD_SIZE=2" in output, output
+
+
+def test_under_torchrun_the_ranks_join_from_the_environment_and_match_the_simulation(
+    tmp_path: Path,
+) -> None:
+    """torchrun, torch's own launcher (the one for several machines), starts three fresh ranks;
+    each finds RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set and joins the group, and the
+    run equals the in-process one."""
+    out = tmp_path / "torchrun"
+    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "3"]
+    command += ["--master-port", str(free_port()), "-m", "fedlora", "run", str(TINY / "fedit.toml")]
+    command += ["--out", str(out), "--quiet", "--engine", "distributed"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_run(out, reference("fedit.toml", tmp_path / "reference"))
 
 
 def exit_with(code: int) -> None:
