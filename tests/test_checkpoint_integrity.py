@@ -127,7 +127,8 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
 
 def kill_while_writing(out: Path) -> bool:
     """Start a run and SIGKILL it the moment a checkpoint save is under way (its partial file
-    exists); False if the run run_copy before one was caught."""
+    exists); False if the run ended before one was caught, or if the caught save finished
+    (renamed its partial file) between the check and the kill."""
     run = start(out)
     partial = out / PARTIAL
     deadline = time.monotonic() + 120
@@ -136,7 +137,7 @@ def kill_while_writing(out: Path) -> bool:
             if (out / FILE).exists() and partial.exists():  # a second or later save
                 os.kill(run.pid, signal.SIGKILL)
                 run.wait()
-                return True
+                return partial.exists()
     finally:
         if run.poll() is None:
             run.kill()
