@@ -221,7 +221,7 @@ def test_nproc_must_agree_with_an_external_launcher(
 
 
 def test_under_torchrun_the_ranks_join_from_the_environment_and_match_the_simulation(
-    tmp_path: Path,
+    tmp_path: Path, fedit_run: Path
 ) -> None:
     """torchrun, torch's own launcher (the one for several machines), starts three fresh ranks;
     each finds RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set and joins the group, and the
@@ -232,7 +232,7 @@ def test_under_torchrun_the_ranks_join_from_the_environment_and_match_the_simula
     command += ["--out", str(out), "--quiet", "--engine", "distributed"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert_same_run(out, reference("fedit.toml", tmp_path / "reference"))
+    assert_same_run(out, fedit_run)  # the in-process run at one thread, as the ranks run
 
 
 def exit_with(code: int) -> None:
