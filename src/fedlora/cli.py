@@ -1,7 +1,8 @@
-"""The ``fedlora`` command: run, flower-app, flower-run, report, methods."""
+"""The ``fedlora`` command: run, flower-app, flower-run, report, evaluate, methods."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -189,6 +190,48 @@ def report(
         fail(str(error))
     console.print(table, highlight=False)
     console.print(f"written: {out}/comparison.md and figures")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run's directory")],
+    tasks: Annotated[
+        str, typer.Option(help="lm-eval task, group or tag names (or task YAMLs), comma-separated")
+    ],
+    limit: Annotated[int | None, typer.Option(help="items per task (default: all)")] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="global, client_K or all (default: the model(s) the run evaluated: each "
+            "client's own for per-client methods, else the global one)"
+        ),
+    ] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="a directory of local lm-eval task YAMLs (works offline)")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="lm-eval batch size (default: the run's eval.batch_size)")
+    ] = None,
+) -> None:
+    """Score a run's adapter with lm-evaluation-harness on its base model; the results go into
+    RUN_DIR/lm_eval/<adapter>.json and summary.md."""
+    for name, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            fail(f"{name} must be at least 1, not {value}")
+    from fedlora.harness import Tasks, evaluate_run
+    from fedlora.report import lm_eval_rows
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    try:
+        written = evaluate_run(run_dir, Tasks(names, limit, include_path), adapter, batch_size)
+    except ConfigError as error:
+        fail(str(error))
+    table = Table("adapter", "task", "metric", "value", "stderr", "items", title="lm-eval")
+    for path in written:
+        for row in lm_eval_rows(json.loads(path.read_text())):
+            table.add_row(*row)
+    console.print(table)
+    console.print(f"written: {', '.join(map(str, written))} and {run_dir / 'summary.md'}")
 
 
 @app.command()

@@ -198,6 +198,13 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     max_generate: int = Field(16, ge=0, description="causal LM: answers generated for ROUGE-L")
     max_new_tokens: int = Field(32, ge=1)
+    lm_eval_tasks: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], description="lm-evaluation-harness tasks run on the final adapter after the last round"
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="lm-eval: items per task; None: all")
+    lm_eval_include_path: str | None = Field(
+        None, description="lm-eval: a directory of local task YAMLs (works offline)"
+    )
 
 
 RANDOM_GRAPHS = ("erdos_renyi", "matching")

@@ -23,8 +23,8 @@ def preflight(config: Config) -> Compute:
 
 
 def check_config(config: Config) -> None:
-    """Method and options, ranks, 4-bit compatibility, robust aggregation, attackers and
-    secure aggregation."""
+    """Method and options, ranks, 4-bit compatibility, robust aggregation, attackers, secure
+    aggregation, and lm-eval tasks (which alone load transformers and lm-eval's task index)."""
     method_options(config.method)
     cls = method_class(config.method.name)
     if config.ranks.profile != "homo" and not cls.heterogeneous_ranks:
@@ -41,6 +41,10 @@ def check_config(config: Config) -> None:
     check_reliability(config)
     check_secure_aggregation(config)
     check_privacy(config)
+    if config.eval.lm_eval_tasks:  # the model's task and lm-eval's index: transformers, lm-eval
+        from fedlora.harness import check_run_tasks
+
+        check_run_tasks(config)
 
 
 def check_workers(config: Config, device: str) -> None:

@@ -180,6 +180,51 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+# -- lm-evaluation-harness results (``fedlora.harness``) --------------------------------------
+LM_EVAL = "lm_eval"  # the run directory's folder of ``<adapter>.json`` files
+LM_EVAL_SECTION = "## lm-evaluation-harness"
+
+
+def lm_eval_records(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / LM_EVAL).glob("*.json"))]
+
+
+def lm_eval_rows(entry: dict) -> list[list[str]]:
+    """One row per task (or group) and metric of one ``lm_eval/<adapter>.json``: adapter,
+    task, metric (with its filter when not lm-eval's ``none``), value, stderr, items."""
+    rows = []
+    for task, metrics in entry["results"].items():
+        items = entry["n-samples"].get(task, {}).get("effective")
+        for key, value in metrics.items():
+            metric, _, kind = key.partition(",")
+            if not kind or metric.endswith("_stderr") or not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{kind}")
+            name = metric if kind == "none" else f"{metric} ({kind})"
+            spread = _fmt(stderr) if isinstance(stderr, int | float) else "-"
+            count = "-" if items is None else str(items)
+            rows.append([entry["adapter"], task, name, _fmt(value), spread, count])
+    return rows
+
+
+def lm_eval_table(runs: list[tuple[str, Path]]) -> str | None:
+    """The lm-eval results of runs (label, run directory) as a Markdown table, with a run
+    column when there are several; None when none has any."""
+    rows = [
+        [label, *row]
+        for label, path in runs
+        for entry in lm_eval_records(path)
+        for row in lm_eval_rows(entry)
+    ]
+    if not rows:
+        return None
+    header = ["run", "adapter", "task", "metric", "value", "stderr", "items"]
+    if len(runs) == 1:
+        header, rows = header[1:], [row[1:] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 # -- arms: one curve each ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ArmView:
@@ -535,6 +580,9 @@ def compare(paths: list[Path], out: Path) -> str:
         labels = [arm.label for arm in arms]
         title = f"{key}: " + (" vs ".join(labels) if len(labels) <= 4 else f"{len(labels)} arms")
         images += write_figures(arms, key, out / key, title)
+    lm_eval = lm_eval_table([(run.label, run.path) for run in runs])
+    if lm_eval:
+        table += f"\n\n{LM_EVAL_SECTION}\n\n{lm_eval}"
     body = ["# Comparison", "", table, ""] + [f"![{p.stem}]({p.name})" for p in images]
     (out / "comparison.md").write_text("\n".join(body) + "\n")
     return table

@@ -9,7 +9,8 @@ adapters/client_<i>/   per-client adapters (methods whose clients keep their own
 rank<k>/               a distributed deployment's rank k: its own checkpoint (and DLoRA's
                        per-step files of its users); rank 0's is checkpoint.safetensors above
 flower-status.json     a Flower deployment's end (written by fedlora.flower.server_app)
-summary.md             tables: final metrics, bytes, client label histograms
+summary.md             tables: final metrics, bytes, client label histograms (and lm-eval's)
+lm_eval/<adapter>.json lm-evaluation-harness results (``eval.lm_eval_tasks``, ``fedlora evaluate``)
 <metric>.png           the metric over training from round 0, by round (or examples seen)
                        and by bytes on the wire (``fedlora.report``)
 """
@@ -26,6 +27,7 @@ from fedlora.checkpoint import remove_partial
 from fedlora.config import Config, ConfigError
 from fedlora.engines.simulation import RunResult
 from fedlora.experiment import Experiment
+from fedlora.harness import after_run
 from fedlora.report import RunView, markdown_table, plot_run
 from fedlora.tensors import TensorDict
 
@@ -161,9 +163,11 @@ def reliability_lines(result: RunResult) -> list[str]:
 
 
 def finish(experiment: Experiment, result: RunResult, out: Path) -> None:
-    export_adapters(experiment, result, out)
+    """The run's files, then ``eval.lm_eval_tasks`` on the adapters just exported."""
+    exported = export_adapters(experiment, result, out)
     config = experiment.config
     label = f"{config.experiment.name} ({config.method.name})"
     dump, tested = config.model_dump(exclude_none=True), len(experiment.split.test)
     plot_run(RunView(out, label, result.metrics, dump, tested), out)
     (out / "summary.md").write_text(summary_markdown(experiment, result, out))
+    after_run(config, out, exported)
