@@ -66,7 +66,10 @@ def test_local_file_errors_name_the_problem(tmp_path: Path) -> None:
     path.write_text(json.dumps({"body": "a", "label": "b"}) + "\n")
     with pytest.raises(ConfigError, match=r"data\.text_column 'text' is not a column.*body"):
         load_split(DataConfig(dataset=str(path)), False)
-    with pytest.raises(ConfigError, match=r"data\.answer_column 'answer' is not a column"):
+    with pytest.raises(
+        ConfigError,
+        match=r"format 'text' reads data\.answer_column 'answer', which is not a column",
+    ):
         load_split(DataConfig(dataset=str(path), text_column="body"), True)
     with pytest.raises(ConfigError, match="has no answers"):
         load_split(DataConfig(dataset="bbc-news"), True)  # a causal LM needs prompt/answer pairs

@@ -9,7 +9,9 @@ import pytest
 from datasets import Dataset
 from safetensors.torch import save_file
 
+from fedlora.config import DataConfig
 from fedlora.data import token_cache
+from fedlora.data.records import conversations
 from fedlora.data.token_cache import FORMAT, cache_key, encode, tokenize_cached
 from fedlora.data.tokenized import IGNORE, TokenizedSet
 from fedlora.models import load_tokenizer
@@ -107,15 +109,18 @@ def test_the_key_changes_with_everything_that_decides_the_tokens() -> None:
 
 def test_instruction_data_round_trips(cache: Path) -> None:
     tokenizer = load_tokenizer("tiny-llama")
-    data = Dataset.from_dict(
-        {
-            "text": ["What is the capital of France?", "Name a colour."],
-            "answer": ["Paris is the capital.", "Blue."],
-            "label": [0, 0],
-        }
+    data, _ = conversations(
+        Dataset.from_dict(
+            {
+                "text": ["What is the capital of France?", "Name a colour."],
+                "answer": ["Paris is the capital.", "Blue."],
+            }
+        ),
+        DataConfig(),
+        "rows",
     )
-    first = tokenize_cached(data, tokenizer, 24, causal=True)
-    hit = tokenize_cached(data, tokenizer, 24, causal=True)
+    first = tokenize_cached(data, tokenizer, 64, causal=True)
+    hit = tokenize_cached(data, tokenizer, 64, causal=True)
     assert len(files(cache)) == 1
     assert hit.input_ids == first.input_ids
     assert hit.labels == first.labels

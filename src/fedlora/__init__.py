@@ -1,7 +1,9 @@
 """fedlora: collaborative parameter-efficient fine-tuning of language models.
 
-Importing the package sets the offline defaults (models and data come from installed packages,
-never a hub) and quiets library start-up chatter, before torch, transformers or peft load.
+Importing the package turns tokenizers' thread pool off (forked workers must not inherit it)
+and quiets library start-up chatter, before torch, transformers or peft load. It leaves the
+hub alone: built-in models and data never reach it, and a hub id is fetched unless the user
+set offline mode (``fedlora.hub``).
 """
 
 import logging
@@ -10,13 +12,10 @@ import warnings
 
 __version__ = "0.1.0"
 
-for _name, _value in {
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_name, _value)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets pings a download counter for its packaged json/csv/parquet readers, even for a local
+# file: reading one's own file should not touch the network.
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "false")
 
 # bitsandbytes warns at import that an optional GPU-kernel package is absent; irrelevant here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ method never touches this file.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -57,11 +58,45 @@ PartitionKind = Literal[
 ]
 
 
+DataFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion", "multiple_choice"]
+
+
 class DataConfig(Section):
-    dataset: str = Field("bbc-news", description="bbc-news, chatterbot, or a .jsonl/.csv path")
+    dataset: str = Field(
+        "bbc-news",
+        description="bbc-news, bbc-news-mc, chatterbot, a .jsonl/.json/.csv/.parquet path, or a "
+        "hub dataset id",
+    )
+    format: DataFormat = Field(
+        "auto",
+        description="record format (causal LMs): auto (the built-in's own; a file's from its "
+        "columns), text, alpaca, messages, prompt_completion, multiple_choice",
+    )
     text_column: str = "text"
     label_column: str = "label"
-    answer_column: str = "answer"
+    answer_column: str = Field("answer", description="text: the answer; multiple_choice: the key")
+    instruction_column: str = "instruction"
+    input_column: str = Field("input", description="alpaca: optional context of the instruction")
+    output_column: str = "output"
+    messages_column: str = Field("messages", description="messages: the list of turns")
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    question_column: str = "question"
+    choices_column: str = "choices"
+    list_choices: bool = Field(
+        True, description="multiple_choice: the prompt lists the choices under the question"
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto: the tokenizer's chat template if it has one; none: the plain one"
+    )
+    truncation: Literal["left", "drop"] = Field(
+        "left",
+        description="a record longer than model.max_length: left (cut its oldest tokens; dropped "
+        "if its last answer does not fit whole) or drop",
+    )
+    subset: str | None = Field(None, description="hub dataset: its configuration (subset) name")
+    split: str = Field("train", description="hub dataset: the split to read")
+    revision: str | None = Field(None, description="hub dataset: a branch, tag or commit")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     validation_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of the training data held out for validation; 0: none"
@@ -196,7 +231,9 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
     batch_size: int = Field(64, ge=1)
-    max_generate: int = Field(16, ge=0, description="causal LM: answers generated for ROUGE-L")
+    max_generate: int = Field(
+        16, ge=0, description="instruction data: answers generated for exact match, F1, ROUGE-L"
+    )
     max_new_tokens: int = Field(32, ge=1)
     lm_eval_tasks: list[Annotated[str, Field(min_length=1)]] = Field(
         [], description="lm-evaluation-harness tasks run on the final adapter after the last round"
@@ -205,6 +242,20 @@ class EvalConfig(Section):
     lm_eval_include_path: str | None = Field(
         None, description="lm-eval: a directory of local task YAMLs (works offline)"
     )
+    answer_pattern: str | None = Field(
+        None,
+        description="a regex whose last match (its first group, if any) is the answer, in the "
+        "generation and the reference, before exact match and F1 (e.g. the last number)",
+    )
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> EvalConfig:
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as error:
+                raise ValueError(f"answer_pattern is not a regular expression: {error}") from None
+        return self
 
 
 RANDOM_GRAPHS = ("erdos_renyi", "matching")

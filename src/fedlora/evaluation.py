@@ -1,11 +1,14 @@
-"""Test-set metrics of an adapter state: accuracy and macro-F1 for classification; loss,
-perplexity and ROUGE-L of generated answers for causal language models. With a validation split
+"""Test-set metrics of an adapter state: accuracy and macro-F1 for classification. For causal
+language models: loss and perplexity on the answers, then multiple-choice accuracy (plain and
+length-normalised) on multiple-choice data, or exact match, token F1 and ROUGE-L of generated
+answers on instruction data (``fedlora.scoring``). With a validation split
 the same metrics of it come alongside as ``val_*``: every engine evaluates through here, so every
 engine reports them, and a study can choose by validation without ever looking at test."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -17,6 +20,13 @@ from fedlora.adapters import AdapterSlots
 from fedlora.compute import Compute, on_cpu
 from fedlora.config import EvalConfig
 from fedlora.data.tokenized import IGNORE, TokenizedSet
+from fedlora.scoring import (
+    choice_loglikelihoods,
+    choice_metrics,
+    exact_match,
+    extract_answer,
+    token_f1,
+)
 from fedlora.tensors import TensorDict
 from fedlora.training import to_device
 
@@ -39,6 +49,7 @@ class Evaluator:
         self.batch_size = config.batch_size
         self.max_generate = config.max_generate
         self.max_new_tokens = config.max_new_tokens
+        self.pattern = re.compile(config.answer_pattern) if config.answer_pattern else None
         self._rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
     def _chunks(self, count: int) -> list[list[int]]:
@@ -95,16 +106,32 @@ class Evaluator:
             total_tokens += int((targets != IGNORE).sum())
         mean_loss = total_loss / max(1, total_tokens)
         metrics = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
-        if self.max_generate > 0:
-            metrics["rouge_l"] = self._rouge_l(model, data)
+        if data.multiple_choice:
+            metrics |= self._multiple_choice(model, data)
+        elif self.max_generate > 0:
+            metrics |= self._generation(model, data)
         return metrics
 
-    def _rouge_l(self, model: torch.nn.Module, data: TokenizedSet) -> float:
-        """ROUGE-L F1 of greedy generations against the reference answers (true generation,
-        not teacher-forced argmax)."""
+    def _multiple_choice(self, model: torch.nn.Module, data: TokenizedSet) -> dict[str, float]:
+        """Accuracy over every item; items are batched by context length (less padding)."""
+        assert data.contexts is not None and data.gold is not None and data.choice_chars
+        order = sorted(range(len(data)), key=lambda r: len(data.contexts[r]))  # type: ignore[index]
+        scores: list[list[float]] = [[] for _ in order]
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            for row, values in zip(
+                rows, choice_loglikelihoods(model, data, rows, self.compute.device), strict=True
+            ):
+                scores[row] = values
+        return choice_metrics(scores, data.gold, data.choice_chars)
+
+    def _generation(self, model: torch.nn.Module, data: TokenizedSet) -> dict[str, float]:
+        """Exact match, token F1 and ROUGE-L F1 of greedy generations against the reference
+        answers (true generation, not teacher-forced argmax), on the first
+        ``eval.max_generate`` examples."""
         assert data.answers is not None
         count = min(self.max_generate, len(data))
-        scores = []
+        matches, f1s, rouges = [], [], []
         for rows in self._chunks(count):
             batch = self._batch(data, rows, prompts=True)
             generated = model.generate(
@@ -117,5 +144,14 @@ class Evaluator:
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for row, text in zip(rows, texts, strict=True):
-                scores.append(self._rouge.score(data.answers[row], text)["rougeL"].fmeasure)
-        return float(np.mean(scores))
+                reference = data.answers[row]
+                rouges.append(self._rouge.score(reference, text)["rougeL"].fmeasure)
+                predicted = extract_answer(text, self.pattern, fallback=False)
+                wanted = extract_answer(reference, self.pattern, fallback=True)
+                matches.append(exact_match(predicted, wanted))
+                f1s.append(token_f1(predicted, wanted))
+        return {
+            "exact_match": float(np.mean(matches)),
+            "f1": float(np.mean(f1s)),
+            "rouge_l": float(np.mean(rouges)),
+        }

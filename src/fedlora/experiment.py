@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import AdapterSlots
 from fedlora.compute import Compute
-from fedlora.config import Config
+from fedlora.config import Config, ConfigError
+from fedlora.data.chat import Rendering
 from fedlora.data.partition import label_histograms, partition
 from fedlora.data.sources import SplitData, load_split
 from fedlora.data.token_cache import tokenize_cached
@@ -71,27 +73,51 @@ def validate(config: Config) -> Compute:
     return compute
 
 
+def tokenize_splits(
+    split: SplitData,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    causal: bool,
+    rendering: Rendering,
+) -> tuple[SplitData, dict[str, TokenizedSet]]:
+    """Each split's tokens; records too long for ``max_length`` under the truncation rule are
+    dropped from the data and its tokens alike (and counted in ``SplitData.dropped``), before
+    any partitioning, so that client row indices point at kept records."""
+    sets: dict[str, TokenizedSet] = {}
+    for name in ("train", "test", "validation"):
+        table = getattr(split, name)
+        if table is None:
+            continue
+        tokens = tokenize_cached(table, tokenizer, max_length, causal, rendering)
+        unfit = tokens.unfit_rows()
+        if len(unfit) == len(table):
+            raise ConfigError(
+                f"model.max_length {max_length}: no {name} record fits (data.truncation = "
+                f"{rendering.truncation!r}); raise model.max_length"
+            )
+        if unfit:
+            split, gone = split.without(name, unfit), set(unfit)
+            tokens = tokens.select([r for r in range(len(tokens)) if r not in gone])
+        sets[name] = tokens
+    return split, sets
+
+
 def build(config: Config) -> Experiment:
     compute = validate(config)
     cls = method_class(config.method.name)
     spec = model_spec(config.model.name)
-    split = load_split(config.data, needs_answers=spec.task == "causal")
+    causal = spec.task == "causal"
+    split = load_split(config.data, needs_answers=causal)
+    tokenizer = load_tokenizer(config.model.name)
+    rendering = Rendering(config.data.chat_template, config.data.truncation)
+    split, sets = tokenize_splits(split, tokenizer, config.model.max_length, causal, rendering)
     num_classes = len(split.label_names)
     if cls.pooled_data:
         clients = [list(range(len(split.train)))]
     else:
         clients = partition(split.train, config.partition, num_classes, config.experiment.seed)
     histograms = label_histograms(list(split.train["label"]), clients, num_classes)
-
-    tokenizer = load_tokenizer(config.model.name)
-    causal = spec.task == "causal"
-    train_set = tokenize_cached(split.train, tokenizer, config.model.max_length, causal)
-    test_set = tokenize_cached(split.test, tokenizer, config.model.max_length, causal)
-    validation_set = (
-        tokenize_cached(split.validation, tokenizer, config.model.max_length, causal)
-        if split.validation is not None
-        else None
-    )
+    train_set, test_set, validation_set = sets["train"], sets["test"], sets.get("validation")
     quantized = config.model.quantize_4bit
     storage = compute.dtype if compute.stores_base_in_dtype and not quantized else None
     base = load_base_model(

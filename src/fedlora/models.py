@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedlora import hub
 from fedlora.compute import Compute
 from fedlora.config import ConfigError
 from fedlora.packages import package_dir
@@ -129,25 +130,28 @@ def smollm_tokenizer_dir() -> Path:
     return publish_once(target, tokenizer.save_pretrained)
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+def hub_options(name: str) -> dict[str, bool]:
+    """``from_pretrained``'s options for ``name``: a hub id is read from the local cache only
+    when offline mode is on or the hub cannot be reached (``fedlora.hub``)."""
+    return {} if Path(name).is_dir() else {"local_files_only": hub.local_only()}
 
 
 def hub_config(name: str) -> PretrainedConfig:
     """A local directory's config, or a hub id's (downloaded when online, else from the local
     Hugging Face cache); anything else is a ``ConfigError`` saying where it looked."""
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **hub_options(name))
     except (OSError, ValueError) as error:
         if Path(name).is_dir():
             raise ConfigError(
                 f"model.name {name!r}: not a Hugging Face model directory ({error})"
             ) from None
-        where = (
-            "not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE=1)"
-            if offline()
-            else "not found on the Hugging Face hub"
-        )
+        if hub.offline_mode():
+            where = "not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE=1)"
+        elif hub.local_only():
+            where = f"not in the local Hugging Face cache, and {hub.why_unavailable()}"
+        else:
+            where = "not found on the Hugging Face hub"
         raise ConfigError(
             f"model.name {name!r} is not a known model ({', '.join(KNOWN_MODELS)}), not a local "
             f"Hugging Face directory, and {where}"
@@ -199,7 +203,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     elif name == "smollm2-135m":
         tokenizer = AutoTokenizer.from_pretrained(smollm_dir())
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_options(name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -247,10 +251,10 @@ def load_base_model(
     elif name == "smollm2-135m":
         model = AutoModelForCausalLM.from_pretrained(smollm_dir(), dtype=dtype)
     elif model_spec(name).task == "causal":
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hub_options(name))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=num_labels, dtype=dtype
+            name, num_labels=num_labels, dtype=dtype, **hub_options(name)
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -36,9 +36,19 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from fedlora.channel import human_bytes
 
-TEST_KEYS = ("accuracy", "macro_f1", "rouge_l", "perplexity", "test_loss")
+TEST_KEYS = (
+    "accuracy",
+    "macro_f1",
+    "mc_accuracy",
+    "mc_accuracy_norm",
+    "exact_match",
+    "f1",
+    "rouge_l",
+    "perplexity",
+    "test_loss",
+)
 # The validation split's metrics (data.validation_fraction / validation_file), next to test's.
-VALIDATION_KEYS = ("val_accuracy", "val_macro_f1", "val_rouge_l", "val_perplexity", "val_loss")
+VALIDATION_KEYS = tuple(f"val_{key.removeprefix('test_')}" for key in TEST_KEYS)
 QUALITY_KEYS = TEST_KEYS + VALIDATION_KEYS
 
 MAX_CURVES = 8  # per panel: more arms become small multiples

@@ -136,6 +136,14 @@ def split_line(experiment: Experiment) -> str:
         given = data.validation_file
         source = f"`{given}`" if given else f"{data.validation_fraction:g} of the training data"
         parts.append(f"{len(split.validation)} validation ({source}, no client trains on it)")
+    if split.has_answers:
+        parts.append(f"format `{split.format}`")
+    dropped = [f"{n} {name}" for name, n in split.dropped.items()]
+    if dropped:
+        parts.append(
+            f"records dropped as too long for model.max_length {experiment.config.model.max_length}"
+            f" (data.truncation `{data.truncation}`): {', '.join(dropped)}"
+        )
     return "Data: " + ", ".join(parts) + "."
 
 

@@ -30,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from fedlora import models
-from fedlora.data import tokenized
-from fedlora.data.tokenized import TokenizedSet, tokenize
+from fedlora.data import chat, records, tokenized
+from fedlora.data.chat import Rendering
+from fedlora.data.tokenized import TokenizedSet, add_choices, tokenize
 
 CACHE_ENV = "FEDLORA_TOKEN_CACHE"
-FORMAT = "fedlora-tokenized-v1"
+FORMAT = "fedlora-tokenized-v2"
 
 
 def cache_dir() -> Path | None:
@@ -46,7 +47,11 @@ def cache_dir() -> Path | None:
 
 
 def cache_key(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, causal: bool
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    causal: bool,
+    rendering: Rendering | None = None,
 ) -> str | None:
     """A digest of everything the tokens depend on; None for a tokenizer that cannot be
     fingerprinted (a slow, pure-Python one), which is then never cached."""
@@ -55,19 +60,21 @@ def cache_key(
     digest = hashlib.sha256()
     head = (
         f"{FORMAT}|{max_length}|{causal}|{tokenizer.pad_token_id}|{tokenizer.eos_token_id}|"
-        f"{tokenizers.__version__}|{transformers.__version__}|{type(tokenizer).__name__}\0"
+        f"{tokenizers.__version__}|{transformers.__version__}|{type(tokenizer).__name__}|"
+        f"{rendering or Rendering()}\0"
     )
     digest.update(head.encode())
     # The code that makes the tokens (prompt format, truncation): a change to it is a new key.
-    digest.update(Path(tokenized.__file__).read_bytes())
+    for module in (tokenized, chat, records):
+        digest.update(Path(module.__file__).read_bytes())
     # The definition without the truncation/padding state, which calling the tokenizer sets.
     definition = json.loads(tokenizer.backend_tokenizer.to_str())
     definition.pop("truncation", None)
     definition.pop("padding", None)
     digest.update(json.dumps(definition, sort_keys=True).encode())
     digest.update(b"\0" + (tokenizer.chat_template or "").encode() + b"\0")
-    columns = ("text", "answer") if causal else ("text", "label")
-    for column in columns:
+    columns = ("messages", "choices") if causal else ("text", "label")
+    for column in (c for c in columns if c in dataset.column_names):
         for value in dataset[column]:
             digest.update(str(value).encode())
             digest.update(b"\0")
@@ -97,6 +104,12 @@ def encode(tokens: TokenizedSet) -> dict[str, torch.Tensor]:
         tensors |= _flatten(tokens.prompts, "prompts")
     else:
         tensors["labels"] = torch.tensor(tokens.labels, dtype=torch.int64)
+    if tokens.continuations is not None:
+        assert tokens.contexts is not None
+        tensors |= _flatten(tokens.contexts, "contexts")
+        tensors |= _flatten([tail for row in tokens.continuations for tail in row], "choices")
+        counts = [len(row) for row in tokens.continuations]
+        tensors["choices.counts"] = torch.tensor(counts, dtype=torch.int64)
     return tensors
 
 
@@ -106,9 +119,14 @@ def decode(
     """The set back from its tensors; ValueError/KeyError when they do not fit ``dataset``
     or hold a token id outside the vocabulary."""
     rows = len(dataset)
-    values = tensors["input_ids.values"]
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= vocab):
-        raise ValueError("input_ids: a token id outside the vocabulary")
+    for name in ("input_ids", "prompts", "contexts", "choices"):
+        values = tensors.get(f"{name}.values")
+        if (
+            values is not None
+            and values.numel()
+            and not 0 <= int(values.min()) <= int(values.max()) < vocab
+        ):
+            raise ValueError(f"{name}: a token id outside the vocabulary")
     input_ids = _unflatten(tensors, "input_ids", rows)
     if not causal:
         labels = tensors["labels"]
@@ -119,9 +137,22 @@ def decode(
     prompts = _unflatten(tensors, "prompts", rows)
     if any(len(t) != len(i) for t, i in zip(targets, input_ids, strict=True)):
         raise ValueError("labels: a row's length differs from its input")
-    return TokenizedSet(
+    tokens = TokenizedSet(
         input_ids, targets, pad_id, causal=True, prompts=prompts, answers=list(dataset["answer"])
     )
+    if "choices" in dataset.column_names:
+        counts = tensors["choices.counts"]
+        if counts.shape != (rows,) or bool((counts < 1).any()):
+            raise ValueError("choices.counts: wrong shape or value")
+        tails = _unflatten(tensors, "choices", int(counts.sum()))
+        nested = [
+            tails[end - n : end]
+            for n, end in zip(counts.tolist(), counts.cumsum(0).tolist(), strict=True)
+        ]
+        if [len(row) for row in nested] != [len(row) for row in dataset["choices"]]:
+            raise ValueError("choices: counts do not match the dataset")
+        add_choices(tokens, dataset, _unflatten(tensors, "contexts", rows), nested)
+    return tokens
 
 
 def _read(
@@ -156,18 +187,26 @@ def _write(path: Path, key: str, tokens: TokenizedSet) -> None:
 
 
 def tokenize_cached(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, causal: bool
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    causal: bool,
+    rendering: Rendering | None = None,
 ) -> TokenizedSet:
     """``tokenize``, read from the cache when this exact split was tokenized before."""
     directory = cache_dir()
-    key = cache_key(dataset, tokenizer, max_length, causal) if directory is not None else None
+    key = (
+        cache_key(dataset, tokenizer, max_length, causal, rendering)
+        if directory is not None
+        else None
+    )
     if directory is None or key is None:
-        return tokenize(dataset, tokenizer, max_length, causal)
+        return tokenize(dataset, tokenizer, max_length, causal, rendering)
     path = directory / f"{key}.safetensors"
     pad_id = int(tokenizer.pad_token_id)
     cached = _read(path, key, dataset, pad_id, causal, len(tokenizer))
     if cached is not None:
         return cached
-    tokens = tokenize(dataset, tokenizer, max_length, causal)
+    tokens = tokenize(dataset, tokenizer, max_length, causal, rendering)
     _write(path, key, tokens)
     return tokens

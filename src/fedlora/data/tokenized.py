@@ -12,18 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-IGNORE = -100
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
-    """The instruction prompt: the tokenizer's chat template where it has one."""
-    if tokenizer.chat_template:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-        )
-        ids = encoded["input_ids"] if not isinstance(encoded, list) else encoded
-        return list(ids)
-    return tokenizer(f"Question: {question}\nAnswer: ", add_special_tokens=True)["input_ids"]
+from fedlora.data.chat import IGNORE, Rendering, encode_choices, encode_conversation, messages_of
 
 
 @dataclass
@@ -36,6 +25,39 @@ class TokenizedSet:
     causal: bool
     prompts: list[list[int]] | None = None  # causal only: prompt ids, for generation
     answers: list[str] | None = None  # causal only: reference answers
+    # Multiple choice only: per item, each choice's tokens after its context (the context is
+    # ``contexts``), the correct choice's index and each choice's length in characters.
+    contexts: list[list[int]] | None = None
+    continuations: list[list[list[int]]] | None = None
+    gold: list[int] | None = None
+    choice_chars: list[list[int]] | None = None
+
+    @property
+    def multiple_choice(self) -> bool:
+        return self.continuations is not None
+
+    def unfit_rows(self) -> list[int]:
+        """Rows that did not fit ``model.max_length`` (empty: dropped by the truncation rule)."""
+        return [row for row, ids in enumerate(self.input_ids) if not ids]
+
+    def select(self, rows: list[int]) -> TokenizedSet:
+        """The set restricted to ``rows``, in that order."""
+
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[r] for r in rows]
+
+        return TokenizedSet(
+            [self.input_ids[r] for r in rows],
+            [self.labels[r] for r in rows],  # type: ignore[misc]
+            self.pad_id,
+            self.causal,
+            pick(self.prompts),
+            pick(self.answers),
+            pick(self.contexts),
+            pick(self.continuations),
+            pick(self.gold),
+            pick(self.choice_chars),
+        )
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -72,25 +94,51 @@ class TokenizedSet:
 
 
 def tokenize(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, causal: bool
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    causal: bool,
+    rendering: Rendering | None = None,
 ) -> TokenizedSet:
+    """Classification: the text, truncated. Causal: each conversation through its chat
+    template with loss on the assistant turns (``fedlora.data.chat``); a record that does not
+    fit gets no tokens (see ``unfit_rows``)."""
     pad_id = int(tokenizer.pad_token_id)
     if not causal:
         encoded = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)
         return TokenizedSet(encoded["input_ids"], list(dataset["label"]), pad_id, causal=False)
+    rendering = rendering or Rendering()
     inputs: list[list[int]] = []
     targets: list[list[int]] = []
     prompts: list[list[int]] = []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for question, answer in zip(list(dataset["text"]), list(dataset["answer"]), strict=True):
-        prompt = prompt_ids(tokenizer, question)[: max_length - 1]
-        reply = (tokenizer(answer, add_special_tokens=False)["input_ids"] + eos)[
-            : max_length - len(prompt)
-        ]
-        inputs.append(prompt + reply)
-        # Loss on the answer tokens only: prompt positions are ignored.
-        targets.append([IGNORE] * len(prompt) + reply)
-        prompts.append(prompt)
-    return TokenizedSet(
+    for record in dataset:
+        encoded = encode_conversation(tokenizer, rendering, messages_of(record), max_length)
+        inputs.append(encoded.ids)
+        targets.append(encoded.targets)
+        prompts.append(encoded.prompt)
+    tokens = TokenizedSet(
         inputs, targets, pad_id, causal=True, prompts=prompts, answers=list(dataset["answer"])
     )
+    if "choices" in dataset.column_names:
+        contexts, tails = [], []
+        for record in dataset:
+            context, choice_ids = encode_choices(
+                tokenizer, rendering, messages_of(record), record["choices"], max_length
+            )
+            contexts.append(context)
+            tails.append(choice_ids)
+        add_choices(tokens, dataset, contexts, tails)
+    return tokens
+
+
+def add_choices(
+    tokens: TokenizedSet,
+    dataset: Dataset,
+    contexts: list[list[int]],
+    tails: list[list[list[int]]],
+) -> None:
+    """Attach the multiple-choice parts (the tokens given, the rest from ``dataset``)."""
+    tokens.contexts = contexts
+    tokens.continuations = tails
+    tokens.gold = list(dataset["gold"])
+    tokens.choice_chars = [[len(choice) for choice in row] for row in dataset["choices"]]

@@ -41,6 +41,7 @@ from fedlora.experiment import Experiment
 from fedlora.lora import normalized
 from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
 from fedlora.privacy.secure_round import SecureAggregation, SecureMean
+from fedlora.report import TEST_KEYS
 from fedlora.streaming import RunningMean
 from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, deadline_steps, derived_seed, steps_per_round
@@ -75,11 +76,7 @@ def summarize_clients(per_client: list[dict[str, float]]) -> dict[str, float]:
 
 
 def round_line(record: dict, rounds: int) -> str:
-    shown = {
-        k: v
-        for k, v in record.items()
-        if k in ("train_loss", "accuracy", "macro_f1", "test_loss", "perplexity", "rouge_l")
-    }
+    shown = {k: v for k, v in record.items() if k == "train_loss" or k in TEST_KEYS}
     values = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
     return f"round {record['round']}/{rounds}: {values}, {record['seconds']:.1f} s"
 
