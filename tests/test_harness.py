@@ -84,13 +84,13 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     return out, tasks, json.loads((out / "lm_eval" / "global.json").read_text())
 
 
-def build_model(run: Path, adapter: bool) -> torch.nn.Module:
+def build_model(run: Path, adapter: bool, directory: str = "adapter") -> torch.nn.Module:
     """The run's base rebuilt from its config (the tiny LLaMA is random from the run's seed),
-    with the run's adapter loaded by peft, or without it."""
+    with the run's adapter (in ``directory``) loaded by peft, or without it."""
     config = load_config(run / "config.toml")
     tokenizer = load_tokenizer(config.model.name)
     base = load_base_model(config.model.name, 1, tokenizer, config.experiment.seed)
-    model = PeftModel.from_pretrained(base, run / "adapter") if adapter else base
+    model = PeftModel.from_pretrained(base, run / directory) if adapter else base
     return model.eval()
 
 
@@ -202,6 +202,31 @@ def test_results_file_summary_section_and_report(lm_run, tmp_path: Path) -> None
         assert "lm-evaluation-harness" in text and f"| global | {TASK} | acc | {acc:.4f} |" in text
 
 
+def test_each_clients_own_adapter_is_scored_for_a_per_client_method(lm_run, tmp_path) -> None:
+    """FedSA keeps an adapter per client: by default each is scored, into its own file, and
+    each file's accuracy is that of the loop with that client's adapter."""
+    _, tasks, _ = lm_run
+    run = tmp_path / "fedsa"
+    code, output = run_cli(
+        "run", str(TINY / "causal" / "fedit.toml"), "--out", str(run), "--quiet", *ONE,
+        "--set", "method.name=fedsa", "--set", "partition.num_clients=2",
+        "--set", "experiment.rounds=1", "--set", "eval.max_generate=0",
+        "--set", "data.max_test_examples=8",
+    )  # fmt: skip
+    assert code == 0, output
+    code, output = evaluate(str(run), "--tasks", TASK, "--include-path", str(tasks))
+    assert code == 0, output
+    assert sorted(p.name for p in (run / "lm_eval").iterdir()) == ["client_0.json", "client_1.json"]
+    section = (run / "summary.md").read_text().split("## lm-evaluation-harness")[1]
+    for client in (0, 1):
+        entry = json.loads((run / "lm_eval" / f"client_{client}.json").read_text())
+        model = build_model(run, adapter=True, directory=f"adapters/client_{client}")
+        acc, _ = accuracies(log_likelihoods(model, len(ITEMS)), ANSWERS)
+        assert entry["adapter"] == f"client_{client}"
+        assert entry["results"][TASK]["acc,none"] == pytest.approx(acc, abs=1e-12)
+        assert f"| client_{client} | {TASK} | acc | {acc:.4f} |" in section
+
+
 def one_line_error(code: int, output: str) -> str:
     assert code == 2, output
     assert "Traceback" not in output
@@ -236,15 +261,20 @@ def test_a_classification_run_is_refused(fedit_run: Path) -> None:
     assert "scores causal language models" in line and "tiny-bert" in line
 
 
-def test_a_config_listing_tasks_on_a_classifier_is_refused_before_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "task", "fragment"),
+    [
+        ("fedit.toml", TASK, "scores causal language models"),
+        ("causal/fedit.toml", "no_such_task_xyz", "'no_such_task_xyz' is not a task"),
+        ("causal/fedit.toml", "arc_easy", "'arc_easy': its data could not be loaded"),
+    ],
+    ids=["classifier", "unknown-task", "registry-task-offline"],
+)
+def test_a_config_listing_tasks_that_cannot_run_is_refused_before_training(
+    config: str, task: str, fragment: str, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    code, output = run_cli(
-        "run",
-        str(TINY / "fedit.toml"),
-        "--out",
-        str(out),
-        "--set",
-        f"eval.lm_eval_tasks=['{TASK}']",
-    )
-    assert "scores causal language models" in one_line_error(code, output)
+    listed = f"eval.lm_eval_tasks=['{task}']"
+    code, output = run_cli("run", str(TINY / config), "--out", str(out), "--set", listed)
+    assert fragment in one_line_error(code, output)
     assert not (out / "metrics.jsonl").exists()

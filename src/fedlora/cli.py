@@ -221,7 +221,7 @@ def evaluate(
     from fedlora.harness import Tasks, evaluate_run
     from fedlora.report import lm_eval_rows
 
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    names = tuple(name.strip() for name in tasks.split(",") if name.strip())
     try:
         written = evaluate_run(run_dir, Tasks(names, limit, include_path), adapter, batch_size)
     except ConfigError as error:

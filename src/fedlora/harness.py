@@ -49,7 +49,7 @@ CLIENT = re.compile(r"client_\d+")
 class Tasks:
     """What to run: lm-eval task (group, tag) names, items per task, local task YAMLs."""
 
-    names: list[str]
+    names: tuple[str, ...]
     limit: int | None = None
     include_path: Path | None = None
 
@@ -75,16 +75,24 @@ def check_scorable(config: Config) -> None:
 
 def check_run_tasks(config: Config) -> None:
     """A config's ``eval.lm_eval_tasks``, before any training: the model and method can be
-    scored, and every task name is known to lm-eval (or is in ``lm_eval_include_path``)."""
+    scored, and every task is known to lm-eval (or in ``lm_eval_include_path``) and its data
+    loads (offline, a registry task's does not: better said now than after the last round)."""
     tasks = tasks_of(config)
     if tasks.names:
         check_scorable(config)
-        check_names(tasks)
+        check_loadable(tasks)
+
+
+@functools.cache
+def check_loadable(tasks: Tasks) -> None:
+    """Once per process (the run's checks are made twice: by the command, then the engine)."""
+    load_tasks(check_names(tasks), tasks)
 
 
 def tasks_of(config: Config) -> Tasks:
     include = config.eval.lm_eval_include_path
-    return Tasks(config.eval.lm_eval_tasks, config.eval.lm_eval_limit, include and Path(include))
+    names = tuple(config.eval.lm_eval_tasks)
+    return Tasks(names, config.eval.lm_eval_limit, include and Path(include))
 
 
 # -- tasks ------------------------------------------------------------------------------------
@@ -261,7 +269,7 @@ def record(results: dict, adapter: str, tasks: Tasks, config: Config) -> dict:
     """What ``lm_eval/<adapter>.json`` keeps of lm-eval's results (no per-item samples)."""
     return {
         "adapter": adapter,
-        "tasks": tasks.names,
+        "tasks": list(tasks.names),
         "limit": tasks.limit,
         "include_path": tasks.include_path and str(tasks.include_path),
         "lm_eval_version": version("lm_eval"),
@@ -354,4 +362,7 @@ def after_run(config: Config, run: Path, exported: list[Path]) -> list[Path]:
     per_client = method_class(config.method.name).per_client_eval
     names = [GLOBAL if path.name == "adapter" else path.name for path in exported]
     adapters = [name for name in names if (name != GLOBAL) == per_client]
-    return score_adapters(run, config, adapters, tasks, config.eval.batch_size)
+    try:
+        return score_adapters(run, config, adapters, tasks, config.eval.batch_size)
+    except ConfigError as error:
+        raise ConfigError(f"the run is complete in {run}; eval.lm_eval_tasks: {error}") from None
