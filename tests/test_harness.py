@@ -7,6 +7,7 @@ the choice's log-probability summed over its tokens."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,24 @@ def test_bad_input_is_one_line_and_exit_code_2(
     assert fragment in line
     if "arc_easy" in fragment:
         assert "--include-path" in line
+
+
+def test_a_registry_task_with_the_hub_out_of_reach_is_one_line(
+    lm_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline mode off and no hub (here a closed local port): one line saying so, at once,
+    instead of datasets' retries (this process's datasets is in offline mode: without the
+    check, its own error would be reported)."""
+    run, _, _ = lm_run
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    line = one_line_error(*evaluate(str(run), "--tasks", "arc_easy"))
+    assert "'arc_easy': its data could not be loaded" in line
+    assert "cannot be reached" in line and "HF_HUB_OFFLINE=1" in line
 
 
 def test_a_classification_run_is_refused(fedit_run: Path) -> None:

@@ -29,6 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora import hub
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.methods import method_class
 from fedlora.methods.base import Method
@@ -147,6 +148,8 @@ def load_tasks(manager: TaskManager, tasks: Tasks) -> list[Any]:
     built = []
     for name in tasks.names:
         try:
+            if hub_out_of_reach(name, tasks):
+                raise ConnectionError(hub.why_unavailable())
             built += roots(manager.load([name]))
         except OSError as error:  # datasets: offline, unreachable, missing files
             raise ConfigError(
@@ -154,6 +157,16 @@ def load_tasks(manager: TaskManager, tasks: Tasks) -> list[Any]:
                 "offline, a local task YAML over local files works: --include-path DIR"
             ) from None
     return built
+
+
+def hub_out_of_reach(name: str, tasks: Tasks) -> bool:
+    """A task of lm-eval's registry (its data on the hub; not an include path's YAML) while
+    the hub cannot be reached and offline mode is off: ``datasets`` would retry each request
+    for ~30 s, printing every retry, where one line can say so at once."""
+    local = tasks.include_path and task_manager(tasks.include_path, defaults=False)
+    if local and known(local, name):
+        return False
+    return not hub.offline_mode() and not hub.reachable(hub.endpoint())
 
 
 def roots(loaded: dict) -> list[Any]:
