@@ -21,6 +21,7 @@ from fedlora.compute import Compute, on_cpu
 from fedlora.config import EvalConfig
 from fedlora.data.tokenized import IGNORE, TokenizedSet
 from fedlora.scoring import (
+    cached_choice_scores,
     choice_loglikelihoods,
     choice_metrics,
     exact_match,
@@ -90,40 +91,71 @@ class Evaluator:
                 "loss": sum(losses) / len(labels),
             }
         total_loss, total_tokens = 0.0, 0
-        for rows in self._chunks(len(data)):
-            batch = self._batch(data, rows)
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits.float()
-            targets = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-            total_loss += float(loss)
-            total_tokens += int((targets != IGNORE).sum())
+        scores: list[list[float]] = [[] for _ in range(len(data))]
+        order = sorted(range(len(data)), key=lambda r: len(data.input_ids[r]))  # less padding
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            loss, tokens, choices = self._answer_pass(model, data, rows)
+            total_loss, total_tokens = total_loss + loss, total_tokens + tokens
+            for row, values in zip(rows, choices, strict=True):
+                scores[row] = values
         mean_loss = total_loss / max(1, total_tokens)
         metrics = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
         if data.multiple_choice:
-            metrics |= self._multiple_choice(model, data)
+            assert data.gold is not None and data.choice_chars is not None
+            metrics |= choice_metrics(scores, data.gold, data.choice_chars)
         elif self.max_generate > 0:
             metrics |= self._generation(model, data)
         return metrics
 
-    def _multiple_choice(self, model: torch.nn.Module, data: TokenizedSet) -> dict[str, float]:
-        """Accuracy over every item; items are batched by context length (less padding)."""
-        assert data.contexts is not None and data.gold is not None and data.choice_chars
-        order = sorted(range(len(data)), key=lambda r: len(data.contexts[r]))  # type: ignore[index]
-        scores: list[list[float]] = [[] for _ in order]
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            for row, values in zip(
-                rows, choice_loglikelihoods(model, data, rows, self.compute.device), strict=True
-            ):
-                scores[row] = values
-        return choice_metrics(scores, data.gold, data.choice_chars)
+    def _answer_pass(
+        self, model: torch.nn.Module, data: TokenizedSet, rows: list[int]
+    ) -> tuple[float, int, list[list[float]]]:
+        """(summed answer-token loss, answer tokens, choice scores) of ``rows``: one forward of
+        the reference conversations, keeping logits only where a loss or a choice is read.
+        Multiple-choice items whose context is a prefix of their reference (no truncation cut
+        between them) are scored off that forward's cache; others get a forward of their own."""
+        batch = self._batch(data, rows)
+        labels = batch["labels"]
+        # Position p predicts token p + 1: the positions whose next token carries loss.
+        keep = set((labels[:, 1:] != IGNORE).any(0).nonzero().flatten().tolist())
+        contexts = [data.contexts[r] for r in rows] if data.contexts is not None else []
+        shared = bool(contexts) and all(
+            data.input_ids[r][: len(c)] == c and len(c) < len(data.input_ids[r])
+            for r, c in zip(rows, contexts, strict=True)
+        )
+        keep |= {len(c) - 1 for c in contexts} if shared else set()
+        positions = sorted(keep)
+        device = self.compute.device
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=shared,
+            logits_to_keep=torch.tensor(positions, device=device),
+        )
+        logits = out.logits.float()
+        targets = labels[:, [p + 1 for p in positions]]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        tokens = int((targets != IGNORE).sum())
+        if not data.multiple_choice:
+            return float(loss), tokens, [[] for _ in rows]
+        assert data.continuations is not None
+        if not shared:
+            return float(loss), tokens, choice_loglikelihoods(model, data, rows, device)
+        lengths = torch.tensor([len(c) for c in contexts], device=device)
+        column = torch.tensor([positions.index(len(c) - 1) for c in contexts], device=device)
+        first = logits[torch.arange(len(rows), device=device), column]
+        tails = [data.continuations[r] for r in rows]
+        return (
+            float(loss),
+            tokens,
+            cached_choice_scores(model, out.past_key_values, lengths, first, tails),
+        )
 
     def _generation(self, model: torch.nn.Module, data: TokenizedSet) -> dict[str, float]:
         """Exact match, token F1 and ROUGE-L F1 of greedy generations against the reference

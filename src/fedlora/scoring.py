@@ -6,7 +6,8 @@ log-probability of its tokens after the prompt; ``mc_accuracy`` picks the highes
 ``mc_accuracy_norm`` the highest score per character of the choice (``acc_norm``). It costs
 one forward of each prompt, not one per choice: the prompt's keys and values are cached, the
 first token of every choice is read off the prompt's last position, and only the choices'
-remaining tokens run, against the cache.
+remaining tokens run, against the cache. The evaluator shares even that forward with the
+test loss: the reference answer's forward holds the prompt's cache (``cached_choice_scores``).
 
 Exact match and F1 compare answers after SQuAD's normalisation (lower case, no punctuation, no
 articles a/an/the, single spaces); F1 is over the normalised words. An optional regex pulls
@@ -64,45 +65,57 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, seq in enumerate(rows):
-        ids[i, width - len(seq) :] = torch.tensor(seq)
-        mask[i, width - len(seq) :] = 1
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
     return ids, mask
 
 
 def choice_loglikelihoods(
     model: torch.nn.Module, data: TokenizedSet, rows: list[int], device: torch.device
 ) -> list[list[float]]:
-    """Per item of ``rows``, each choice's summed log-probability given the item's context."""
+    """Per item of ``rows``, each choice's summed log-probability given the item's context:
+    one forward of the contexts, then ``cached_choice_scores``."""
     assert data.contexts is not None and data.continuations is not None
-    ids, mask = left_padded([data.contexts[r] for r in rows], data.pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    contexts = [data.contexts[r] for r in rows]
+    ids, mask = right_padded(contexts, data.pad_id)
+    lengths = torch.tensor([len(c) for c in contexts])
+    last = sorted(set((lengths - 1).tolist()))  # only these positions' logits are needed
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        use_cache=True,
+        logits_to_keep=torch.tensor(last, device=device),
     )
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    scores = [
-        [float(first[i, tail[0]]) for tail in data.continuations[r]] for i, r in enumerate(rows)
-    ]
-    # The choices' later tokens: (item, choice) pairs with more than one token.
-    longer = [
-        (i, j)
-        for i, r in enumerate(rows)
-        for j, tail in enumerate(data.continuations[r])
-        if len(tail) > 1
-    ]
-    cache = out.past_key_values
+    column = torch.tensor([last.index(n - 1) for n in lengths.tolist()], device=device)
+    first = out.logits[torch.arange(len(rows), device=device), column]
+    tails = [data.continuations[r] for r in rows]
+    return cached_choice_scores(model, out.past_key_values, lengths.to(device), first, tails)
+
+
+def cached_choice_scores(
+    model: torch.nn.Module,
+    cache: DynamicCache,
+    lengths: torch.Tensor,
+    first: torch.Tensor,
+    tails: list[list[list[int]]],
+) -> list[list[float]]:
+    """Each choice's log-probability given its item's context, where item i's context is the
+    first ``lengths[i]`` columns of row i of ``cache`` (later columns, padding or a reference
+    answer, are masked out) and ``first[i]`` holds the logits after it. A choice's first
+    token is read off ``first``; its later tokens run against a copy of the cache rows they
+    need, ``CONTINUATION_ROWS`` choices per forward."""
+    logprobs = torch.log_softmax(first.float(), dim=-1)
+    scores = [[float(logprobs[i, tail[0]]) for tail in row] for i, row in enumerate(tails)]
+    longer = [(i, j) for i, row in enumerate(tails) for j, tail in enumerate(row) if len(tail) > 1]
     for start in range(0, len(longer), CONTINUATION_ROWS):
         pairs = longer[start : start + CONTINUATION_ROWS]
-        tails = [data.continuations[rows[i]][j] for i, j in pairs]
-        for (i, j), value in zip(
-            pairs, continuation_scores(model, cache, mask, pairs, tails), strict=True
-        ):
+        values = continuation_scores(model, cache, lengths, pairs, [tails[i][j] for i, j in pairs])
+        for (i, j), value in zip(pairs, values, strict=True):
             scores[i][j] += value
     return scores
 
@@ -110,29 +123,30 @@ def choice_loglikelihoods(
 def continuation_scores(
     model: torch.nn.Module,
     cache: DynamicCache,
-    mask: torch.Tensor,
+    lengths: torch.Tensor,
     pairs: list[tuple[int, int]],
     tails: list[list[int]],
 ) -> list[float]:
-    """The log-probability of each tail's tokens after its first, given its item's cached
-    context (row ``pairs[k][0]`` of ``cache``): the tails run right-padded against a copy of
-    the cache rows they need."""
-    device = mask.device
+    """The log-probability of each tail's tokens after its first, the tails right-padded and
+    placed after the cache's columns, at the positions that follow their contexts."""
+    device = lengths.device
     items = torch.tensor([i for i, _ in pairs], device=device)
+    cached = cache.layers[0].keys.shape[-2]
     width = max(len(t) for t in tails) - 1
     inputs = torch.zeros((len(tails), width), dtype=torch.long, device=device)
     tail_mask = torch.zeros((len(tails), width), dtype=torch.long, device=device)
     for k, tail in enumerate(tails):
         inputs[k, : len(tail) - 1] = torch.tensor(tail[:-1])
         tail_mask[k, : len(tail) - 1] = 1
-    context_length = mask[items].sum(-1, keepdim=True)
+    context = lengths[items].unsqueeze(-1)
+    context_mask = (torch.arange(cached, device=device) < context).long()
     selected = DynamicCache(
         ddp_cache_data=[(layer.keys[items], layer.values[items]) for layer in cache.layers]
     )
     logits = model(
         input_ids=inputs,
-        attention_mask=torch.cat([mask[items], tail_mask], dim=1),
-        position_ids=context_length + torch.arange(width, device=device),
+        attention_mask=torch.cat([context_mask, tail_mask], dim=1),
+        position_ids=context + torch.arange(width, device=device),
         past_key_values=selected,
         use_cache=False,
     ).logits

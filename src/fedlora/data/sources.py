@@ -313,9 +313,12 @@ def first_rows(dataset: Dataset, cap: int | None) -> Dataset:
 
 
 def carve_test(dataset: Dataset, config: DataConfig, num_labels: int) -> tuple[Dataset, Dataset]:
-    """(train, test): the held-out test share, stratified where every class has two rows."""
+    """(train, test): the held-out test share, stratified where every class has two rows and
+    both sides have room for every class (else a plain seeded split)."""
     counts = _label_counts(list(dataset["label"]), num_labels)
-    stratify = "label" if min(counts) >= 2 else None
+    size = math.ceil(config.test_fraction * len(dataset))  # as datasets' train_test_split rounds
+    room = min(size, len(dataset) - size) >= num_labels
+    stratify = "label" if min(counts) >= 2 and room else None
     if len(dataset) < 4:
         raise ConfigError(f"data.dataset {config.dataset!r} has only {len(dataset)} examples")
     parts = dataset.train_test_split(

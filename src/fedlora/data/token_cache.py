@@ -15,6 +15,7 @@ safetensors (no pickle) written atomically, so parallel runs may share a directo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,16 @@ def cache_dir() -> Path | None:
     return models.cache_dir() / "tokenized"
 
 
+@functools.lru_cache(maxsize=8)
+def definition_digest(serialized: str) -> bytes:
+    """The tokenizer's definition without the truncation/padding state that calling it sets.
+    Normalising a large vocabulary's JSON costs ~0.3 s, so it is done once per definition."""
+    definition = json.loads(serialized)
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).digest()
+
+
 def cache_key(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,11 +78,7 @@ def cache_key(
     # The code that makes the tokens (prompt format, truncation): a change to it is a new key.
     for module in (tokenized, chat, records):
         digest.update(Path(module.__file__).read_bytes())
-    # The definition without the truncation/padding state, which calling the tokenizer sets.
-    definition = json.loads(tokenizer.backend_tokenizer.to_str())
-    definition.pop("truncation", None)
-    definition.pop("padding", None)
-    digest.update(json.dumps(definition, sort_keys=True).encode())
+    digest.update(definition_digest(tokenizer.backend_tokenizer.to_str()))
     digest.update(b"\0" + (tokenizer.chat_template or "").encode() + b"\0")
     columns = ("messages", "choices") if causal else ("text", "label")
     for column in (c for c in columns if c in dataset.column_names):
