@@ -108,13 +108,14 @@ def task_manager(include_path: Path | None, defaults: bool) -> TaskManager:
 
 
 def manager_for(tasks: Tasks) -> TaskManager:
-    """The include path's own index when it names every task, else lm-eval's whole index (with
-    the include path's tasks taking precedence, as in lm-eval)."""
+    """The include path's own index when every name is one of its tasks, else lm-eval's whole
+    index (the include path's tasks taking precedence, as in lm-eval): a local group or tag
+    may name registry tasks, which only the whole index can build."""
     if tasks.include_path is not None:
         if not tasks.include_path.is_dir():
             raise ConfigError(f"--include-path {tasks.include_path}: no such directory")
         local = task_manager(tasks.include_path, defaults=False)
-        if all(known(local, name) for name in tasks.names):
+        if all(name in local.all_subtasks for name in tasks.names):
             return local
     return task_manager(tasks.include_path, defaults=True)
 
