@@ -1,13 +1,15 @@
-"""Step time and peak memory of local LoRA training, per model, compute dtype and gradient
-checkpointing (issue 9).
+"""Step time and peak memory of local LoRA training, per model, compute dtype, batch size,
+sequence length and gradient checkpointing (issues 9 and 29).
 
 Each case runs in a fresh process, built by fedlora itself from ``configs/default.toml`` with
 ``[compute]`` overrides (so it measures exactly what ``fedlora run`` does): one warm-up step,
 then ``--steps`` timed optimizer steps of FedIT's local trainer on one client. Peak memory is
-the process's peak RSS on the CPU, and ``torch.cuda.max_memory_allocated`` on a GPU.
+the process's peak RSS on the CPU, and ``torch.cuda.max_memory_allocated`` on a GPU. A causal
+model trains on prompt/completion records longer than any ``--lengths`` (two BBC articles
+each), cut from the left, so every sequence is exactly the length named.
 
     python -P benchmarks/memory_step.py [--models minilm-l6 smollm2-135m] [--dtypes float32]
-        [--device auto] [--batch 8] [--length 64] [--steps 5]
+        [--device auto] [--batches 8] [--lengths 64] [--steps 5]
 
 bfloat16 on this project's CPUs has no hardware support (~400x slower), so ``--dtypes`` defaults
 to float32 on the CPU and to float32 and bfloat16 on an accelerator.
@@ -21,12 +23,26 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = {"minilm-l6": "bbc-news", "smollm2-135m": "chatterbot"}
+CAUSAL = ("smollm2-135m",)
+
+
+def long_records(path: Path) -> Path:
+    """64 prompt/completion records of two BBC articles each (over 600 tokens)."""
+    from fedlora.data.sources import bbc_news
+
+    articles = bbc_news()
+    rows = [
+        {"prompt": articles[i]["text"] + "\n\n" + articles[i + 1]["text"], "completion": "ok"}
+        for i in range(0, 128, 2)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def child(case: dict) -> None:
@@ -44,7 +60,7 @@ def child(case: dict) -> None:
         [
             f"model.name='{case['model']}'",
             f"lora.target_modules={targets}",
-            f"data.dataset='{DATA.get(case['model'], 'bbc-news')}'",
+            f"data.dataset='{case['data']}'",
             f"model.max_length={case['length']}",
             f"train.batch_size={case['batch']}",
             "train.local_steps=1",
@@ -100,8 +116,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
     parser.add_argument("--dtypes", nargs="+", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,28 +130,35 @@ def main() -> None:
         torch.cuda.is_available() or torch.backends.mps.is_available()
     )
     dtypes = args.dtypes or (["float32", "bfloat16"] if accelerator else ["float32"])
-    print(f"{platform.node()}, {date.today()}, batch {args.batch} x length {args.length}")
-    print("| model | where | checkpointing | step (s) | peak RSS (MiB) | peak GPU (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for model in args.models:
-        for dtype in dtypes:
-            for checkpointing in (False, True):
-                case = {
-                    "model": model,
-                    "dtype": dtype,
-                    "checkpointing": checkpointing,
-                    "device": args.device,
-                    "batch": args.batch,
-                    "length": args.length,
-                    "steps": args.steps,
-                }
-                r = measure(case)
-                gpu = f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-"
-                print(
-                    f"| {model} | {r['where']} | {'on' if checkpointing else 'off'} | "
-                    f"{r['step_seconds']:.3f} | {r['peak_rss_mib']:.0f} | {gpu} |",
-                    flush=True,
-                )
+    print(f"{platform.node()}, {date.today()}")
+    columns = "model | where | batch | length | checkpointing | step (s) | peak RSS (MiB)"
+    print(f"| {columns} | peak GPU (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as scratch:
+        records = str(long_records(Path(scratch) / "long.jsonl"))
+        for model in args.models:
+            for dtype in dtypes:
+                for batch in args.batches:
+                    for length in args.lengths:
+                        for checkpointing in (False, True):
+                            case = {
+                                "model": model,
+                                "data": records if model in CAUSAL else "bbc-news",
+                                "dtype": dtype,
+                                "checkpointing": checkpointing,
+                                "device": args.device,
+                                "batch": batch,
+                                "length": length,
+                                "steps": args.steps,
+                            }
+                            r = measure(case)
+                            gpu = f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-"
+                            print(
+                                f"| {model} | {r['where']} | {batch} | {length} | "
+                                f"{'on' if checkpointing else 'off'} | {r['step_seconds']:.3f} | "
+                                f"{r['peak_rss_mib']:.0f} | {gpu} |",
+                                flush=True,
+                            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Start-up: from process start to the end of the first local step, in parts (issue 16).
 
     python -P benchmarks/startup.py [--config configs/tiny/fedit.toml configs/default.toml]
-        [--repeats 3]
+        [--repeats 3] [--set section.key=value ...]
 
 Each repeat is a fresh ``python`` process (the parent notes the time it starts it) that does
 what ``fedlora run`` does before training, timing each part: the interpreter and fedlora's
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS = ("interpreter and imports", "config checks", "experiment built", "round-0 evaluation")
 
 
-def child(config_file: str, launched: float) -> None:
+def child(config_file: str, launched: float, overrides: list[str]) -> None:
     marks = {}
     from fedlora import experiment as experiments
     from fedlora.config import load_config
@@ -35,7 +35,7 @@ def child(config_file: str, launched: float) -> None:
     from fedlora.session import configure_runtime
 
     marks["interpreter and imports"] = time.time()
-    config = load_config(Path(config_file), ["train.local_steps=1"])
+    config = load_config(Path(config_file), ["train.local_steps=1", *overrides])
     compute = experiments.validate(config)
     configure_runtime(compute)
     marks["config checks"] = time.time()
@@ -54,10 +54,20 @@ def child(config_file: str, launched: float) -> None:
     print(json.dumps(times))
 
 
-def measure(config: Path) -> dict[str, float]:
+def measure(config: Path, overrides: list[str]) -> dict[str, float]:
     launched = time.time()
+    sets = [arg for text in overrides for arg in ("--set", text)]
     out = subprocess.run(
-        [sys.executable, "-P", __file__, "--child", str(config), "--launched", repr(launched)],
+        [
+            sys.executable,
+            "-P",
+            __file__,
+            "--child",
+            str(config),
+            "--launched",
+            repr(launched),
+            *sets,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -75,18 +85,19 @@ def main() -> None:
         default=[REPO / "configs" / "tiny" / "fedit.toml", REPO / "configs" / "default.toml"],
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="a config override")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     use_offline_defaults()
     if args.child:
-        child(args.child, args.launched)
+        child(args.child, args.launched, args.set)
         return
     names = [*PARTS, "first local step"]
     print("| config | " + " | ".join(names) + " | to the first step, without round 0 |")
     print("|---" * (len(names) + 2) + "|")
     for config in args.config:
-        runs = [measure(config.resolve()) for _ in range(args.repeats)]
+        runs = [measure(config.resolve(), args.set) for _ in range(args.repeats)]
         median = {n: statistics.median(r[n] for r in runs) for n in names}
         total = sum(v for n, v in median.items() if n != "round-0 evaluation")
         cells = " | ".join(f"{median[n]:.2f} s" for n in names)

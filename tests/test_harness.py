@@ -16,6 +16,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedlora.config import load_config
+from fedlora.data.chat import Rendering
+from fedlora.data.sources import load_split
+from fedlora.harness import write_choice_task
 from fedlora.models import load_base_model, load_tokenizer
 from tests.conftest import ONE, TINY, run_cli
 
@@ -297,3 +300,34 @@ def test_a_config_listing_tasks_that_cannot_run_is_refused_before_training(
     code, output = run_cli("run", str(TINY / config), "--out", str(out), "--set", listed)
     assert fragment in one_line_error(code, output)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_lm_eval_accuracy_equals_fedloras_evaluator_on_the_same_items(tmp_path: Path) -> None:
+    """The same multiple-choice items, rendered as fedlora renders them (chat template),
+    scored by fedlora's evaluator during the run and by lm-eval on the run's adapter."""
+    rows = [
+        {"question": question, "choices": choices, "answer": answer}
+        for question, choices, answer in ITEMS
+    ]
+    items, train = tmp_path / "items.jsonl", tmp_path / "train.jsonl"
+    items.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows * 4))
+    out = tmp_path / "run"
+    code, output = run_cli(
+        "run", str(TINY / "causal" / "fedit.toml"), "--out", str(out), "--quiet", *ONE,
+        "--set", "train.lr=0.02", "--set", f"data.dataset='{train}'", "--set", "partition.kind='iid'",
+        "--set", f"data.test_file='{items}'", "--set", "model.max_length=96",
+    )  # fmt: skip
+    assert code == 0, output
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    config = load_config(out / "config.toml")
+    split = load_split(config.data, needs_answers=True)
+    tasks = write_choice_task(
+        split.test, load_tokenizer("tiny-llama"), Rendering(), tmp_path / "tasks", "same_items"
+    )
+    code, output = evaluate(str(out), "--tasks", "same_items", "--include-path", str(tasks))
+    assert code == 0, output
+    scored = json.loads((out / "lm_eval" / "global.json").read_text())
+    metrics = scored["results"]["same_items"]
+    assert len(split.test) == len(ITEMS)
+    assert metrics["acc,none"] == pytest.approx(final["mc_accuracy"])

@@ -4,6 +4,9 @@ built-in multiple-choice set, hub ids and the errors for bad records."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -345,3 +348,35 @@ def test_a_hub_dataset_without_network_fails_fast(monkeypatch) -> None:
     assert time.monotonic() - start < 10
     with pytest.raises(ConfigError, match=r"nor an existing \.jsonl/\.json/\.csv/\.parquet file"):
         load_split(DataConfig(dataset="missing/file.jsonl"), needs_answers=True)
+
+
+AUDIT = """
+import sys
+calls = []
+sys.addaudithook(lambda event, args: calls.append(args) if event in NETWORK else None)
+from fedlora.cli import main
+sys.argv = ["fedlora", *ARGS]
+try:
+    main()
+except SystemExit as end:
+    assert not end.code, end.code
+print("network calls:", len(calls), calls[:3])
+"""
+
+
+def test_built_in_names_never_touch_the_network_with_offline_mode_unset(tmp_path: Path) -> None:
+    """Importing fedlora no longer switches the hub off, so its built-in model, data and the
+    local-file readers must not reach for the network themselves (a process with the offline
+    variables removed, every name lookup and connection recorded)."""
+    env = {k: v for k, v in os.environ.items() if "OFFLINE" not in k}
+    rows = [{"prompt": f"Q{i}?", "completion": f"A{i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "local.jsonl", rows)  # read by datasets' json reader
+    args = ["run", str(TINY / "causal" / "fedit.toml"), "--out", str(tmp_path / "r"), "--quiet"]
+    args += ["--set", f"data.dataset='{path}'", "--set", "experiment.rounds=1"]
+    code = AUDIT.replace("NETWORK", repr({"socket.getaddrinfo", "socket.connect"}))
+    code = code.replace("ARGS", repr(args))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "network calls: 0 []" in done.stdout

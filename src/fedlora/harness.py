@@ -36,11 +36,13 @@ from fedlora.methods.base import Method
 from fedlora.report import LM_EVAL, LM_EVAL_SECTION, lm_eval_table
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from lm_eval.tasks import TaskManager
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
     from fedlora.compute import Compute
+    from fedlora.data.chat import Rendering
 
 GLOBAL, ALL = "global", "all"
 CLIENT = re.compile(r"client_\d+")
@@ -380,3 +382,44 @@ def after_run(config: Config, run: Path, exported: list[Path]) -> list[Path]:
         return score_adapters(run, config, adapters, tasks, config.eval.batch_size)
     except ConfigError as error:
         raise ConfigError(f"the run is complete in {run}; eval.lm_eval_tasks: {error}") from None
+
+
+def write_choice_task(
+    items: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    rendering: Rendering,
+    directory: Path,
+    name: str,
+) -> Path:
+    """Multiple-choice conversations (``fedlora.data.records``) as a local lm-eval task: a
+    jsonl of each item's context rendered as fedlora renders it (chat template, generation
+    prompt), its choices and its answer, and a YAML that scores the choices right after the
+    context (``target_delimiter`` empty), so that lm-eval and fedlora's evaluator score the
+    same continuations of the same prompts. Returns the include path."""
+    from fedlora.data.chat import messages_of, render
+
+    template = rendering.template(tokenizer)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "context": render(tokenizer, template, messages_of(item)[:-1], generation_prompt=True),
+            "choices": item["choices"],
+            "gold": item["gold"],
+        }
+        for item in items
+    ]
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: gold\n"
+        'target_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    return directory
