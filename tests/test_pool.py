@@ -194,3 +194,24 @@ def test_auto_resolves_from_the_clients_per_round() -> None:
             assert (workers, threads) == (here, 1)
         else:
             assert (workers, threads) == (1, here)
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("fedit.toml", ("--set", "privacy.secure_aggregation=true")),
+        ("declora.toml", ()),
+        ("dlora.toml", ()),
+    ],
+)
+def test_auto_workers_fall_back_to_one_process_where_the_pool_cannot_run(
+    tmp_path: Path, config: str, overrides: tuple[str, ...]
+) -> None:
+    """``workers = "auto"`` picks the pool only where it can run: with secure aggregation it
+    took the pool and ended in a KeyError; now the run trains in one process and finishes."""
+    code, output = run_cli(
+        "run", str(TINY / config), "--out", str(tmp_path), "--quiet", *overrides,
+        "--set", "compute.workers='auto'", "--set", "experiment.rounds=1",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "## Worker processes" not in (tmp_path / "summary.md").read_text()

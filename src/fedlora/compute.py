@@ -189,7 +189,10 @@ def pool_size(config: Config, device: torch.device) -> tuple[int, int]:
         config.partition.num_clients, federation.clients_per_round, federation.fraction
     )
     if compute.workers == "auto":
-        workers = cores() if device.type == "cpu" and pool_pays(per_round, cores()) else 1
+        from fedlora.preflight import pool_refusal  # preflight imports this module
+
+        able = pool_refusal(config, device.type) is None
+        workers = cores() if able and pool_pays(per_round, cores()) else 1
     else:
         workers = min(compute.workers, per_round)
     return workers, compute.threads or max(1, cores() // workers)

@@ -48,26 +48,32 @@ def check_config(config: Config) -> None:
 
 
 def check_workers(config: Config, device: str) -> None:
-    """What clients trained by worker processes (``compute.workers`` > 1) cannot run."""
+    """What clients trained by worker processes (``compute.workers`` > 1) cannot run. ``auto``
+    never fails here: it takes one process where the pool cannot run (``pool_refusal``)."""
     workers = config.compute.workers
     if workers == "auto" or workers == 1:
         return
-    cls, prefix = method_class(config.method.name), f"compute.workers = {workers}"
+    refusal = pool_refusal(config, device)
+    if refusal is not None:
+        raise ConfigError(f"compute.workers = {workers}: {refusal}; set workers = 1")
+
+
+def pool_refusal(config: Config, device: str) -> str | None:
+    """Why a round's clients cannot be trained by worker processes, or None if they can."""
+    cls = method_class(config.method.name)
     if cls.engine != "simulation":
-        raise ConfigError(
-            f"{prefix}: method {config.method.name!r} runs on the {cls.engine!r} engine, which "
-            "trains its parties in turn; workers apply to server methods (set workers = 1)"
+        return (
+            f"method {config.method.name!r} runs on the {cls.engine!r} engine, which trains "
+            "its parties in turn; workers apply to server methods"
         )
     if config.privacy.secure_aggregation:
-        raise ConfigError(
-            f"{prefix}: secure aggregation runs its clients in the server's process; set "
-            "workers = 1"
-        )
+        return "secure aggregation runs its clients in the server's process"
     if device != "cpu":
-        raise ConfigError(
-            f"{prefix}: worker processes share out the CPU's cores; on {device} the clients "
-            "share one accelerator in one process, so set workers = 1"
+        return (
+            "worker processes share out the CPU's cores; on "
+            f"{device} the clients share one accelerator in one process"
         )
+    return None
 
 
 def check_reliability(config: Config) -> None:
