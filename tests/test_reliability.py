@@ -19,7 +19,7 @@ from fedlora.experiment import Experiment, build
 from fedlora.robust import combine
 from fedlora.session import ENGINES
 from fedlora.training import derived_seed
-from tests.conftest import TINY, run_cli, trained
+from tests.conftest import TINY, read_metrics, run_cli, trained
 
 FEDIT = TINY / "fedit.toml"
 
@@ -385,3 +385,28 @@ def test_fslora_robust_scatter_combines_each_component_over_its_drawers(tmp_path
         for j, columns in drawers.items():
             expected_b[:, j] = np.median(np.stack(columns), axis=0)
         np.testing.assert_allclose(delta[m.b].numpy(), expected_b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "aggregated"),
+    [
+        (["federation.dropout=0.5"], 3),
+        # Round 0's downloads are 8,588 bytes, the ones carrying the factors 9,652: refused
+        # every round, so the clients never train on them, and the run still ends cleanly.
+        (["federation.max_message_bytes=9000"], 1),
+    ],
+)
+def test_fedsb_sends_its_fixed_factors_until_a_reply_shows_they_arrived(
+    overrides: list[str], aggregated: int, tmp_path: Path
+) -> None:
+    """Fed-SB's server state changes when a reply arrives, not when a download is built: a
+    client that dropped out, or whose download carrying the factors was refused, gets them
+    again (before, it was marked as served and its next round failed with a KeyError)."""
+    code, output = run_cli(
+        "run", str(TINY / "fedsb.toml"), "--out", str(tmp_path), "--quiet",
+        "--set", "experiment.rounds=4", *[a for o in overrides for a in ("--set", o)],
+    )  # fmt: skip
+    assert code == 0, output
+    metrics = read_metrics(tmp_path)
+    assert any(m.get("absent") for m in metrics)  # the fault did happen
+    assert sum(1 for m in trained(metrics) if not m.get("skipped")) >= aggregated

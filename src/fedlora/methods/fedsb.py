@@ -40,7 +40,7 @@ from fedlora.training import standard_optimizer
 
 CORE, BASIS_B, BASIS_A = ".fedsb_R", ".fedsb_B", ".fedsb_A"  # suffixes to module keys
 BASIS = "fedsb.basis."  # client-store prefix of the fixed factors
-SENT = "fedsb.has_basis"  # server state: 1.0 for every client already sent the fixed factors
+SENT = "fedsb.has_basis"  # server state: 1.0 for every client that replied holding the factors
 
 
 class FedSBOptions(BaseModel):
@@ -72,8 +72,7 @@ class FedSB(Method):
     def server_message(self, client: int, round_index: int) -> TensorDict:
         if not self.basis:
             return self.state
-        if self.sent[client] == 0:  # each client gets the fixed factors once
-            self.sent[client] = 1.0
+        if self.sent[client] == 0:  # until a reply shows the client holds the fixed factors
             return {**self.state, **self.basis}
         return self.state
 
@@ -81,6 +80,8 @@ class FedSB(Method):
         self, round_index: int, replies: dict[int, TensorDict], weights: dict[int, float]
     ) -> None:
         clients = sorted(replies)
+        if self.basis:  # a reply to a message with the factors: its client stored them
+            self.sent[clients] = 1.0
         # After the init rounds Σ p_i R_i (exact, module docstring); before, FedIT's averages.
         self.state = weighted_average([replies[c] for c in clients], [weights[c] for c in clients])
         if self.basis or round_index + 1 < self.options.init_rounds:
