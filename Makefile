@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-llm test lint clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/fedlora run configs/default.toml --out runs/demo
+
+# The language-model default: SmolLM2-135M-Instruct on bbc-news-mc (README "Language models").
+demo-llm: install
+	$(BIN)/fedlora run configs/llm.toml --out runs/demo-llm
 
 # One pytest worker per core (pytest-xdist), each with one torch thread (OMP_NUM_THREADS, also
 # inherited by the runs the tests start), so the workers do not oversubscribe the cores; tests

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The accelerator check of issue 9, in one command on a machine with an NVIDIA GPU (<= 8 min):
+# The accelerator check of issues 9 and 29, in one command on a machine with an NVIDIA GPU (<= 8 min
+# before the language-model checks of issue 29 were added; with them, not yet run on a GPU):
 #
 #     bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter
 #
@@ -8,7 +9,9 @@
 #    0.1% relative, accuracy/F1/ROUGE-L within 0.02, identical ledger bytes);
 # 3. the default experiment on CUDA (bfloat16) against its CPU figures in docs/results.md;
 # 4. step time and peak GPU memory of minilm-l6 and smollm2-135m per dtype, with and without
-#    gradient checkpointing (benchmarks/memory_step.py).
+#    gradient checkpointing (benchmarks/memory_step.py), and of smollm2-135m at 128/256/512 tokens;
+# 5. the language-model default (configs/llm.toml: SmolLM2-135M on bbc-news-mc, multiple-choice
+#    accuracy) on CUDA, against its CPU figures in docs/results.md.
 # It needs no network: the interpreter must already have the CUDA build of torch and
 # fedlora's requirements (requirements.txt, requirements-nodeps.txt); it says which are missing.
 set -uo pipefail
@@ -45,5 +48,13 @@ echo "default experiment wall $((SECONDS - began)) s"
 
 echo "== step time and peak memory"
 "$PY" -P benchmarks/memory_step.py --device cuda --models minilm-l6 smollm2-135m || failed=1
+"$PY" -P benchmarks/memory_step.py --device cuda --models smollm2-135m --dtypes bfloat16 \
+    --batches 4 8 --lengths 128 256 512 --steps 3 || failed=1
+
+echo "== the language-model default on CUDA (auto: bfloat16); compare with docs/results.md"
+began=$SECONDS
+"$PY" -m fedlora run configs/llm.toml --quiet --out "$OUT/llm_cuda" 2>&1 | tail -n 12
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+echo "language-model default wall $((SECONDS - began)) s"
 echo "gpu_check: $([ $failed -eq 0 ] && echo passed || echo FAILED)"
 exit $failed
