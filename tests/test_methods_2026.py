@@ -1,0 +1,276 @@
+"""Issue 31's FedSVD.
+
+Each method's defining identities are checked with real numbers against independent numpy
+computations (float64, dense products and numpy's own SVD); then each runs 2 tiny rounds through
+``fedlora run`` with every ledger record checked against the bytes its message shapes imply, a
+1-round run resumed to 2 rounds equals the straight run, FedSVD runs under DP-SGD with A frozen,
+the declared privacy and robustness combinations run, and each refusal answers with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.config import load_config
+from fedlora.experiment import Experiment, build
+from fedlora.methods import registry
+from fedlora.preflight import check_config
+from tests.conftest import ADAPTIVE_CENTRAL, ONE, TINY, read_metrics, run_cli, timeless_metrics
+from tests.test_baselines_2025 import (
+    A_KEY,
+    B_KEY,
+    WEIGHTS,
+    D,
+    R,
+    factor_average,
+    make,
+    np64,
+    random_replies,
+)
+from tests.test_methods_server import framed
+
+NEW = ["fedsvd"]
+DP_SGD = ["privacy.mechanism=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.delta=1e-5"]
+
+
+def b_only(replies: dict) -> dict:
+    """FedSVD's replies: B alone (A is frozen on the clients)."""
+    return {c: {B_KEY: reply[B_KEY]} for c, reply in replies.items()}
+
+
+def orthogonal(seed: int, size: int, det: float) -> np.ndarray:
+    """A random orthogonal matrix (numpy QR of a Gaussian) with determinant ``det`` (±1)."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((size, size)))
+    if np.sign(np.linalg.det(q)) != det:
+        q[:, -1] = -q[:, -1]
+    return q
+
+
+def polar(matrix: np.ndarray) -> np.ndarray:
+    """The orthogonal polar factor U Vᵀ of ``matrix`` (numpy SVD)."""
+    u, _, vh = np.linalg.svd(matrix)
+    return u @ vh
+
+
+# -- FedSVD ------------------------------------------------------------------------------------
+
+
+def test_fedsvd_clients_train_and_send_b_only_and_get_both_factors() -> None:
+    method = make("fedsvd")
+    message = method.server_message(0, 0)
+    assert set(message) == {A_KEY, B_KEY}  # both factors downloaded
+    assert not method.trainable(A_KEY) and method.trainable(B_KEY)
+    assert method.expected_reply(0, message) == {B_KEY: (D, R)}
+    trained = random_replies(1)[0]
+    reply = method.client_reply(0, trained, message, {})
+    assert set(reply) == {B_KEY} and torch.equal(reply[B_KEY], trained[B_KEY])
+
+
+def test_fedsvd_refactorisation_is_the_svd_of_the_averaged_product_every_round() -> None:
+    """B′A′ = B̄A (B̄ = Σ p_i B_i), A′A′ᵀ = I, B′ᵀB′ = diag(σ²) descending with σ the numpy
+    singular values of B̄A, and A′'s row space the top-r right singular space; twice, the
+    second time from the orthonormal A of the first."""
+    method = make("fedsvd")
+    for round_index, seed in enumerate((2, 3)):
+        a_before = np64(method.global_state()[A_KEY])
+        replies = b_only(random_replies(seed))
+        method.aggregate(round_index, replies, WEIGHTS)
+        state = method.global_state()
+        b_new, a_new = np64(state[B_KEY]), np64(state[A_KEY])
+        target = factor_average(replies, B_KEY) @ a_before  # B̄A, dense
+        np.testing.assert_allclose(b_new @ a_new, target, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a_new @ a_new.T, np.eye(R), atol=1e-6)
+        _, sigma, vh = np.linalg.svd(target)
+        gram = b_new.T @ b_new
+        np.testing.assert_allclose(gram, np.diag(sigma[:R] ** 2), rtol=1e-5, atol=1e-5)
+        assert np.all(np.diff(np.diag(gram)) < 0)  # descending
+        np.testing.assert_allclose(a_new.T @ a_new, vh[:R].T @ vh[:R], atol=1e-5)
+
+
+def test_fedsvd_period_and_warmup_choose_the_refactoring_rounds() -> None:
+    """recalc_period 2, warmup 2: the SVD after rounds 4 and 6 (from 1) only; in the other
+    rounds A stays as it was and B is the plain average."""
+    method = make("fedsvd", {"recalc_period": 2, "warmup_rounds": 2})
+    assert [method.refactors(t) for t in range(6)] == [False, False, False, True, False, True]
+    a0 = method.global_state()[A_KEY].clone()
+    replies = b_only(random_replies(4))
+    method.aggregate(0, replies, WEIGHTS)
+    state = method.global_state()
+    assert torch.equal(state[A_KEY], a0)
+    np.testing.assert_allclose(np64(state[B_KEY]), factor_average(replies, B_KEY), atol=1e-6)
+
+
+def test_fedsvd_secure_mean_step_equals_the_step_on_each_reply() -> None:
+    """Declared secure aggregation: the server step from Σ p_i B_i alone is the same step."""
+    each, mean_only = make("fedsvd"), make("fedsvd")
+    replies = b_only(random_replies(5))
+    each.aggregate(0, replies, WEIGHTS)
+    mean_only.aggregate_mean(0, {B_KEY: sum(WEIGHTS[c] * replies[c][B_KEY] for c in replies)})
+    for key in (A_KEY, B_KEY):
+        torch.testing.assert_close(each.global_state()[key], mean_only.global_state()[key])
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory):
+    """``fedlora run configs/tiny/<name>.toml`` (2 rounds, 4 clients), once per method."""
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp(name) / "run"
+            code, output = run_cli(
+                "run", str(TINY / f"{name}.toml"), "--out", str(out), "--quiet", *ONE
+            )
+            assert code == 0, output
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+def sets(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def ledger(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+
+
+def message_shapes(name: str, experiment: Experiment, up: bool) -> dict[str, tuple[int, ...]]:
+    """{tensor: shape} of one message, from the model's LoRA modules (d_out, d_in, rank) and
+    head: FedSVD downloads B (d×r), A (r×k) and the head and uploads B and the head."""
+    initial = experiment.method.context.initial
+    shapes = {k: tuple(v.shape) for k, v in initial.items() if ".lora_" not in k}
+    assert shapes  # the tiny configs train the head
+    for m in experiment.slots.modules:
+        shapes[m.b] = (m.d_out, m.rank)
+        if not up:
+            shapes[m.a] = (m.rank, m.d_in)
+    return shapes
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_tiny_run_finishes_and_every_message_has_the_expected_bytes(name: str, straight) -> None:
+    run = straight(name)
+    metrics = read_metrics(run)
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for m in metrics[1:]:
+        assert math.isfinite(m["train_loss"]) and math.isfinite(m["test_loss"])
+        assert 0.0 <= m["accuracy"] <= 1.0
+    records = ledger(run)
+    assert len(records) == 2 * 2 * 4  # rounds x directions x clients
+    experiment = build(load_config(run / "config.toml"))
+    shapes = {up: message_shapes(name, experiment, up) for up in (False, True)}
+    for record in records:
+        up = record["receiver"] == "server"
+        assert record["bytes"] == framed(shapes[up]), record
+    for direction in shapes.values():  # 4 bytes a float plus a header of names and shapes
+        payload = 4 * sum(math.prod(s) for s in direction.values())
+        assert 0 < framed(direction) - payload <= 8 + sum(len(k) + 80 for k in direction)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_a_resumed_run_ends_where_the_straight_run_does(
+    name: str, straight, tmp_path: Path
+) -> None:
+    """1 round, then --resume to 2: the same metrics, ledger and checkpoint tensors (server
+    state, FedSVD's re-factorised A included) as the straight 2-round run."""
+    whole, part = straight(name), tmp_path / "part"
+    config = str(TINY / f"{name}.toml")
+    args = ("--out", str(part), "--quiet", *ONE)
+    assert run_cli("run", config, *args, "--set", "experiment.rounds=1")[0] == 0
+    (part / "config.toml").write_text((whole / "config.toml").read_text())
+    code, output = run_cli("run", config, *args, "--resume")
+    assert code == 0, output
+    assert timeless_metrics(part) == timeless_metrics(whole)
+    assert ledger(part) == ledger(whole)
+    finals = [load_file(run / "checkpoint.safetensors") for run in (whole, part)]
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_fedsvd_under_dp_sgd_trains_b_only_and_runs(tmp_path: Path) -> None:
+    """DP-SGD's noised steps move B and never A (the per-example gradients are of B and the
+    head only), and a private run finishes with ε reported and A re-factorised orthonormal."""
+    experiment = build(load_config(TINY / "fedsvd.toml", DP_SGD))
+    method = experiment.method
+    message = method.server_message(0, 0)
+    start = method.client_start(0, message, {})
+    result = experiment.trainer.train(start, experiment.clients[0], 0, 0, method.trainable)
+    modules = experiment.slots.modules
+    assert all(torch.equal(result.state[m.a], start[m.a]) for m in modules)
+    assert all(not torch.equal(result.state[m.b], start[m.b]) for m in modules)
+
+    out = tmp_path / "dp"
+    code, output = run_cli(
+        "run", str(TINY / "fedsvd.toml"), "--out", str(out), "--quiet", *sets(DP_SGD)
+    )
+    assert code == 0, output
+    metrics = read_metrics(out)[1:]
+    assert all(math.isfinite(m["train_loss"]) for m in metrics)
+    assert 0 < metrics[0]["epsilon"] < metrics[1]["epsilon"]
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    factors_a = [v.double() for k, v in adapter.items() if "lora_A" in k]
+    assert factors_a
+    for a in factors_a:
+        torch.testing.assert_close(
+            a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), rtol=0, atol=1e-6
+        )
+
+
+COMBINATIONS = {
+    "central DP": ADAPTIVE_CENTRAL,
+    "secure aggregation": ["privacy.secure_aggregation=true"],
+    "median": ["federation.aggregator=median"],
+}
+
+
+@pytest.mark.parametrize("combination", sorted(COMBINATIONS))
+@pytest.mark.parametrize("name", NEW)
+def test_declared_combinations_run(name: str, combination: str, tmp_path: Path) -> None:
+    """Both declare central DP, secure aggregation and robust aggregation: each runs."""
+    config = str(TINY / f"{name}.toml")
+    code, output = run_cli(
+        "run", config, "--out", str(tmp_path), "--quiet", *ONE, *sets(COMBINATIONS[combination])
+    )
+    assert code == 0, output
+    metrics = read_metrics(tmp_path)[1:]
+    assert len(metrics) == 2 and all(math.isfinite(m["test_loss"]) for m in metrics)
+    assert not any(m.get("skipped") for m in metrics)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "reason"),
+    [
+        ("fedsvd", ["ranks.profile=uniform"], "method 'fedsvd' trains every client at lora.rank"),
+        ("fedsvd", ["train.keep_optimizer_state=true"], "re-factorises B by an SVD"),
+        ("fedsvd", ["method.recalc_period=0"], "method.recalc_period"),
+        ("fedsvd", ["method.warmup_rounds=-1"], "method.warmup_rounds"),
+    ],
+)
+def test_refusals_give_their_reason(
+    name: str, overrides: list[str], reason: str, tmp_path: Path
+) -> None:
+    config = str(TINY / f"{name}.toml")
+    code, output = run_cli("run", config, "--out", str(tmp_path), "--quiet", *sets(overrides))
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and reason in errors[0], output
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_the_declared_compatibility_passes_the_config_checks(name: str) -> None:
+    cls = registry()[name]
+    assert cls.mean_of_replies and not cls.needs_each_reply and not cls.heterogeneous_ranks
+    for combination in COMBINATIONS.values():
+        check_config(load_config(TINY / f"{name}.toml", combination))
+    check_config(load_config(TINY / f"{name}.toml", DP_SGD))
