@@ -1,4 +1,4 @@
-"""Issue 31's FedSVD.
+"""Issue 31's FedSVD and FedRot-LoRA.
 
 Each method's defining identities are checked with real numbers against independent numpy
 computations (float64, dense products and numpy's own SVD); then each runs 2 tiny rounds through
@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from fedlora.config import load_config
 from fedlora.experiment import Experiment, build
 from fedlora.methods import registry
+from fedlora.methods.fedrot import ALIGN, BY_A, BY_B, UNALIGNED, procrustes_rotation
 from fedlora.preflight import check_config
 from tests.conftest import ADAPTIVE_CENTRAL, ONE, TINY, read_metrics, run_cli, timeless_metrics
 from tests.test_baselines_2025 import (
@@ -28,6 +29,7 @@ from tests.test_baselines_2025 import (
     B_KEY,
     WEIGHTS,
     D,
+    K,
     R,
     factor_average,
     make,
@@ -36,7 +38,7 @@ from tests.test_baselines_2025 import (
 )
 from tests.test_methods_server import framed
 
-NEW = ["fedsvd"]
+NEW = ["fedsvd", "fedrot"]
 DP_SGD = ["privacy.mechanism=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.delta=1e-5"]
 
 
@@ -117,6 +119,130 @@ def test_fedsvd_secure_mean_step_equals_the_step_on_each_reply() -> None:
         torch.testing.assert_close(each.global_state()[key], mean_only.global_state()[key])
 
 
+# -- FedRot-LoRA -------------------------------------------------------------------------------
+
+
+def test_procrustes_rotation_is_orthogonal_and_maximises_the_trace() -> None:
+    """λ > 1: RᵀR = I, tr(RᵀM) = ‖M‖_* (numpy's singular values), R = numpy's U Vᵀ."""
+    m = np.random.default_rng(6).standard_normal((4, 4))
+    rotation = procrustes_rotation(torch.from_numpy(m), 1.5).numpy()
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(4), atol=1e-12)
+    nuclear = np.linalg.svd(m, compute_uv=False).sum()
+    np.testing.assert_allclose(np.trace(rotation.T @ m), nuclear, rtol=1e-12)
+    np.testing.assert_allclose(rotation, polar(m), atol=1e-12)
+    for seed in range(5):  # no other orthogonal matrix does better
+        q = orthogonal(seed, 4, 1.0 if seed % 2 else -1.0)
+        assert np.trace(q.T @ m) < nuclear
+
+
+def test_soft_rotation_stays_in_so_r_and_moves_toward_the_identity() -> None:
+    """A cross-Gram whose Procrustes solution is a reflection: λ = 1 flips the last singular
+    pair (Kabsch, det +1, tr(RᵀM) = Σσ − 2σ_min); λ = 0.5 is the polar factor of ½I + ½R₁,
+    nearer to I than R₁; λ = 0 is I; a non-finite M leaves the factors unrotated."""
+    rng = np.random.default_rng(7)
+    u, v = orthogonal(8, 4, 1.0), orthogonal(9, 4, -1.0)
+    sigma = np.array([4.0, 3.0, 2.0, 0.5])
+    m = u @ np.diag(sigma) @ v.T  # det(U Vᵀ) = −1
+    hard = procrustes_rotation(torch.from_numpy(m), 1.5).numpy()
+    assert np.linalg.det(hard) == pytest.approx(-1.0)
+    kabsch = procrustes_rotation(torch.from_numpy(m), 1.0).numpy()
+    expected = u @ np.diag([1.0, 1.0, 1.0, -1.0]) @ v.T
+    np.testing.assert_allclose(kabsch, expected, atol=1e-12)
+    assert np.linalg.det(kabsch) == pytest.approx(1.0)
+    np.testing.assert_allclose(np.trace(kabsch.T @ m), sigma.sum() - 2 * sigma[-1], rtol=1e-12)
+    half = procrustes_rotation(torch.from_numpy(m), 0.5).numpy()
+    np.testing.assert_allclose(half, polar(0.5 * np.eye(4) + 0.5 * expected), atol=1e-12)
+    np.testing.assert_allclose(half.T @ half, np.eye(4), atol=1e-12)
+    assert np.linalg.det(half) == pytest.approx(1.0)
+    assert 0 < np.linalg.norm(half - np.eye(4)) < np.linalg.norm(kabsch - np.eye(4))
+    none = procrustes_rotation(torch.from_numpy(rng.standard_normal((4, 4))), 0.0).numpy()
+    np.testing.assert_allclose(none, np.eye(4), atol=1e-12)
+    broken = torch.full((4, 4), float("nan"), dtype=torch.float64)
+    assert torch.equal(procrustes_rotation(broken, 1.5), torch.eye(4, dtype=torch.float64))
+
+
+def test_fedrot_alignment_schedule() -> None:
+    """Round 1 unaligned, then A, B, A, … (the code's initialshare 'A'); the options move it."""
+
+    def schedule(options: dict | None = None) -> list[int]:
+        method = make("fedrot", options)
+        flags = [int(method.server_message(0, t)[ALIGN].item()) for t in range(5)]
+        assert flags == [method.alignment(t) for t in range(5)]
+        return flags
+
+    assert schedule() == [UNALIGNED, BY_A, BY_B, BY_A, BY_B]
+    assert schedule({"first": "b"}) == [UNALIGNED, BY_B, BY_A, BY_B, BY_A]
+    assert schedule({"align": "b"}) == [UNALIGNED, BY_B, BY_B, BY_B, BY_B]
+    assert schedule({"align_from_round": 1}) == [BY_A, BY_B, BY_A, BY_B, BY_A]
+    assert schedule({"align_from_round": 4}) == [UNALIGNED] * 3 + [BY_A, BY_B]
+
+
+@pytest.mark.parametrize(("round_index", "by"), [(1, "a"), (2, "b")])
+def test_fedrot_reply_is_the_procrustes_rotation_and_keeps_the_product(
+    round_index: int, by: str
+) -> None:
+    """The client's upload against numpy: M = A_i A_refᵀ (or B_iᵀ B_ref), R = U Vᵀ of numpy's
+    SVD, A_i′ = Rᵀ A_i, B_i′ = B_i R, B_i′A_i′ = B_i A_i, and the aligned factor is nearer the
+    reference; the server then averages the aligned factors as FedIT does."""
+    method = make("fedrot")
+    method.aggregate(0, random_replies(10), WEIGHTS)  # a global model with B ≠ 0
+    reference = {k: np64(v) for k, v in method.global_state().items()}
+    replies = {}
+    for client, trained in random_replies(11).items():
+        message = method.server_message(client, round_index)
+        assert set(method.client_start(client, message, {})) == {A_KEY, B_KEY}
+        assert method.expected_reply(client, message) == {B_KEY: (D, R), A_KEY: (R, K)}
+        reply = method.client_reply(client, trained, message, {})
+        b, a = np64(trained[B_KEY]), np64(trained[A_KEY])
+        cross = a @ reference[A_KEY].T if by == "a" else b.T @ reference[B_KEY]
+        rotation = polar(cross)
+        np.testing.assert_allclose(np64(reply[A_KEY]), rotation.T @ a, atol=1e-5)
+        np.testing.assert_allclose(np64(reply[B_KEY]), b @ rotation, atol=1e-5)
+        np.testing.assert_allclose(np64(reply[B_KEY]) @ np64(reply[A_KEY]), b @ a, atol=1e-5)
+        if by == "a":
+            after, before = np64(reply[A_KEY]) - reference[A_KEY], a - reference[A_KEY]
+        else:
+            after, before = np64(reply[B_KEY]) - reference[B_KEY], b - reference[B_KEY]
+        assert np.linalg.norm(after) <= np.linalg.norm(before) + 1e-6
+        replies[client] = reply
+    method.aggregate(round_index, replies, WEIGHTS)
+    for key in (A_KEY, B_KEY):
+        np.testing.assert_allclose(
+            np64(method.global_state()[key]), factor_average(replies, key), atol=1e-6
+        )
+
+
+def test_fedrot_round_one_uploads_the_trained_factors_unrotated() -> None:
+    method = make("fedrot")
+    trained = random_replies(12)[0]
+    reply = method.client_reply(0, trained, method.server_message(0, 0), {})
+    assert all(torch.equal(reply[k], trained[k]) for k in trained)
+
+
+@pytest.mark.parametrize(
+    ("rotate_lambda", "det", "exact"),
+    [(1.5, -1.0, True), (1.5, 1.0, True), (1.0, 1.0, True), (1.0, -1.0, False)],
+)
+@pytest.mark.parametrize("round_index", [1, 2])  # aligned by A, then by B
+def test_fedrot_aligns_a_client_rotated_by_a_known_q_back_exactly(
+    rotate_lambda: float, det: float, exact: bool, round_index: int
+) -> None:
+    """A client holding (B_ref Q, Qᵀ A_ref), the global model in other coordinates, uploads
+    (B_ref, A_ref): exactly for any orthogonal Q with the hard rotation, for Q in SO(r) with
+    λ = 1; a reflection Q is out of SO(r)'s reach."""
+    method = make("fedrot", {"rotate_lambda": rotate_lambda})
+    method.aggregate(0, random_replies(13), WEIGHTS)
+    reference = method.global_state()
+    q = torch.from_numpy(orthogonal(14, R, det)).float()
+    rotated = {B_KEY: reference[B_KEY] @ q, A_KEY: q.T @ reference[A_KEY]}
+    reply = method.client_reply(0, rotated, method.server_message(0, round_index), {})
+    gap = max(float((reply[k] - reference[k]).abs().max()) for k in (A_KEY, B_KEY))
+    if exact:
+        assert gap < 1e-5
+    else:
+        assert gap > 1e-2
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 
@@ -148,14 +274,17 @@ def ledger(run: Path) -> list[dict]:
 
 def message_shapes(name: str, experiment: Experiment, up: bool) -> dict[str, tuple[int, ...]]:
     """{tensor: shape} of one message, from the model's LoRA modules (d_out, d_in, rank) and
-    head: FedSVD downloads B (d×r), A (r×k) and the head and uploads B and the head."""
+    head: FedSVD downloads B (d×r), A (r×k) and the head and uploads B and the head; FedRot
+    sends the whole adapter each way, plus its 1-float alignment flag down."""
     initial = experiment.method.context.initial
     shapes = {k: tuple(v.shape) for k, v in initial.items() if ".lora_" not in k}
     assert shapes  # the tiny configs train the head
     for m in experiment.slots.modules:
         shapes[m.b] = (m.d_out, m.rank)
-        if not up:
+        if name == "fedrot" or not up:
             shapes[m.a] = (m.rank, m.d_in)
+    if name == "fedrot" and not up:
+        shapes[ALIGN] = (1,)
     return shapes
 
 
@@ -253,9 +382,13 @@ def test_declared_combinations_run(name: str, combination: str, tmp_path: Path) 
     ("name", "overrides", "reason"),
     [
         ("fedsvd", ["ranks.profile=uniform"], "method 'fedsvd' trains every client at lora.rank"),
+        ("fedrot", ["ranks.profile=uniform"], "method 'fedrot' trains every client at lora.rank"),
         ("fedsvd", ["train.keep_optimizer_state=true"], "re-factorises B by an SVD"),
         ("fedsvd", ["method.recalc_period=0"], "method.recalc_period"),
         ("fedsvd", ["method.warmup_rounds=-1"], "method.warmup_rounds"),
+        ("fedrot", ["method.rotate_lambda=-0.5"], "method.rotate_lambda"),
+        ("fedrot", ["method.align='c'"], "method.align"),
+        ("fedrot", ["method.align_from_round=0"], "method.align_from_round"),
     ],
 )
 def test_refusals_give_their_reason(
