@@ -34,9 +34,6 @@ from fedlora.config import ConfigError, DataConfig
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-FORMATS = ("text", "alpaca", "messages", "prompt_completion", "multiple_choice")
-# The columns this module writes; a file's other columns stay (as text) for natural partitions.
-ROLE_COLUMNS = ("messages", "answer", "label", "choices", "gold")
 
 
 class RecordError(ConfigError):
@@ -88,8 +85,8 @@ def required_columns(kind: str, columns: list[str], config: DataConfig) -> dict[
 
 def conversations(raw: Dataset, config: DataConfig, where: str) -> tuple[Dataset, str]:
     """``raw`` as conversations (see the module's docstring), labels as text, and the format it
-    was read in.
-    ``where`` names the source in errors (``data.dataset train.jsonl``)."""
+    was read in. ``where`` names the source in errors (``data.dataset train.jsonl``); a file's
+    other columns stay, as text, for natural partitions."""
     kind = detect_format(raw.column_names, config)
     columns = required_columns(kind, raw.column_names, config)
     for setting, column in columns.items():
