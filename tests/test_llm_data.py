@@ -380,3 +380,17 @@ def test_built_in_names_never_touch_the_network_with_offline_mode_unset(tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "network calls: 0 []" in done.stdout
+
+
+def test_a_hub_model_without_network_is_one_line_naming_the_hub(monkeypatch) -> None:
+    """A hub model id with offline mode unset and the hub out of reach: read from the local
+    cache only (no retries), and the error says the hub cannot be reached."""
+    from fedlora.models import model_spec
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"the hub \(http://127.0.0.1:9\) cannot be reached"):
+        model_spec("nobody/no-such-model-xyz")
+    assert time.monotonic() - start < 10
