@@ -79,6 +79,7 @@ METHOD_COLOURS = {
     "fedsa": "#a6cee3",
     "fedsvd": "#e6ab02",
     "fedrot": "#1b9e77",
+    "ravan": "#66a61e",
 }
 UNKNOWN_COLOUR = "#555555"  # a run whose config names no known method
 # An arm's variant within its method: line style and marker, in order of first appearance.
