@@ -1,12 +1,13 @@
-"""Issue 31's RAVAN.
+"""Issue 31's RAVAN and Dec-LoRA with a frozen A.
 
-Its defining identities are checked with real numbers against independent numpy computations
-(float64, dense products): RAVAN's average of the cores s_i H_i is the average of the clients'
-updates, its bases are shared and orthonormal, and its optimizer trains H_i and s_i as their
-own parametrisation does. Then it runs 2 tiny rounds through ``fedlora run`` with every ledger
-record checked against the bytes its message shapes imply, a 1-round run resumed to 2 rounds
-equals the straight run, the declared privacy and robustness combinations run, and each refusal
-answers with its reason.
+Each method's defining identities are checked with real numbers against independent numpy
+computations (float64, dense products, numpy's own eigenvalues): RAVAN's average of the cores
+s_i H_i is the average of the clients' updates, its bases are shared and orthonormal, and its
+optimizer trains H_i and s_i as their own parametrisation does; frozen-A gossip leaves A alone,
+keeps the mean of B and contracts B's consensus error by at most λ2 a step. Then each runs 2 tiny
+rounds through ``fedlora run`` with every ledger record checked against the bytes its message
+shapes imply, a 1-round run resumed to 2 rounds equals the straight run, the declared privacy and
+robustness combinations run, and each refusal answers with its reason.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import config_from_dict, load_config
+from fedlora.engines.gossip import consensus_distance
 from fedlora.experiment import Experiment, build
 from fedlora.methods import registry
 from fedlora.methods.base import MethodContext
+from fedlora.methods.declora import DecLoRA, DecLoRAOptions
 from fedlora.methods.ravan import CORES, Ravan, RavanOptions, head_optimizer, orthonormal_heads
 from fedlora.models import load_base_model, load_tokenizer
 from fedlora.preflight import check_config
 from fedlora.tensors import LoraModule
+from fedlora.topology import erdos_renyi, metropolis_hastings, ring, ring_weights
 from tests.conftest import (
     ADAPTIVE_CENTRAL,
     ONE,
@@ -219,9 +223,111 @@ def test_ravan_secure_mean_step_equals_the_step_on_each_reply() -> None:
         torch.testing.assert_close(value, mean_only.global_state()[key])
 
 
+# -- Dec-LoRA with a frozen A ------------------------------------------------------------------
+
+NODES = 6
+
+
+def frozen_declora() -> DecLoRA:
+    config = config_from_dict({"lora": {"rank": 2}, "method": {"name": "declora"}})
+    generator = torch.Generator().manual_seed(0)
+    initial = {
+        B_KEY: torch.zeros(D, 2, dtype=torch.float64),
+        A_KEY: torch.randn(2, K, generator=generator, dtype=torch.float64),
+        HEAD: torch.zeros(3, 4, dtype=torch.float64),
+    }
+    context = MethodContext(config, [LoraModule("m", D, K, 2, 1.0)], initial, [10] * NODES)
+    return DecLoRA(context, DecLoRAOptions(freeze_a=True))
+
+
+def trained_nodes(method: DecLoRA, seed: int, direction: np.ndarray | None = None) -> list[dict]:
+    """Every node's full model after local steps: the frozen A, its own B and head (B_i =
+    direction_i · M for one matrix M when ``direction`` is given)."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(D, 2, generator=generator, dtype=torch.float64)
+    nodes = []
+    for node in range(NODES):
+        b = torch.randn(D, 2, generator=generator, dtype=torch.float64)
+        if direction is not None:
+            b = float(direction[node]) * common
+        head = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        nodes.append({**method.own_model(node, {}), B_KEY: b, HEAD: head})
+    return nodes
+
+
+def gossip_step(method: DecLoRA, nodes: list[dict], w: np.ndarray) -> list[dict]:
+    """One round's exchange through the method's hooks: replies, mix with row i of W, keep."""
+    messages = [method.client_reply(i, nodes[i], {}, {}) for i in range(NODES)]
+    mixed = []
+    for i in range(NODES):
+        row = {j: float(w[i, j]) for j in range(NODES) if w[i, j] > 0}
+        store: dict = {}
+        method.keep(store, method.mix(i, {j: messages[j] for j in row}, row))
+        mixed.append(method.client_start(i, {}, store))
+    return mixed
+
+
+GRAPHS = {
+    "ring": lambda: ring_weights(ring(NODES)),
+    "erdos_renyi": lambda: metropolis_hastings(erdos_renyi(NODES, 0.5, 3)),
+}
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_frozen_a_gossip_keeps_a_and_the_mean_of_b_and_is_numpys_w_times_b(graph: str) -> None:
+    """A never moves and never leaves the node; each node's B is numpy's Σ_j w_ij B_j (so the
+    products mix exactly: B_i′A = Σ_j w_ij B_j A), the mean of B and of the products is kept."""
+    method, w = frozen_declora(), GRAPHS[graph]()
+    a0 = np64(method.context.initial[A_KEY])
+    assert not method.trainable(A_KEY) and method.trainable(B_KEY)
+    assert method.message_schema({A_KEY: (2, K), B_KEY: (D, 2), HEAD: (3, 4)}) == {
+        B_KEY: (D, 2),
+        HEAD: (3, 4),
+    }
+    nodes = trained_nodes(method, seed=1)
+    assert A_KEY not in method.client_reply(0, nodes[0], {}, {})
+    mixed = gossip_step(method, nodes, w)
+    stack = np.stack([np64(n[B_KEY]) for n in nodes])
+    expected = np.einsum("ij,jdr->idr", w, stack)
+    for i, node in enumerate(mixed):
+        np.testing.assert_array_equal(np64(node[A_KEY]), a0)
+        np.testing.assert_allclose(np64(node[B_KEY]), expected[i], atol=1e-12)
+        np.testing.assert_allclose(
+            np64(node[B_KEY]) @ a0, sum(w[i, j] * stack[j] @ a0 for j in range(NODES)), atol=1e-12
+        )
+    mixed_stack = np.stack([np64(n[B_KEY]) for n in mixed])
+    np.testing.assert_allclose(mixed_stack.mean(0), stack.mean(0), atol=1e-12)
+    np.testing.assert_allclose(
+        np.mean([b @ a0 for b in mixed_stack], 0), np.mean([b @ a0 for b in stack], 0), atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_frozen_a_consensus_error_contracts_by_at_most_lambda2_per_step(graph: str) -> None:
+    """‖B′ − B̄‖ ≤ |λ2(W)|·‖B − B̄‖ over three mixing steps from random B (λ2 from numpy's
+    eigenvalues), with equality when B starts along λ2's eigenvector; A stays one matrix."""
+    method, w = frozen_declora(), GRAPHS[graph]()
+    eigenvalues, vectors = np.linalg.eigh(w)
+    order = np.argsort(-np.abs(eigenvalues))  # 1 first, then the largest other |λ|
+    lambda2 = abs(eigenvalues[order[1]])
+    assert lambda2 < 1
+    names = [A_KEY, B_KEY]
+    nodes = trained_nodes(method, seed=2)
+    for _ in range(3):
+        before = math.sqrt(consensus_distance(nodes, names))
+        nodes = gossip_step(method, nodes, w)
+        after = math.sqrt(consensus_distance(nodes, names))
+        assert 0 < after <= lambda2 * before * (1 + 1e-9)
+        assert all(torch.equal(n[A_KEY], method.context.initial[A_KEY]) for n in nodes)
+    nodes = trained_nodes(method, seed=3, direction=vectors[:, order[1]])
+    before = math.sqrt(consensus_distance(nodes, names))
+    after = math.sqrt(consensus_distance(gossip_step(method, nodes, w), names))
+    assert after == pytest.approx(lambda2 * before, rel=1e-9)
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
-TINY_RUNS = ["ravan"]
+TINY_RUNS = ["ravan", "declora_frozen_a"]
 
 
 def head_shapes(experiment: Experiment) -> dict[str, tuple[int, ...]]:
@@ -240,6 +346,16 @@ def ravan_message(experiment: Experiment) -> dict[str, tuple[int, ...]]:
     shapes = head_shapes(experiment)
     for m in experiment.slots.modules:
         shapes[m.key + CORES] = (heads, head_rank, head_rank)
+    return shapes
+
+
+def gossip_message(experiment: Experiment, with_a: bool) -> dict[str, tuple[int, ...]]:
+    """A node's message: B (d_out × r) per module, A (r × d_in) unless frozen, and the head."""
+    shapes = head_shapes(experiment)
+    for m in experiment.slots.modules:
+        shapes[m.b] = (m.d_out, m.rank)
+        if with_a:
+            shapes[m.a] = (m.rank, m.d_in)
     return shapes
 
 
@@ -294,6 +410,41 @@ def test_tiny_ravan_run_sends_only_cores_and_exports_a_standard_lora_adapter(str
         torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=0)
 
 
+def test_tiny_frozen_a_run_never_sends_or_moves_a(straight) -> None:
+    """Each of the 2 × 8 directed ring messages is B and the head (the bytes of those shapes,
+    less than Dec-LoRA's B, A and head); every node's exported A is the common initial A; the
+    consensus metrics are finite and shrink in the mix."""
+    run = straight("declora_frozen_a")
+    for m in finite_rounds(run):
+        assert m["consensus_distance"] < m["consensus_before_mix"]
+    experiment = build(load_config(run / "config.toml"))
+    expected = framed(gossip_message(experiment, with_a=False))
+    records = ledger(run)
+    assert len(records) == 2 * 8
+    assert all(record["bytes"] == expected for record in records)
+    assert expected < framed(gossip_message(experiment, with_a=True))
+    initial = experiment.method.context.initial
+    for node in range(4):
+        adapter = load_file(run / "adapters" / f"client_{node}" / "adapter_model.safetensors")
+        for m in experiment.slots.modules:
+            assert torch.equal(adapter[m.a], initial[m.a])
+    stores = load_file(run / "checkpoint.safetensors")
+    assert not any(k.startswith("store/") and ".lora_A." in k for k in stores)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_frozen_a_local_steps_move_b_and_never_a(private: bool) -> None:
+    """A node's local steps on the tiny model, plain and under DP-SGD, leave every A as the
+    common init and move every B."""
+    experiment = build(load_config(TINY / "declora_frozen_a.toml", DP_SGD if private else []))
+    method = experiment.method
+    start = method.client_start(0, {}, {})
+    result = experiment.trainer.train(start, experiment.clients[0], 0, 0, method.trainable)
+    for m in experiment.slots.modules:
+        assert torch.equal(result.state[m.a], method.context.initial[m.a])
+        assert not torch.equal(result.state[m.b], start[m.b])
+
+
 @pytest.mark.parametrize("name", TINY_RUNS)
 def test_a_resumed_run_ends_where_the_straight_run_does(
     name: str, straight, tmp_path: Path
@@ -318,6 +469,12 @@ COMBINATIONS = {
     ("ravan", "secure aggregation"): ["privacy.secure_aggregation=true"],
     ("ravan", "median"): ["federation.aggregator=median"],
     ("ravan", "DP-SGD"): DP_SGD,
+    ("declora_frozen_a", "DP-SGD"): DP_SGD,
+    ("declora_frozen_a", "CHOCO 4-bit"): [
+        "topology.quantize_bits=4",
+        "topology.error_feedback=true",
+        "topology.consensus_step=0.5",
+    ],
 }
 
 
@@ -341,6 +498,16 @@ def test_declared_combinations_run(name: str, combination: str, tmp_path: Path) 
         ("ravan", ["method.heads=3"], "choose heads dividing lora.rank"),
         ("ravan", ["method.heads=0"], "method.heads"),
         ("ravan", ["lora.rank=64", "method.heads=1"], "heads have rank 64, more than"),
+        ("declora_frozen_a", ["topology.mix_space='products'"], "mix_space 'products'"),
+        ("declora_frozen_a", ["method.freeze_a='sometimes'"], "method.freeze_a"),
+        (
+            "declora_frozen_a",
+            ["ranks.profile=uniform"],
+            "method 'declora' trains every client at lora.rank",
+        ),
+        ("declora_frozen_a", ADAPTIVE_CENTRAL, "does not aggregate by a mean of client updates"),
+        ("declora_frozen_a", ["privacy.secure_aggregation=true"], "'gossip' engine"),
+        ("declora_frozen_a", ["federation.aggregator=median"], "does not aggregate by a mean"),
     ],
 )
 def test_refusals_give_their_reason(
@@ -354,9 +521,10 @@ def test_refusals_give_their_reason(
 
 def test_the_declared_compatibility_passes_the_config_checks() -> None:
     """RAVAN: a mean of replies (robust rules, central DP) that needs nothing but the mean
-    (secure aggregation), DP-SGD."""
+    (secure aggregation), DP-SGD; Dec-LoRA with a frozen A: DP-SGD on the gossip engine."""
     cls = registry()["ravan"]
     assert cls.mean_of_replies and not cls.needs_each_reply and not cls.heterogeneous_ranks
     for combination in (ADAPTIVE_CENTRAL, ["privacy.secure_aggregation=true"], DP_SGD):
         check_config(load_config(TINY / "ravan.toml", combination))
     check_config(load_config(TINY / "ravan.toml", ["federation.aggregator=trimmed_mean"]))
+    check_config(load_config(TINY / "declora_frozen_a.toml", DP_SGD))

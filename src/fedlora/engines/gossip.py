@@ -80,8 +80,10 @@ class GossipEngine(SimulationEngine):
             contractive=config.topology.error_feedback,
         )
         self.channel = Channel(codec=self.codec)
-        self.shapes = experiment.slots.shapes()
-        self.factors = [name for m in experiment.slots.modules for name in (m.a, m.b)]
+        self.shapes = self.method.message_schema(experiment.slots.shapes())
+        # The factors the nodes exchange (a frozen factor is the same on every node: no spread).
+        modules = experiment.slots.modules
+        self.factors = [name for m in modules for name in (m.a, m.b) if name in self.shapes]
         self.timing: dict[str, float] = {}  # this round's local-training and gossip seconds
 
     def states(self) -> list[TensorDict]:
@@ -156,7 +158,7 @@ class GossipEngine(SimulationEngine):
             estimates = {i: own_q, **received[i]}
             for j, q in estimates.items():
                 hat = stored(self.stores[i], hat_prefix(j)) or dict(initial)
-                estimates[j] = {k: hat[k] + q[k] for k in hat}
+                estimates[j] = {k: hat[k] + q[k] for k in q}
                 store_under(self.stores[i], hat_prefix(j), estimates[j])
             target = self.method.mix(i, estimates, self._row(graph, i))
             mixed[i] = {

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from pydantic import BaseModel
 
+from fedlora.channel import Schema
 from fedlora.methods.base import Method, MethodContext, store_under, stored
 from fedlora.tensors import TensorDict
 
@@ -62,6 +63,11 @@ class PeerMethod(Method):
 
     def keep(self, store: TensorDict, state: TensorDict) -> None:
         store_under(store, MODEL, state)
+
+    def message_schema(self, shapes: Schema) -> Schema:
+        """The names and shapes of a node's message to its neighbours, given the adapter's
+        (``shapes``); what a receiver accepts. Default: the whole adapter."""
+        return shapes
 
     @abstractmethod
     def mix(
