@@ -265,9 +265,12 @@ def test_the_methods_that_support_secure_aggregation() -> None:
         "fedftg",
         "fedftg_code_compat",
         "fedit",
+        "fedrot",
         "fedsa",
+        "fedsvd",
         "ffa",
         "frlora",
+        "ravan",
         "rolora",
     ]
 
