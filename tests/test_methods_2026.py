@@ -314,7 +314,12 @@ def test_a_resumed_run_ends_where_the_straight_run_does(
 ) -> None:
     """1 round, then --resume to 2: the same metrics, ledger and checkpoint tensors (server
     state, FedSVD's re-factorised A included) as the straight 2-round run."""
-    whole, part = straight(name), tmp_path / "part"
+    assert_resumes_exactly(name, straight(name), tmp_path / "part")
+
+
+def assert_resumes_exactly(name: str, whole: Path, part: Path) -> None:
+    """Run ``name``'s tiny config for 1 round into ``part``, resume it to the 2 rounds of the
+    straight run ``whole``: the same metrics, ledger and checkpoint tensors."""
     config = str(TINY / f"{name}.toml")
     args = ("--out", str(part), "--quiet", *ONE)
     assert run_cli("run", config, *args, "--set", "experiment.rounds=1")[0] == 0

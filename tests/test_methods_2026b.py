@@ -39,10 +39,9 @@ from tests.conftest import (
     TINY,
     read_metrics,
     run_cli,
-    timeless_metrics,
 )
 from tests.test_baselines_2025 import np64
-from tests.test_methods_2026 import DP_SGD, ledger, sets
+from tests.test_methods_2026 import DP_SGD, assert_resumes_exactly, ledger, sets
 from tests.test_methods_2026 import straight as straight  # the tiny runs, once per module
 from tests.test_methods_server import framed
 
@@ -450,18 +449,7 @@ def test_a_resumed_run_ends_where_the_straight_run_does(
     name: str, straight, tmp_path: Path
 ) -> None:
     """1 round, then --resume to 2: the same metrics, ledger and checkpoint tensors."""
-    whole, part = straight(name), tmp_path / "part"
-    config = str(TINY / f"{name}.toml")
-    args = ("--out", str(part), "--quiet", *ONE)
-    assert run_cli("run", config, *args, "--set", "experiment.rounds=1")[0] == 0
-    (part / "config.toml").write_text((whole / "config.toml").read_text())
-    code, output = run_cli("run", config, *args, "--resume")
-    assert code == 0, output
-    assert timeless_metrics(part) == timeless_metrics(whole)
-    assert ledger(part) == ledger(whole)
-    finals = [load_file(run / "checkpoint.safetensors") for run in (whole, part)]
-    assert finals[0].keys() == finals[1].keys()
-    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert_resumes_exactly(name, straight(name), tmp_path / "part")
 
 
 COMBINATIONS = {
