@@ -399,8 +399,14 @@ def test_declared_combinations_run(name: str, combination: str, tmp_path: Path) 
 def test_refusals_give_their_reason(
     name: str, overrides: list[str], reason: str, tmp_path: Path
 ) -> None:
+    assert_refused(name, overrides, reason, tmp_path)
+
+
+def assert_refused(name: str, overrides: list[str], reason: str, out: Path) -> None:
+    """``name``'s tiny config with ``overrides`` stops with exit 2 and one error line that
+    gives ``reason``."""
     config = str(TINY / f"{name}.toml")
-    code, output = run_cli("run", config, "--out", str(tmp_path), "--quiet", *sets(overrides))
+    code, output = run_cli("run", config, "--out", str(out), "--quiet", *sets(overrides))
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and reason in errors[0], output
 

@@ -41,7 +41,13 @@ from tests.conftest import (
     run_cli,
 )
 from tests.test_baselines_2025 import np64
-from tests.test_methods_2026 import DP_SGD, assert_resumes_exactly, ledger, sets
+from tests.test_methods_2026 import (
+    DP_SGD,
+    assert_refused,
+    assert_resumes_exactly,
+    ledger,
+    sets,
+)
 from tests.test_methods_2026 import straight as straight  # the tiny runs, once per module
 from tests.test_methods_server import framed
 
@@ -501,10 +507,7 @@ def test_declared_combinations_run(name: str, combination: str, tmp_path: Path) 
 def test_refusals_give_their_reason(
     name: str, overrides: list[str], reason: str, tmp_path: Path
 ) -> None:
-    config = str(TINY / f"{name}.toml")
-    code, output = run_cli("run", config, "--out", str(tmp_path), "--quiet", *sets(overrides))
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and reason in errors[0], output
+    assert_refused(name, overrides, reason, tmp_path)
 
 
 def test_the_declared_compatibility_passes_the_config_checks() -> None:
