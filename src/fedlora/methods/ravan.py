@@ -56,7 +56,7 @@ from fedlora.methods.base import MethodContext
 from fedlora.methods.factors import head_of
 from fedlora.methods.fedit import FedIT
 from fedlora.tensors import LoraModule, TensorDict
-from fedlora.training import derived_seed, parameter_groups, standard_optimizer
+from fedlora.training import derived_seed, standard_optimizer
 
 CORES = ".ravan_H"  # suffix to a module key: its h cores, h × r_h × r_h
 SCALES = ".ravan_s"  # suffix to a slot-B name: the optimizer's h scalars (never on the wire)
@@ -104,13 +104,12 @@ def head_optimizer() -> Callable[..., torch.optim.Optimizer]:
     ``torch.optim.Optimizer``, and defining it when the registry imports this module would
     load torch for every config check (``fedlora.lazy``)."""
 
-    class HeadOptimizer(torch.optim.Optimizer):
-        """Trains the cores H_i and scalars s_i of slot B = [s_i B_i H_i] through the slot.
+    from fedlora.core_optimizer import SlotOptimizer
 
-        Its own param groups are the slot tensors (the trainer's zero_grad, schedule and
-        gradient scaler act on them); the inner optimizer (``[train]``'s AdamW or SGD) holds
-        H (h × r_h × r_h) and s (h) per module and the other tensors, and its state is this
-        optimizer's state. H starts as B_iᵀ·(slot block i), s at 1."""
+    class HeadOptimizer(SlotOptimizer):
+        """Trains the cores H_i and scalars s_i of slot B = [s_i B_i H_i] through the slot;
+        the inner optimizer holds H (h × r_h × r_h) and s (h) per module and the other
+        tensors. H starts as B_iᵀ·(slot block i), s at 1."""
 
         def __init__(
             self,
@@ -118,7 +117,7 @@ def head_optimizer() -> Callable[..., torch.optim.Optimizer]:
             bases: dict[str, torch.Tensor],
             config: TrainConfig,
         ) -> None:
-            super().__init__(parameter_groups(params, config), {"lr": config.lr})
+            super().__init__(params, config)
             self.bases = {
                 p: bases[name].to(p.device, p.dtype) for name, p in params if name in bases
             }
@@ -138,8 +137,7 @@ def head_optimizer() -> Callable[..., torch.optim.Optimizer]:
 
         @torch.no_grad()
         def step(self, closure: Callable[[], float] | None = None) -> None:
-            for outer, group in zip(self.param_groups, self.inner.param_groups, strict=True):
-                group["lr"] = outer["lr"]
+            self.sync_learning_rates()
             for p, u in self.bases.items():
                 core, scale = self.cores[p], self.scales[p]
                 if p.grad is None:
@@ -151,12 +149,6 @@ def head_optimizer() -> Callable[..., torch.optim.Optimizer]:
             self.inner.step()
             for p, u in self.bases.items():
                 p.copy_(slot_b_of(u, self.scales[p][:, None, None] * self.cores[p]))
-
-        def state_dict(self) -> dict:
-            return self.inner.state_dict()
-
-        def load_state_dict(self, state_dict: dict) -> None:
-            self.inner.load_state_dict(state_dict)
 
     return HeadOptimizer
 
