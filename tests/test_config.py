@@ -71,6 +71,34 @@ def test_overrides_parse_toml_values() -> None:
     assert config.train.lr == 0.25 and config.partition.num_clients == 3
 
 
+def test_a_bare_word_for_a_text_key_stays_a_word() -> None:
+    """``nan``, ``inf``, ``true`` and ``1e-3`` parse as TOML floats and booleans; a key whose
+    schema type is a string or a choice of words keeps them as written."""
+    config = load_config(
+        TINY / "fedit.toml",
+        ["attack.kind=nan", "experiment.name=true", "method.name=fedit", "model.name=1e-3"],
+    )
+    assert (config.attack.kind, config.experiment.name, config.model.name) == (
+        "nan",
+        "true",
+        "1e-3",
+    )
+    assert parse_override("experiment.name=inf") == (["experiment", "name"], "inf")
+    assert parse_override("experiment.name='quoted'") == (["experiment", "name"], "quoted")
+    assert parse_override("train.lr=inf") == (["train", "lr"], float("inf"))  # a number key
+
+
+def test_a_value_of_the_wrong_kind_says_what_set_read(tmp_path: Path) -> None:
+    code, output = run_cli("run", str(TINY / "fedit.toml"), "--set", "train.lr=fast")
+    assert code == 2
+    assert "train.lr: Input should be a valid number" in output
+    assert "--set train.lr=fast: read as the text 'fast'" in output
+    assert "put quotes around text" in output
+    flag = "log.tensorboard=maybe"
+    code, output = run_cli("run", str(TINY / "fedit.toml"), "--set", flag, "--out", str(tmp_path))
+    assert code == 2 and "--set log.tensorboard=maybe: read as the text 'maybe'" in output
+
+
 def test_overriding_steps_or_epochs_replaces_the_other() -> None:
     epochs = TINY.parent / "paper" / "fslora_het.toml"  # written in local_epochs
     config = load_config(epochs, ["train.local_steps=4"])

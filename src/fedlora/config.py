@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -441,6 +442,25 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class LogConfig(Section):
+    """Experiment trackers, each optional (``pip install 'fedlora[trackers]'``) and off by
+    default; they get the per-round metrics, the resolved config, the bytes totals, the
+    adapter and the figures (``fedlora.trackers``)."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard")
+    mlflow: bool = Field(
+        False,
+        description="an MLflow run: MLFLOW_TRACKING_URI, else a file store beside the run "
+        "directory (<run>/../mlruns)",
+    )
+    wandb: bool = Field(
+        False, description="a Weights & Biases run in <run>/wandb (WANDB_MODE=offline honoured)"
+    )
+    project: str = Field(
+        "fedlora", min_length=1, description="the MLflow experiment and the W&B project"
+    )
+
+
 class Config(Section):
     experiment: ExperimentConfig = ExperimentConfig()
     model: ModelConfig = ModelConfig()
@@ -456,11 +476,14 @@ class Config(Section):
     attack: AttackConfig = AttackConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     method: MethodConfig = MethodConfig()
+    log: LogConfig = LogConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML when it
-    parses (numbers, booleans, lists) and as a plain string otherwise."""
+    """``section.key=value`` -> (["section", "key"], value). The value is read as TOML when it
+    parses (numbers, booleans, lists) and as a plain string otherwise, except for a key whose
+    schema type is text (a string or a choice of words): there the bare word is kept as written,
+    so ``attack.kind=nan`` is the word nan, not the float, and ``experiment.name=true`` a name."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
@@ -471,7 +494,56 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    if not isinstance(value, str) and takes_text_only(schema_type(path)):
+        value = raw.strip()
     return path, value
+
+
+def schema_type(path: list[str]) -> Any:
+    """The schema's type of ``section.key``; None where the schema does not fix one (a
+    method's own options, an unknown key)."""
+    if len(path) != 2 or path[0] not in Config.model_fields:
+        return None
+    section = Config.model_fields[path[0]].annotation
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return None
+    field = section.model_fields.get(path[1])
+    return field.annotation if field is not None else None
+
+
+def takes_text_only(annotation: Any) -> bool:
+    """A string, a choice of words, or either one or None: a bare word means itself."""
+    if annotation is str:
+        return True
+    args = get_args(annotation)
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return all(isinstance(arg, str) for arg in args)
+    if origin is Annotated:
+        return takes_text_only(args[0])
+    if origin in (Union, UnionType):
+        kinds = [arg for arg in args if arg is not type(None)]
+        return bool(kinds) and all(takes_text_only(arg) for arg in kinds)
+    return False
+
+
+def described_value(value: Any) -> str:
+    """What ``--set`` read a value as, in words, for an error message."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return f"the list {value}"
+    if isinstance(value, dict):
+        return "a table"
+    return f"the text {value!r}"
+
+
+OVERRIDE_SYNTAX = (
+    "--set reads numbers, true/false and [lists] as TOML and anything else as text; put quotes "
+    "around text that would read as one of those: --set 'section.key=\"true\"'"
+)
 
 
 # Keys that are alternatives to each other: overriding one drops the other from the file, so
@@ -513,11 +585,26 @@ def describe_validation_error(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """The validated config; a mistake in a key that ``overrides`` set also says what ``--set``
+    read its value as, and how to write it."""
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from None
+        message = describe_validation_error(error)
+        hints = override_hints(error, overrides or [])
+        raise ConfigError("\n".join([message, *hints])) from None
+
+
+def override_hints(error: ValidationError, overrides: list[str]) -> list[str]:
+    """One line per ``--set`` whose key the error names: what its value was read as."""
+    wrong = {tuple(str(part) for part in item["loc"][:2]) for item in error.errors()}
+    hints = []
+    for text in overrides:
+        path, value = parse_override(text)
+        if tuple(path[:2]) in wrong:
+            hints.append(f"--set {text}: read as {described_value(value)}")
+    return [*hints, OVERRIDE_SYNTAX] if hints else []
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
@@ -528,4 +615,4 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return config_from_dict(apply_overrides(data, overrides or []), overrides)
