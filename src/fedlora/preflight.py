@@ -8,6 +8,7 @@ from __future__ import annotations
 from fedlora import compute as computes
 from fedlora.compute import Compute
 from fedlora.config import Config, ConfigError, round_size
+from fedlora.extras import require
 from fedlora.methods import method_class, method_options, registry
 from fedlora.privacy.refusals import check_privacy
 from fedlora.ranks import client_ranks
@@ -41,10 +42,22 @@ def check_config(config: Config) -> None:
     check_reliability(config)
     check_secure_aggregation(config)
     check_privacy(config)
+    check_extras(config)
     if config.eval.lm_eval_tasks:  # the model's task and lm-eval's index: transformers, lm-eval
         from fedlora.harness import check_run_tasks
 
         check_run_tasks(config)
+
+
+def check_extras(config: Config) -> None:
+    """Every optional part the config asks for is installed (``fedlora.extras``)."""
+    if config.privacy.mechanism != "none":
+        require("dp_accounting", "privacy", f"privacy.mechanism {config.privacy.mechanism!r}")
+    if config.eval.lm_eval_tasks:
+        require("lm_eval", "eval", "eval.lm_eval_tasks")
+    for tracker in ("tensorboard", "mlflow", "wandb"):
+        if getattr(config.log, tracker):
+            require(tracker, "trackers", f"log.{tracker} = true")
 
 
 def check_workers(config: Config, device: str) -> None:

@@ -19,19 +19,24 @@ A sample of the whole population (q = 1) is the plain Gaussian mechanism, of sen
 
 The RDP of one step is computed once per (sampling, z) and scaled by the step count: RDP composes
 additively, so k steps cost one multiplication, not k compositions.
+
+``dp-accounting`` is the ``[privacy]`` extra: it is imported when a private run first accounts,
+so a run without privacy never needs it (``fedlora.preflight`` names the extra when it is
+missing).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import dp_accounting
 import numpy as np
-from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 SamplingKind = Literal["poisson", "fixed"]
 
@@ -50,6 +55,8 @@ class Sampling:
 
     @property
     def relation(self) -> dp_accounting.NeighboringRelation:
+        import dp_accounting
+
         if self.kind == "poisson":
             return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
         return dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -60,6 +67,8 @@ class Sampling:
 
     def event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
         """One step with noise std ``noise_multiplier`` · clip norm."""
+        import dp_accounting
+
         if self.kind == "poisson":
             gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
             return dp_accounting.PoissonSampledDpEvent(self.rate, gaussian)
@@ -70,19 +79,28 @@ class Sampling:
         )
 
 
+def default_orders() -> tuple[float, ...]:
+    """dp-accounting's RDP orders."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+
+
 @dataclass(frozen=True)
 class StepAccountant:
     """ε after any number of steps of one sampling at one noise multiplier."""
 
     sampling: Sampling
     noise_multiplier: float
-    orders: tuple[float, ...] = tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    orders: tuple[float, ...] = field(default_factory=default_orders)
 
     @cached_property
     def step_rdp(self) -> np.ndarray:
         """The RDP of one step at every order (infinite without noise)."""
         if self.noise_multiplier == 0:
             return np.full(len(self.orders), np.inf)
+        from dp_accounting.rdp import RdpAccountant
+
         accountant = RdpAccountant(list(self.orders), self.sampling.relation)
         return np.asarray(accountant.compose(self.sampling.event(self.noise_multiplier)).rdp)
 
@@ -92,6 +110,8 @@ class StepAccountant:
     def epsilon(self, steps: int, delta: float) -> float:
         if steps == 0:
             return 0.0
+        from dp_accounting.rdp import rdp_privacy_accountant
+
         epsilon, _ = rdp_privacy_accountant.compute_epsilon(self.orders, self.rdp(steps), delta)
         return float(epsilon)
 
@@ -103,6 +123,9 @@ def solve_noise_multiplier(
     ``target_epsilon`` at ``delta`` (dp-accounting's calibration: a bracket, then Brent)."""
     if steps == 0:
         return 0.0
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
     return float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: RdpAccountant(neighboring_relation=sampling.relation),
