@@ -26,31 +26,51 @@ class Section(BaseModel):
 
 
 class ExperimentConfig(Section):
-    name: str = "experiment"
-    seed: int = 0
-    rounds: int = Field(10, ge=1)
+    name: str = Field(
+        "experiment", description="run name; the default run directory is `runs/<name>`"
+    )
+    seed: int = Field(
+        0,
+        description="seeds the model init, the partition, client sampling, batches, dropout "
+        "and sketches",
+    )
+    rounds: int = Field(10, ge=1, description="communication rounds")
 
 
 class ModelConfig(Section):
     name: str = Field(
         "minilm-l6",
-        description="minilm-l6, smollm2-135m, tiny-bert, tiny-llama, or a local HF directory",
+        description="`minilm-l6` (sequence classification), `smollm2-135m` (causal LM), "
+        "`tiny-bert` or `tiny-llama` (random initialisation, for tests), a local Hugging Face "
+        "directory, or a hub id",
     )
-    max_length: int = Field(128, ge=8, le=4096)
+    max_length: int = Field(
+        128, ge=8, le=4096, description="tokens per example (prompt + answer for causal LMs)"
+    )
     quantize_4bit: bool = Field(
-        False, description="NF4 frozen base (bitsandbytes, fp32 compute; linears need in % 64 == 0)"
+        False,
+        description="freeze the base in NF4 (bitsandbytes; every linear layer's input width "
+        "must be a multiple of 64)",
     )
 
 
 class LoraConfig(Section):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="None: the model's default")
-    train_head: bool = Field(True, description="train and communicate the classifier head")
-    init_seed: int | None = Field(None, description="seed of the common A init; None: the run seed")
+    rank: int = Field(
+        8, ge=1, description="LoRA rank (the maximum rank when client ranks differ: `[ranks]`)"
+    )
+    alpha: float = Field(16.0, gt=0, description="scale s = α/r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | None = Field(
+        None,
+        description="the modules that get LoRA factors; none: the model's default (BERT: query, "
+        "key, value; LLaMA: q/k/v/o_proj)",
+    )
+    train_head: bool = Field(True, description="train and communicate the classification head")
+    init_seed: int | None = Field(
+        None, description="seed of the common A initialisation; none: the run seed"
+    )
     rslora: bool = Field(
-        False, description="scale s = alpha/sqrt(r) (rsLoRA) instead of alpha/r (§1.1)"
+        False, description="scale s = α/√r (rsLoRA) instead of α/r (algorithms.md §1.1)"
     )
 
 
@@ -65,49 +85,96 @@ DataFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion", 
 class DataConfig(Section):
     dataset: str = Field(
         "bbc-news",
-        description="bbc-news, bbc-news-mc, chatterbot, a .jsonl/.json/.csv/.parquet path, or a "
-        "hub dataset id",
+        description="`bbc-news` (topics), `bbc-news-mc` (the same articles as multiple choice), "
+        "`chatterbot` (Q/A pairs), a `.jsonl`/`.json`/`.csv`/`.parquet` path, or a hub dataset id",
     )
     format: DataFormat = Field(
         "auto",
-        description="record format (causal LMs): auto (the built-in's own; a file's from its "
-        "columns), text, alpaca, messages, prompt_completion, multiple_choice",
+        description="how a record is read (causal LMs): `text`, `alpaca`, `messages`, "
+        "`prompt_completion`, `multiple_choice`; `auto`: a built-in's own, a file's from its "
+        "columns",
     )
-    text_column: str = "text"
-    label_column: str = "label"
-    answer_column: str = Field("answer", description="text: the answer; multiple_choice: the key")
-    instruction_column: str = "instruction"
-    input_column: str = Field("input", description="alpaca: optional context of the instruction")
-    output_column: str = "output"
-    messages_column: str = Field("messages", description="messages: the list of turns")
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    question_column: str = "question"
-    choices_column: str = "choices"
+    text_column: str = Field(
+        "text", description="input (or prompt) column of a file (format `text`)"
+    )
+    label_column: str = Field(
+        "label",
+        description="label column of a file (optional for causal data: the partition label)",
+    )
+    answer_column: str = Field(
+        "answer",
+        description="format `text`: the answer; `multiple_choice`: the correct choice (an index "
+        "from 0 or a letter)",
+    )
+    instruction_column: str = Field("instruction", description="format `alpaca`: the instruction")
+    input_column: str = Field("input", description="format `alpaca`: its optional input")
+    output_column: str = Field("output", description="format `alpaca`: the answer")
+    messages_column: str = Field(
+        "messages",
+        description="format `messages`: the list of `{role, content}` (or ShareGPT "
+        "`{from, value}`) turns",
+    )
+    prompt_column: str = Field("prompt", description="format `prompt_completion`: the prompt")
+    completion_column: str = Field(
+        "completion", description="format `prompt_completion`: the answer"
+    )
+    question_column: str = Field("question", description="format `multiple_choice`: the question")
+    choices_column: str = Field(
+        "choices", description="format `multiple_choice`: the list of choices"
+    )
     list_choices: bool = Field(
-        True, description="multiple_choice: the prompt lists the choices under the question"
+        True,
+        description="format `multiple_choice`: the prompt lists the choices (A. …) under the "
+        "question",
     )
     chat_template: Literal["auto", "none"] = Field(
-        "auto", description="auto: the tokenizer's chat template if it has one; none: the plain one"
+        "auto",
+        description="`auto`: the tokenizer's chat template if it has one, else fedlora's plain "
+        "one; `none`: the plain one",
     )
     truncation: Literal["left", "drop"] = Field(
         "left",
-        description="a record longer than model.max_length: left (cut its oldest tokens; dropped "
-        "if its last answer does not fit whole) or drop",
+        description="a record longer than `model.max_length`: `left` cuts its oldest tokens "
+        "(dropped, and counted, if its last answer does not fit whole); `drop` drops it",
     )
     subset: str | None = Field(None, description="hub dataset: its configuration (subset) name")
-    split: str = Field("train", description="hub dataset: the split to read")
+    split: str = Field("train", description="hub dataset: the split read as the dataset")
     revision: str | None = Field(None, description="hub dataset: a branch, tag or commit")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    validation_fraction: float = Field(
-        0.0, ge=0, lt=1, description="share of the training data held out for validation; 0: none"
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="held-out test share, stratified by label, fixed by `split_seed`",
     )
-    test_file: str | None = Field(None, description="a given test split (same columns)")
-    validation_file: str | None = Field(None, description="a given validation split")
-    max_train_examples: int | None = Field(None, ge=1)
-    max_test_examples: int | None = Field(None, ge=1)
-    max_validation_examples: int | None = Field(None, ge=1)
-    split_seed: int = 1234
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the training data held out as a stratified validation set before "
+        "partitioning (no client trains on it); evaluation rounds then report `val_accuracy`, "
+        "`val_macro_f1`, `val_loss` … next to the test metrics. 0: none",
+    )
+    test_file: str | None = Field(
+        None,
+        description="a local file's given test split (the same columns as `data.dataset`), used "
+        "instead of carving `test_fraction`",
+    )
+    validation_file: str | None = Field(
+        None,
+        description="a given validation split (the same columns), instead of `validation_fraction`",
+    )
+    max_train_examples: int | None = Field(
+        None, ge=1, description="cap on training examples; none: all"
+    )
+    max_test_examples: int | None = Field(None, ge=1, description="cap on test examples; none: all")
+    max_validation_examples: int | None = Field(
+        None, ge=1, description="cap on validation examples; none: all"
+    )
+    split_seed: int = Field(
+        1234,
+        description="seed of the train/test and train/validation splits (independent of the run "
+        "seed)",
+    )
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataConfig:
@@ -124,46 +191,85 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    kind: PartitionKind = "dirichlet"
-    num_clients: int = Field(10, ge=1)
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration")
+    kind: PartitionKind = Field(
+        "dirichlet",
+        description="`iid`, `dirichlet` (per class, α), `fslora_dirichlet` (per client, α), "
+        "`shards` (k classes per client), `proportions` (a fixed label mix per client), "
+        "`quantity` (size skew), `natural` (by a column)",
+    )
+    num_clients: int = Field(
+        10, ge=1, description="clients (for `natural`: the number of distinct values)"
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more skew)")
     min_client_size: int = Field(
-        2, ge=0, description="dirichlet: resample until every client has this many"
+        2, ge=0, description="`dirichlet`: redraw until every client has this many examples"
     )
-    shards_per_client: int = Field(2, ge=1, description="shards: classes (shards) per client")
+    shards_per_client: int = Field(2, ge=1, description="`shards`: classes (shards) per client")
     proportions: list[list[float]] | None = Field(
-        None, description="proportions: one row of class proportions per client"
+        None, description="`proportions`: one row of class proportions per client"
     )
-    quantity: Literal["linear", "square", "exponential"] = "linear"
-    column: str | None = Field(None, description="natural: the column that names the client")
+    quantity: Literal["linear", "square", "exponential"] = Field(
+        "linear", description="`quantity`: how client sizes grow: linear, square or exponential"
+    )
+    column: str | None = Field(
+        None,
+        description="`natural`: the column naming each example's client; none: the label column",
+    )
 
 
 Aggregator = Literal["mean", "median", "trimmed_mean", "norm_clip"]
 
 
 class FederationConfig(Section):
-    clients_per_round: int | None = Field(None, ge=1, description="None: all clients")
-    fraction: float | None = Field(None, gt=0, le=1, description="alternative to clients_per_round")
-    weighting: Literal["size", "uniform"] = "size"
-    dropout: float = Field(
-        0.0, ge=0, lt=1, description="probability a sampled client fails to reply (seeded)"
+    clients_per_round: int | None = Field(
+        None, ge=1, description="clients sampled per round (seeded); none: all clients"
     )
-    min_replies: int = Field(1, ge=1, description="fewer accepted replies: the round is skipped")
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="or the fraction of clients sampled per round (instead of `clients_per_round`)",
+    )
+    weighting: Literal["size", "uniform"] = Field(
+        "size", description="aggregation weights: by data `size`, or `uniform`"
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="probability that a sampled client fails to reply in a round (seeded)",
+    )
+    min_replies: int = Field(
+        1,
+        ge=1,
+        description="fewer accepted replies than this: the round is skipped and the global model "
+        "stays",
+    )
     deadline_steps: int | None = Field(
-        None, ge=1, description="local steps a client may run per round (simulated deadline)"
+        None,
+        ge=1,
+        description="local steps a client may run in a round (a simulated deadline); none: no "
+        "deadline",
     )
     stragglers: Literal["cut", "drop"] = Field(
-        "cut", description="a client needing more steps than the deadline: cut short or dropped"
+        "cut",
+        description="a client that needs more steps than the deadline: `cut` short, or `drop`ped",
     )
-    aggregator: Aggregator = Field("mean", description="mean, median, trimmed_mean, norm_clip")
+    aggregator: Aggregator = Field(
+        "mean",
+        description="`mean`, `median`, `trimmed_mean`, `norm_clip` (robust ones: methods whose "
+        "server step is a mean of replies)",
+    )
     trim_fraction: float = Field(
-        0.1, ge=0, lt=0.5, description="trimmed_mean: share cut from each end, per coordinate"
+        0.1, ge=0, lt=0.5, description="`trimmed_mean`: share cut from each end, per coordinate"
     )
     clip_norm: float | None = Field(
-        None, gt=0, description="norm_clip: bound on each client's update norm"
+        None,
+        gt=0,
+        description="`norm_clip`: bound on each client's update norm (required by it)",
     )
     max_message_bytes: int = Field(
-        16 * 2**30, ge=1, description="largest message a party accepts (bytes)"
+        16 * 2**30, ge=1, description="the largest message a party accepts, in bytes (16 GiB)"
     )
 
     @model_validator(mode="after")
@@ -189,28 +295,56 @@ class AttackConfig(Section):
     """Simulated adversarial clients (tests and robustness studies): each listed client
     tampers with its reply before sending it."""
 
-    clients: list[int] = Field([], description="indices of the attacking clients")
-    kind: Literal["scale", "noise", "sign_flip", "nan", "wrong_shape"] = "scale"
-    factor: float = Field(10.0, description="scale: the update is multiplied by this")
-    noise_std: float = Field(1.0, gt=0, description="noise: std of the Gaussian added")
+    clients: list[int] = Field([], description="the simulated attackers (client indices)")
+    kind: Literal["scale", "noise", "sign_flip", "nan", "wrong_shape"] = Field(
+        "scale",
+        description="`scale` (update × `factor`), `noise` (+ N(0, `noise_std`²)), `sign_flip`, "
+        "`nan`, `wrong_shape`",
+    )
+    factor: float = Field(10.0, description="`scale`: the factor the update is multiplied by")
+    noise_std: float = Field(
+        1.0, gt=0, description="`noise`: the standard deviation of the Gaussian added"
+    )
 
 
 class TrainConfig(Section):
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(2e-3, gt=0)
-    head_lr: float | None = Field(None, gt=0, description="the output head's lr; None: lr")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(16, ge=1)
-    local_steps: int | None = Field(8, ge=1)
-    local_epochs: float | None = Field(None, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    keep_optimizer_state: bool | None = Field(
-        None, description="None: the method's default (reset each round unless it keeps state)"
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="`adamw`, or `sgd` (with `momentum`)"
     )
-    max_grad_norm: float | None = Field(None, gt=0)
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    head_lr: float | None = Field(
+        None,
+        gt=0,
+        description="the trained output head's own learning rate (same schedule); none: `lr`",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    batch_size: int = Field(16, ge=1, description="examples per micro-batch")
+    local_steps: int | None = Field(
+        8,
+        ge=1,
+        description="optimizer steps per client per round, or set `local_epochs` instead "
+        "(exactly one of the two; `--set` of one drops the other)",
+    )
+    local_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="passes over the client's data per round, instead of `local_steps` (which "
+        "then steps aside)",
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="`constant`, or `linear` or `cosine` decay over the whole run"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    keep_optimizer_state: bool | None = Field(
+        None,
+        description="keep each client's optimizer state between rounds; none: the method's "
+        "default (reset each round unless the method keeps it)",
+    )
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="gradient clipping norm; none: no clipping"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -231,22 +365,27 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="evaluation batch size")
     max_generate: int = Field(
-        16, ge=0, description="instruction data: answers generated for exact match, F1, ROUGE-L"
+        16,
+        ge=0,
+        description="instruction data: test answers generated for exact match, F1 and ROUGE-L",
     )
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="causal LMs: generation length, in tokens")
     lm_eval_tasks: list[Annotated[str, Field(min_length=1)]] = Field(
-        [], description="lm-evaluation-harness tasks run on the final adapter after the last round"
+        [],
+        description="lm-evaluation-harness tasks run on the final adapter after the last round "
+        "(causal LMs; as `fedlora evaluate`)",
     )
-    lm_eval_limit: int | None = Field(None, ge=1, description="lm-eval: items per task; None: all")
+    lm_eval_limit: int | None = Field(None, ge=1, description="lm-eval: items per task; none: all")
     lm_eval_include_path: str | None = Field(
         None, description="lm-eval: a directory of local task YAMLs (works offline)"
     )
     answer_pattern: str | None = Field(
         None,
         description="a regex whose last match (its first group, if any) is the answer, in the "
-        "generation and the reference, before exact match and F1 (e.g. the last number)",
+        "generation and the reference, before exact match and F1 (e.g. `'(-?[\\d,]*\\.?\\d+)'`, "
+        "the last number)",
     )
 
     @model_validator(mode="after")
@@ -268,24 +407,33 @@ class TopologyConfig(Section):
 
     kind: Literal[
         "ring", "torus", "erdos_renyi", "complete", "star", "exponential", "matching", "file"
-    ] = "ring"
-    p: float | None = Field(None, gt=0, le=1, description="erdos_renyi: edge probability")
-    edge_file: str | None = Field(None, description="file: one 'i j' edge per line")
-    seed: int | None = Field(None, description="graph seed; None: the run seed")
-    time_varying: bool = Field(False, description="new graph each round (erdos_renyi, matching)")
+    ] = Field("ring", description="the graph the decentralized nodes gossip over")
+    p: float | None = Field(None, gt=0, le=1, description="`erdos_renyi`: the edge probability")
+    edge_file: str | None = Field(None, description="`file`: one `i j` edge per line")
+    seed: int | None = Field(None, description="graph seed; none: the run seed")
+    time_varying: bool = Field(
+        False, description="a fresh random graph each round (`erdos_renyi`, `matching`)"
+    )
     mixing: Literal["auto", "ring", "metropolis", "laplacian", "uniform"] = Field(
-        "auto", description="auto: ring 1/3 on rings, laplacian on ER, uniform on complete, else MH"
+        "auto",
+        description="the mixing weights: `ring` (1/3), `metropolis`, `laplacian`, `uniform`; "
+        "`auto`: ring 1/3 on rings, laplacian on Erdős–Rényi, uniform on complete, else "
+        "Metropolis",
     )
     quantize_bits: Literal[2, 4, 8, 32] = Field(
-        32, description="stochastic quantized gossip (ours); 32: exact"
+        32, description="stochastic quantized gossip at 2, 4 or 8 bits (our extension); 32: exact"
     )
-    error_feedback: bool = Field(False, description="CHOCO-style compressed gossip (ours)")
-    consensus_step: float = Field(1.0, gt=0, le=1, description="CHOCO consensus step size gamma")
+    error_feedback: bool = Field(False, description="CHOCO-style compressed gossip (our extension)")
+    consensus_step: float = Field(1.0, gt=0, le=1, description="CHOCO consensus step size γ")
     mix_space: Literal["factors", "products"] = Field(
-        "factors", description="products: mix s·B·A, back to rank r by factored SVD (DeCAF-like)"
+        "factors",
+        description="mix A and B, or `products`: mix s·B·A and return to rank r by a factored "
+        "SVD (DeCAF-like)",
     )
     average_model: Literal["factors", "products"] = Field(
-        "factors", description="evaluated model: mean A and B, or rank-r SVD of the mean product"
+        "factors",
+        description="the evaluated network model: the mean factors A and B, or the rank-r SVD of "
+        "the mean product",
     )
     per_node_eval: bool = Field(True, description="also evaluate every node's own model")
 
@@ -313,9 +461,17 @@ class RanksConfig(Section):
     ``normal`` (FlexLoRA: a rounded Gaussian over the value positions, mean the middle,
     sd 0.7·(n−1)/3)."""
 
-    profile: Literal["homo", "uniform", "heavy_tail", "normal"] = "homo"
-    values: list[int] = Field([8, 16, 32], min_length=1, description="candidate ranks, not homo")
-    seed: int | None = Field(None, description="seed of the rank draw; None: the run seed")
+    profile: Literal["homo", "uniform", "heavy_tail", "normal"] = Field(
+        "homo",
+        description="per-client ranks: `homo` (every client `lora.rank`), or drawn from `values` "
+        "by `uniform`, `heavy_tail` or `normal`",
+    )
+    values: list[int] = Field(
+        [8, 16, 32],
+        min_length=1,
+        description="candidate client ranks (each ≤ `lora.rank`; unused by `homo`)",
+    )
+    seed: int | None = Field(None, description="seed of the rank draw; none: the run seed")
 
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
@@ -328,30 +484,46 @@ class ComputeConfig(Section):
     device: str = Field(
         "auto",
         pattern=DEVICE_PATTERN,
-        description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
+        description="`auto` (CUDA if present, else Apple `mps`, else CPU), `cpu`, `cuda`, "
+        "`cuda:N`, `mps`; a device the machine lacks is a config error",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype of the frozen base; auto: bfloat16 where supported"
+        "auto",
+        description="compute dtype of the frozen base: `auto` (bfloat16 on accelerators that "
+        "support it, float32 on the CPU), `float32`, `bfloat16`, `float16` (with a gradient "
+        "scaler)",
     )
     edge_device: str = Field(
-        "cpu", pattern=DEVICE_PATTERN, description="DLoRA: the user's device (edge)"
+        "cpu",
+        pattern=DEVICE_PATTERN,
+        description="DLoRA: where each user's device (edge) computes; the cloud uses "
+        "`compute.device`",
     )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward (7B-class models on one GPU)"
+    )
     compile: bool = Field(
         False,
-        description="torch.compile the model's forward (measured slower on the CPUs here: "
-        "docs/benchmarks.md; try it on an accelerator)",
+        description="`torch.compile` the model's forward; matches eager runs within 1e-5 "
+        "(losses, adapter); measured slower on the CPUs here (docs/benchmarks.md), not measured "
+        "on a GPU",
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU intra-op threads; None: torch's default (1 a distributed rank)"
+        None,
+        ge=1,
+        description="CPU intra-op threads; none: torch's default (distributed ranks: 1 each; "
+        "with `workers`, the cores shared out per worker)",
     )
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1,
-        description="processes training a round's clients in parallel (server methods, CPU); "
-        "auto: one per core where that measured faster (fedlora.compute.pool_pays)",
+        description="processes training a round's clients in parallel on this machine's CPU "
+        "(server methods), bit-identical to 1 at the same `threads`; `auto`: one per core where "
+        "that measured faster (⌈n / cores⌉ × 0.9 × cores < n clients a round; on 2 cores even "
+        "rounds and odd ones from 11)",
     )
     states_on_device: bool = Field(
-        False, description="keep idle clients' optimizer states on the device (else in CPU memory)"
+        False,
+        description="keep idle clients' optimizer states on the device instead of in CPU memory",
     )
 
 
@@ -364,49 +536,82 @@ class PrivacyConfig(Section):
     composes with either. The spent (ε, δ) is accounted per round in metrics.jsonl."""
 
     mechanism: Literal["none", "dp_sgd", "central"] = Field(
-        "none", description="none, dp_sgd (per-example clipping + noise), central (server DP)"
+        "none",
+        description="`dp_sgd` (per-example clipping and noise in local training), `central` "
+        "(each client's update clipped, the mean noised at the server), or `none`",
     )
     clip_norm: float = Field(
-        1.0, gt=0, description="dp_sgd: per-example gradient norm; central: per-client update norm"
+        1.0,
+        gt=0,
+        description="`dp_sgd`: per-example gradient norm bound; `central`: per-client update "
+        "norm bound (the initial one with adaptive clipping)",
     )
     noise_multiplier: float | None = Field(
-        None, ge=0, description="noise std / clip_norm; None: solved from target_epsilon"
+        None,
+        ge=0,
+        description="noise std as a multiple of `clip_norm` (set this or `target_epsilon`); "
+        "none: solved from `target_epsilon`",
     )
     target_epsilon: float | None = Field(
-        None, gt=0, description="ε to reach after all rounds (with delta), instead of noise"
+        None,
+        gt=0,
+        description="ε to reach after all rounds; the noise multiplier is solved for before "
+        "training",
     )
     delta: float | None = Field(
         None,
         gt=0,
         lt=1,
-        description="δ of (ε, δ); None: 1/n (dp_sgd: all training examples; central: clients)",
+        description="δ of the (ε, δ) guarantee; none: 1/n (n: all clients' training examples "
+        "for `dp_sgd`, so ≤ 1/n_i for each; the clients for `central`)",
     )
     max_epsilon: float | None = Field(
-        None, gt=0, description="stop cleanly (last checkpoint kept) before ε would exceed this"
+        None,
+        gt=0,
+        description="stop cleanly before a round that would take ε above this (last round "
+        "evaluated, checkpoint kept)",
     )
     sampling: DpSampling = Field(
-        "poisson", description="dp_sgd samples: poisson (rate L/n) or fixed (L without replacement)"
+        "poisson",
+        description="`dp_sgd` samples: `poisson` (rate L/n, L = batch_size·grad_accum; ε "
+        "against adding or removing an example) or `fixed` (L without replacement; ε against "
+        "replacing one)",
     )
     adaptive_clipping: bool = Field(
-        False, description="central: clip norm follows a quantile of update norms (Andrew 2021)"
+        False,
+        description="`central`: the clip norm tracks a quantile of the update norms (Andrew et "
+        "al. 2021)",
     )
     target_quantile: float = Field(
-        0.5, gt=0, lt=1, description="adaptive_clipping: share of updates left unclipped"
+        0.5, gt=0, lt=1, description="adaptive clipping: share of updates to leave unclipped"
     )
     clip_learning_rate: float = Field(
-        0.2, gt=0, description="adaptive_clipping: geometric step of the clip norm per round"
+        0.2, gt=0, description="adaptive clipping: geometric step of the clip norm per round"
     )
     clipped_count_stddev: float | None = Field(
-        None, ge=0, description="adaptive_clipping: noise on the unclipped count; None: m/20"
+        None,
+        ge=0,
+        description="adaptive clipping: noise on the count of unclipped updates; none: m/20 "
+        "(m: the clients a round samples)",
     )
     secure_aggregation: bool = Field(
-        False, description="pairwise-masked replies: the server learns only their sum"
+        False,
+        description="pairwise-masked replies (Bonawitz et al. 2017): the server learns only "
+        "their sum",
     )
     threshold: int | None = Field(
-        None, ge=2, description="secure_aggregation: shares to recover a seed; None: ⌊2n/3⌋+1"
+        None,
+        ge=2,
+        description="secure aggregation: Shamir shares needed to recover a seed or a dropped "
+        "client's mask key; none: ⌊2n/3⌋+1 (n: the clients a round samples); fewer clients at "
+        "any step skip the round",
     )
     fixed_point_bits: int = Field(
-        16, ge=4, le=24, description="secure_aggregation: fractional bits of the mod-2^32 code"
+        16,
+        ge=4,
+        le=24,
+        description="secure aggregation: fractional bits f of the mod-2³² fixed-point code "
+        "(error ≤ n·2^(−f−1) per coordinate, values within ±(2³¹ − n)/2^f)",
     )
 
     @model_validator(mode="after")
@@ -436,7 +641,10 @@ class MethodConfig(BaseModel):
     """``name`` plus the method's own options, validated later by the method's schema."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = "fedit"
+    name: str = Field(
+        "fedit",
+        description="a name from `fedlora methods`; the method's own options sit in the same table",
+    )
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -450,8 +658,8 @@ class LogConfig(Section):
     tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard")
     mlflow: bool = Field(
         False,
-        description="an MLflow run: MLFLOW_TRACKING_URI, else a file store beside the run "
-        "directory (<run>/../mlruns)",
+        description="an MLflow run: in MLFLOW_TRACKING_URI, else in a local store beside the "
+        "run directory (<run>/../mlflow.db, artifacts in <run>/../mlartifacts)",
     )
     wandb: bool = Field(
         False, description="a Weights & Biases run in <run>/wandb (WANDB_MODE=offline honoured)"

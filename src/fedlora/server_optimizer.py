@@ -23,8 +23,10 @@ class ServerOptions(BaseModel):
     server_lr: float | None = Field(
         None, gt=0, description="adam: server lr; None: train.lr (as the code)"
     )
-    server_betas: tuple[float, float] = (0.9, 0.999)
-    server_eps: float = Field(1e-8, gt=0)
+    server_betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="adam: the server AdamW's (β1, β2)"
+    )
+    server_eps: float = Field(1e-8, gt=0, description="adam: the server AdamW's ε")
     server_weight_decay: float = Field(
         0.01, ge=0, description="adam: torch AdamW's default, which the FSLoRA code keeps [Recon]"
     )

@@ -35,7 +35,11 @@ class DLoRAOptions(BaseModel):
     )
     norm: Norm = Field("relative", description="variation ||Δθ||, divided by ||θ_old|| if relative")
     revive: int = Field(1, ge=0, description="modules revived per check")
-    revive_policy: RevivePolicy = "longest_killed_first"
+    revive_policy: RevivePolicy = Field(
+        "longest_killed_first",
+        description="which killed modules a check revives: longest killed first, random "
+        "(seeded by step), or round robin",
+    )
     killed_forward: KilledForward = Field(
         "cloud",
         description="killed module's output: (a) cloud applies frozen factors, "

@@ -27,7 +27,11 @@ class GaLoreOptions(BaseModel):
     galore_rank: int = Field(16, ge=1, description="projection rank ρ (default: LoRA parity)")
     update_proj_gap: int = Field(200, ge=1, description="steps between projector refreshes")
     scale: float = Field(0.25, gt=0, description="GaLore scale α on the back-projected step")
-    proj_type: ProjectionType = "std"
+    proj_type: ProjectionType = Field(
+        "std",
+        description="GaLore's projection side: std projects each gradient onto its smaller "
+        "dimension, reverse_std onto its larger one, right and left always that side",
+    )
 
 
 class FedFTG(DirectWeightAveraging):

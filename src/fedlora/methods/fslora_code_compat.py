@@ -20,8 +20,12 @@ class CodeCompatOptions(FSLoRAOptions):
     """Only the server AdamW's knobs are free; the sketch options are pinned to the code's."""
 
     server: Literal["adam"] = Field("adam", description="the code's server AdamW step")
-    normalization: Literal["clients"] = "clients"
-    share_across_modules: Literal[False] = False
+    normalization: Literal["clients"] = Field(
+        "clients", description="the code's normalization: divide by the number of clients M"
+    )
+    share_across_modules: Literal[False] = Field(
+        False, description="pinned: the code draws no sketch to share"
+    )
 
 
 class FSLoRACodeCompat(FSLoRA):
