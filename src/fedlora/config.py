@@ -62,12 +62,12 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(
         None,
-        description="the modules that get LoRA factors; none: the model's default (BERT: query, "
+        description="the modules that get LoRA factors; None: the model's default (BERT: query, "
         "key, value; LLaMA: q/k/v/o_proj)",
     )
     train_head: bool = Field(True, description="train and communicate the classification head")
     init_seed: int | None = Field(
-        None, description="seed of the common A initialisation; none: the run seed"
+        None, description="seed of the common A initialisation; None: the run seed"
     )
     rslora: bool = Field(
         False, description="scale s = α/√r (rsLoRA) instead of α/r (algorithms.md §1.1)"
@@ -164,11 +164,11 @@ class DataConfig(Section):
         description="a given validation split (the same columns), instead of `validation_fraction`",
     )
     max_train_examples: int | None = Field(
-        None, ge=1, description="cap on training examples; none: all"
+        None, ge=1, description="cap on training examples; None: all"
     )
-    max_test_examples: int | None = Field(None, ge=1, description="cap on test examples; none: all")
+    max_test_examples: int | None = Field(None, ge=1, description="cap on test examples; None: all")
     max_validation_examples: int | None = Field(
-        None, ge=1, description="cap on validation examples; none: all"
+        None, ge=1, description="cap on validation examples; None: all"
     )
     split_seed: int = Field(
         1234,
@@ -213,7 +213,7 @@ class PartitionConfig(Section):
     )
     column: str | None = Field(
         None,
-        description="`natural`: the column naming each example's client; none: the label column",
+        description="`natural`: the column naming each example's client; None: the label column",
     )
 
 
@@ -222,7 +222,7 @@ Aggregator = Literal["mean", "median", "trimmed_mean", "norm_clip"]
 
 class FederationConfig(Section):
     clients_per_round: int | None = Field(
-        None, ge=1, description="clients sampled per round (seeded); none: all clients"
+        None, ge=1, description="clients sampled per round (seeded); None: all clients"
     )
     fraction: float | None = Field(
         None,
@@ -248,7 +248,7 @@ class FederationConfig(Section):
     deadline_steps: int | None = Field(
         None,
         ge=1,
-        description="local steps a client may run in a round (a simulated deadline); none: no "
+        description="local steps a client may run in a round (a simulated deadline); None: no "
         "deadline",
     )
     stragglers: Literal["cut", "drop"] = Field(
@@ -315,7 +315,7 @@ class TrainConfig(Section):
     head_lr: float | None = Field(
         None,
         gt=0,
-        description="the trained output head's own learning rate (same schedule); none: `lr`",
+        description="the trained output head's own learning rate (same schedule); None: `lr`",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
@@ -339,11 +339,11 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     keep_optimizer_state: bool | None = Field(
         None,
-        description="keep each client's optimizer state between rounds; none: the method's "
+        description="keep each client's optimizer state between rounds; None: the method's "
         "default (reset each round unless the method keeps it)",
     )
     max_grad_norm: float | None = Field(
-        None, gt=0, description="gradient clipping norm; none: no clipping"
+        None, gt=0, description="gradient clipping norm; None: no clipping"
     )
 
     @model_validator(mode="before")
@@ -377,7 +377,7 @@ class EvalConfig(Section):
         description="lm-evaluation-harness tasks run on the final adapter after the last round "
         "(causal LMs; as `fedlora evaluate`)",
     )
-    lm_eval_limit: int | None = Field(None, ge=1, description="lm-eval: items per task; none: all")
+    lm_eval_limit: int | None = Field(None, ge=1, description="lm-eval: items per task; None: all")
     lm_eval_include_path: str | None = Field(
         None, description="lm-eval: a directory of local task YAMLs (works offline)"
     )
@@ -410,7 +410,7 @@ class TopologyConfig(Section):
     ] = Field("ring", description="the graph the decentralized nodes gossip over")
     p: float | None = Field(None, gt=0, le=1, description="`erdos_renyi`: the edge probability")
     edge_file: str | None = Field(None, description="`file`: one `i j` edge per line")
-    seed: int | None = Field(None, description="graph seed; none: the run seed")
+    seed: int | None = Field(None, description="graph seed; None: the run seed")
     time_varying: bool = Field(
         False, description="a fresh random graph each round (`erdos_renyi`, `matching`)"
     )
@@ -471,7 +471,7 @@ class RanksConfig(Section):
         min_length=1,
         description="candidate client ranks (each ≤ `lora.rank`; unused by `homo`)",
     )
-    seed: int | None = Field(None, description="seed of the rank draw; none: the run seed")
+    seed: int | None = Field(None, description="seed of the rank draw; None: the run seed")
 
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
@@ -511,7 +511,7 @@ class ComputeConfig(Section):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU intra-op threads; none: torch's default (distributed ranks: 1 each; "
+        description="CPU intra-op threads; None: torch's default (distributed ranks: 1 each; "
         "with `workers`, the cores shared out per worker)",
     )
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
@@ -550,7 +550,7 @@ class PrivacyConfig(Section):
         None,
         ge=0,
         description="noise std as a multiple of `clip_norm` (set this or `target_epsilon`); "
-        "none: solved from `target_epsilon`",
+        "None: solved from `target_epsilon`",
     )
     target_epsilon: float | None = Field(
         None,
@@ -562,7 +562,7 @@ class PrivacyConfig(Section):
         None,
         gt=0,
         lt=1,
-        description="δ of the (ε, δ) guarantee; none: 1/n (n: all clients' training examples "
+        description="δ of the (ε, δ) guarantee; None: 1/n (n: all clients' training examples "
         "for `dp_sgd`, so ≤ 1/n_i for each; the clients for `central`)",
     )
     max_epsilon: float | None = Field(
@@ -591,7 +591,7 @@ class PrivacyConfig(Section):
     clipped_count_stddev: float | None = Field(
         None,
         ge=0,
-        description="adaptive clipping: noise on the count of unclipped updates; none: m/20 "
+        description="adaptive clipping: noise on the count of unclipped updates; None: m/20 "
         "(m: the clients a round samples)",
     )
     secure_aggregation: bool = Field(
@@ -603,7 +603,7 @@ class PrivacyConfig(Section):
         None,
         ge=2,
         description="secure aggregation: Shamir shares needed to recover a seed or a dropped "
-        "client's mask key; none: ⌊2n/3⌋+1 (n: the clients a round samples); fewer clients at "
+        "client's mask key; None: ⌊2n/3⌋+1 (n: the clients a round samples); fewer clients at "
         "any step skip the round",
     )
     fixed_point_bits: int = Field(
