@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo demo-llm test lint clean
+.PHONY: install demo demo-llm test lint docs clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fedlora run configs/default.toml --out runs/demo
 
-# The language-model default: SmolLM2-135M-Instruct on bbc-news-mc (README "Language models").
+# The language-model default: SmolLM2-135M-Instruct on bbc-news-mc (docs/language-models.md).
 demo-llm: install
 	$(BIN)/fedlora run configs/llm.toml --out runs/demo-llm
 
@@ -39,5 +39,9 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The documentation site (mkdocs-material) into site/; --strict fails it on a broken link or anchor.
+docs: install
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs report .pytest_cache
+	rm -rf $(VENV) runs report site .pytest_cache

@@ -116,19 +116,6 @@ def test_every_shipped_config_validates() -> None:
         validate(load_config(path))
 
 
-def test_readme_documents_every_config_key() -> None:
-    from pydantic import BaseModel
-
-    from fedlora.config import Config
-
-    readme = (TINY.parents[1] / "README.md").read_text()
-    for section, field in Config.model_fields.items():
-        schema = field.annotation
-        assert isinstance(schema, type) and issubclass(schema, BaseModel)
-        for key in schema.model_fields:
-            assert f"`{section}.{key}`" in readme, f"README lacks {section}.{key}"
-
-
 def test_a_missing_package_says_how_to_install_it() -> None:
     from fedlora.config import ConfigError
     from fedlora.packages import package_dir
