@@ -6,7 +6,7 @@ For each config (default: the tiny FedIT, Dec-LoRA and DLoRA configs, one per en
 MiniLM-L6's demo at 2 rounds), one eager ``fedlora run`` and one with ``compute.compile=true``,
 back to back in fresh processes: wall seconds (process start to exit, compilation included),
 training seconds (the metrics' ``train_seconds`` summed over the rounds, which include the
-first rounds' compilation too), and whether the two runs agree within the tolerance the README
+first rounds' compilation too), and whether the two runs agree within the tolerance docs/gpus.md
 states (losses 1e-5 relative, scores exactly, ledgers byte for byte). Inductor's cache is
 emptied first (a fresh directory per run), so every compiled run pays its compilation.
 """

@@ -1,5 +1,5 @@
 """Certificates and SuperNode keys for the Flower tests, made with ``cryptography`` as
-``openssl`` and ``ssh-keygen`` make them (the README's commands); the federation itself is
+``openssl`` and ``ssh-keygen`` make them (the commands in docs/flower.md); the federation is
 ``fedlora.flower.loopback``.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 def make_tls(folder: Path) -> dict[str, Path]:
     """A self-signed CA and a server certificate it signed for 127.0.0.1 and localhost (PEM),
-    as ``openssl`` would make them (README)."""
+    as ``openssl`` would make them (docs/flower.md)."""
     import datetime
     import ipaddress
 

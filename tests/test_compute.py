@@ -358,7 +358,7 @@ def test_a_converted_model_is_published_once_whoever_converts_it(tmp_path: Path)
 
 
 # -- torch.compile -----------------------------------------------------------------------------
-# Stated tolerance (README, docs/benchmarks.md): a compiled run draws the eager run's dropout
+# Stated tolerance (docs/gpus.md, docs/benchmarks.md): a compiled run draws the eager run's dropout
 # masks and differs only by float reassociation, within 1e-5 of every loss and adapter entry.
 COMPILE_TOLERANCE = 1e-5
 

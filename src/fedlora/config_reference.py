@@ -21,13 +21,15 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from fedlora.config import Config
+from fedlora.methods import registry
 
 HEADER = "| key | type | default | description |\n|---|---|---|---|"
 
 
 def config_reference_markdown() -> str:
-    """Markdown for every ``[section]`` of ``Config`` (a heading, the section's docstring and a
-    table of its keys), then every method's own ``[method]`` options."""
+    """Markdown for every ``[section]`` of ``Config`` (a level-3 heading, the section's docstring
+    and a table of its keys), then every method's own ``[method]`` options (a level-4 heading per
+    method); the page that includes it supplies the level-2 heading above."""
     parts = [section_markdown(name, model) for name, model in config_sections()]
     parts.append(method_options_markdown())
     return "\n\n".join(parts) + "\n"
@@ -55,8 +57,6 @@ def section_markdown(section: str, model: type[BaseModel]) -> str:
 def method_options_markdown() -> str:
     """A table per method that has options of its own (validated by its ``Options`` model),
     headed by the method's one-line summary; the methods without any are named together."""
-    from fedlora.methods import registry  # imports every method module: only when rendering
-
     lines = [
         "### Method options",
         "",

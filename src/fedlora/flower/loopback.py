@@ -3,7 +3,7 @@
 its own process group (the SuperNode's SuperExec and ClientApp processes are its children), all
 stopped by pid when the ``federation`` block ends. A Flower config in a private ``FLWR_HOME``
 names the SuperLink as the default connection, so ``fedlora flower-run APPDIR`` (run with
-``Federation.env``) finds it. Not for production: the README shows a real deployment's commands.
+``Federation.env``) finds it. Not for production: docs/flower.md shows a real deployment's commands.
 """
 
 from __future__ import annotations
