@@ -23,3 +23,19 @@ warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", cate
 warnings.filterwarnings(
     "ignore", message=r".*torch.jit.script_method.*", category=DeprecationWarning
 )
+
+# The Python API (after the settings above: it loads no torch until a run starts).
+from fedlora.api import RunOutcome, load_run, run  # noqa: E402
+from fedlora.config import Config, ConfigError  # noqa: E402
+from fedlora.errors import FedloraError, RunError  # noqa: E402
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "FedloraError",
+    "RunError",
+    "RunOutcome",
+    "__version__",
+    "load_run",
+    "run",
+]

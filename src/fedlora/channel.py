@@ -61,6 +61,14 @@ class Ledger:
             return sum(r.bytes for r in records if r.sender == "server")
         return sum(r.bytes for r in records)
 
+    def totals(self) -> dict[str, int]:
+        """The whole run's bytes: to the server, from it, and in all (peer-to-peer included)."""
+        return {
+            "total_bytes_up": self.total("up"),
+            "total_bytes_down": self.total("down"),
+            "total_bytes": self.total(),
+        }
+
     def through_round(self, round_index: int) -> int:
         return sum(r.bytes for r in self.records if r.round <= round_index)
 

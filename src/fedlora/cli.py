@@ -11,14 +11,35 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedlora import __version__
 from fedlora.config import ConfigError
+from fedlora.errors import RunError
+from fedlora.tables import print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.")
 console = Console()
 
 
+def show_version(asked: bool) -> None:
+    if asked:
+        console.print(f"fedlora {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Federated LoRA fine-tuning."""
+
+
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -60,65 +81,26 @@ def run(
     ] = 600.0,
 ) -> None:
     """Run an experiment from a config file."""
+    from fedlora.api import run as run_config
+
     try:
-        # The config's own mistakes first, before the heavy stack is imported (fast answers).
-        from fedlora.config import load_config
-
-        config = load_config(config_file, set_ or [])  # the schema: pydantic only
-        from fedlora.preflight import check_config, preflight
-
-        check_config(config)  # methods, options, ranks, aggregators: still no torch
-        preflight(config)  # the machine's devices: torch, not yet transformers or peft
-        if engine == "simulation":
-            if nproc is not None:
-                fail("--nproc needs --engine distributed")
-            if observer:
-                fail("--observer needs --engine distributed (one process sees every party)")
-            from fedlora.channel import MessageError
-            from fedlora.engines.pool import PoolError
-            from fedlora.session import run_experiment
-
-            try:
-                run_experiment(
-                    config_file, set_ or [], out, resume, console, show_progress=not quiet
-                )
-            except MessageError as error:  # a step that cannot go on without the message
-                message = f"[bold red]error:[/] a party refused a message it needed: {error}"
-                console.print(message, highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-            except PoolError as error:  # a worker process died (killed, out of memory)
-                message = f"[bold red]error:[/] {escape(str(error))}"
-                console.print(message, highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-        elif engine == "distributed":
-            if config.compute.workers not in (1, "auto"):
-                fail(
-                    f"compute.workers = {config.compute.workers} is for --engine simulation; "
-                    "with --engine distributed, --nproc sets how many processes host clients"
-                )
-            from fedlora.engines.distributed import LaunchError, launch
-            from fedlora.engines.transport import PeerError
-
-            try:
-                launch(
-                    config_file,
-                    set_ or [],
-                    out,
-                    resume,
-                    nproc,
-                    timeout,
-                    console,
-                    not quiet,
-                    observer,
-                )
-            except (LaunchError, PeerError) as error:  # gloo's text has [brackets]: escape
-                message = f"[bold red]error:[/] {escape(str(error))}"
-                console.print(message, highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-        else:
-            fail(f"--engine must be simulation or distributed, not {engine!r}")
+        run_config(
+            config_file,
+            out,
+            resume,
+            set_ or [],
+            engine=engine,
+            nproc=nproc,
+            observer=observer,
+            timeout=timeout,
+            progress=not quiet,
+            console=console,
+        )
     except ConfigError as error:
         fail(str(error))
+    except RunError as error:  # gloo's and workers' texts have [brackets]: escape
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("flower-app")
@@ -230,7 +212,7 @@ def evaluate(
     for path in written:
         for row in lm_eval_rows(json.loads(path.read_text())):
             table.add_row(*row)
-    console.print(table)
+    print_table(console, table)
     console.print(f"written: {', '.join(map(str, written))} and {run_dir / 'summary.md'}")
 
 
@@ -242,7 +224,7 @@ def methods() -> None:
     table = Table("method", "what it does")
     for name, cls in registry().items():
         table.add_row(name, cls.summary)
-    console.print(table)
+    print_table(console, table)
 
 
 def main() -> None:

@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedlora.errors import FedloraError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedloraError, ValueError):
     """A user mistake in a config file or override: shown as one message, never a traceback."""
 
 

@@ -20,6 +20,8 @@ from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
 from fedlora.privacy.accounting import format_epsilon
 from fedlora.report import QUALITY_KEYS
+from fedlora.tables import print_table
+from fedlora.trackers import open_trackers
 
 # What builds an engine: its class, or a class with its options bound (``--observer``).
 EngineFactory = Callable[[experiments.Experiment, Path, Console], SimulationEngine]
@@ -104,13 +106,20 @@ def run_experiment(
         highlight=False,
         soft_wrap=True,
     )
-    experiment = experiments.build(config)
-    engine = engines[experiment.method.engine](experiment, out, console)
-    start = engine.resume() if resume else 0
-    if start:
-        console.print(f"resuming after round {start}")
-    result = engine.run(start, show_progress=show_progress)
-    rundir.finish(experiment, result, out)
-    console.print(final_table(result))
+    trackers = open_trackers(config, out, resume)  # before the model: a login error is quick
+    try:
+        experiment = experiments.build(config)
+        engine = engines[experiment.method.engine](experiment, out, console)
+        engine.round_listeners.append(trackers.log_round)
+        start = engine.resume() if resume else 0
+        if start:
+            console.print(f"resuming after round {start}")
+        result = engine.run(start, show_progress=show_progress)
+        rundir.finish(experiment, result, out)
+    except BaseException:
+        trackers.finish({}, failed=True)
+        raise
+    trackers.finish(result.ledger.totals())
+    print_table(console, final_table(result))
     console.print(f"run directory: {out}")
     return result

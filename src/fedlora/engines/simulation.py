@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +112,8 @@ class SimulationEngine:
         self.sent: dict[int, TensorDict] = {}  # under secure aggregation: each one's download
         self.optimizers: dict[int, TensorDict] = {}
         self.metrics: list[dict] = []
+        # called with each round's record as it is kept (experiment trackers, fedlora.trackers)
+        self.round_listeners: list[Callable[[dict], None]] = []
         self._charges: dict[int, dict[int, int]] = {}  # per round: privacy steps charged
         if experiment.method.needs_base_weights:
             weights = experiment.slots.model.state_dict()
@@ -250,6 +252,8 @@ class SimulationEngine:
     def _keep(self, record: dict, show_progress: bool) -> None:
         """A round's record into the metrics (logs get one line a round)."""
         self.metrics.append(record)
+        for listener in self.round_listeners:
+            listener(record)
         if show_progress and not self.console.is_terminal:
             line = round_line(record, self.exp.config.experiment.rounds)
             self.console.print(line, highlight=False, soft_wrap=True)
