@@ -133,15 +133,3 @@ def test_resume_continues_the_same_tracker_runs(tracked: Path) -> None:
     assert runs[0].info.status == "FINISHED"
     resumed = sorted((tracked / "wandb").glob("offline-run-*"))
     assert len(resumed) == 2 and all(path.name.endswith(ids["wandb"]) for path in resumed)
-
-
-def test_a_tracker_not_installed_names_the_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
-    args = ("run", str(TINY / "fedit.toml"), "--out", str(tmp_path), "--set", "log.wandb=true")
-    code, output = run_cli(*args)
-    assert code == 2
-    assert "log.wandb = true needs wandb, which is not installed" in output
-    assert "pip install 'fedlora[trackers]'" in " ".join(output.split())
-    assert not (tmp_path / "config.toml").exists()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora import hub
 from fedlora.config import Config, ConfigError, load_config
+from fedlora.extras import require
 from fedlora.methods import method_class
 from fedlora.methods.base import Method
 from fedlora.report import LM_EVAL, LM_EVAL_SECTION, lm_eval_table
@@ -349,6 +350,7 @@ def evaluate_run(
     run: Path, tasks: Tasks, adapter: str | None = None, batch_size: int | None = None
 ) -> list[Path]:
     """``fedlora evaluate``: every chosen adapter scored on every task; the files written."""
+    require("lm_eval", "eval", "fedlora evaluate")
     config = run_config(run)
     adapters = chosen_adapters(run, config, adapter)
     check_scorable(config)

@@ -20,6 +20,7 @@ from pathlib import Path
 import tomli_w
 
 from fedlora.config import Config, ConfigError, load_config
+from fedlora.extras import require
 from fedlora.flower.protocol import CONFIG_TEXT, NODE_WAIT, REPLY_TIMEOUT, RUN_DIR
 from fedlora.methods import method_class
 
@@ -77,6 +78,7 @@ def write_app(
     """Write the app directory for ``config_file`` (with ``overrides``); returns its pyproject."""
     from fedlora.preflight import check_config
 
+    require("flwr", "flower", "fedlora flower-app")
     config = load_config(config_file, overrides)
     check_config(config)
     refuse(config)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedlora.checkpoint import FILE as CHECKPOINT
 from fedlora.config import ConfigError
+from fedlora.extras import require
 from fedlora.flower.app_dir import PYPROJECT
 from fedlora.flower.protocol import RUN_DIR, STATUS_FILE
 
@@ -57,6 +58,7 @@ def flwr_command() -> str:
 def flower_run(appdir: Path, connection: str | None) -> Path:
     """Run the app on the SuperLink ``connection`` names (Flower's config, or its default);
     returns the run directory, or raises ``RunFailed``."""
+    require("flwr", "flower", "fedlora flower-run")
     run_dir = run_dir_of(appdir)
     if (run_dir / CHECKPOINT).is_file():
         raise ConfigError(
