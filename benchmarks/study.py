@@ -25,18 +25,34 @@ Grids. An arm may give a list of values for any config key, ``grid = { "train.lr
 seed). Each grid point is scored by the mean over those seeds of its final ``selection.metric``
 (default ``val_`` + the study's first metric; it must be a validation metric, so every grid arm
 needs ``data.validation_fraction`` > 0 or a ``data.validation_file``, else the study is refused);
-the best point (ties: the first listed) is the arm's choice, and all seeds then run at it. The
-table shows the chosen value per arm, and a second table every point's score. Runs live under
-``<arm>/grid/<point>/seed<k>`` (grid) and ``<arm>/<point>/seed<k>`` (chosen); without a
-selection budget the grid runs at the chosen point are the final runs of their seeds.
+the best point (ties: the first listed) is the arm's choice, and all seeds then run at it. A best
+point at the smallest or largest value of a numeric key has not found the arm's optimum: the key
+gets one more value past that edge, by the grid's own ratio (2e-3 after [1e-3, 2e-3] gives 4e-3),
+and the selection runs again, at most twice (``MAX_EDGE_STEPS``). The table shows the chosen value
+per arm (flagged when its grid was extended, or is still at an edge), and a second table every
+point's score, the added points marked. Runs live under ``<arm>/grid/<point>/seed<k>`` (grid) and
+``<arm>/<point>/seed<k>`` (chosen); without a selection budget the grid runs at the chosen point
+are the final runs of their seeds.
 
-Plateau and verdicts (``fedlora.convergence`` states both rules). Per arm, the ``plateau``
-column says whether every seed's plateau metric (``[plateau] metric``, default the validation
-counterpart of the first metric where the runs have one, else the first metric; ``tolerance``
-default 0.005) stopped improving over the last third of its rounds. ``[[claims]]`` (``claim``,
-``arm``, ``reference``, ``kind`` = "better" or "within", ``margin``, optional ``metric``) become a
-verdict table: reproduced / not reproduced / inconclusive, and inconclusive whenever an arm it
-rests on has not plateaued.
+Seeds. A study's ``seeds`` default to five, 0-4 (``DEFAULT_SEEDS``): with three, a paired
+t-test's 95% interval is 4.3 standard errors wide.
+
+Plateau, trained and verdicts (``fedlora.convergence`` states the three rules). Per arm, the
+``plateau`` column says whether every seed's plateau metric (``[plateau] metric``, default the
+validation counterpart of the first metric where the runs have one, else the first metric;
+``tolerance`` default 0.005) stopped improving (the mean of the last third of its evaluations
+against the third before, with their standard errors), and "did not train" where a seed's final
+first metric (and macro-F1, where recorded) does not beat its round-0 value and the
+majority-class level (from the clients' label counts in summary.md) by a point. ``[[claims]]``
+(``claim``, ``arm``, ``reference``, ``kind`` = "better" or "within", ``margin``, optional
+``metric``, ``paired``) become a verdict table: reproduced / not reproduced / inconclusive /
+void, with the effect, its 95% interval, the t-test's p-value and which statistics were used.
+The effect is paired by seed where both arms ran the same seeds on the same data and partition
+sections (set ``paired = false`` where the arms' layouts differ although their configs agree,
+e.g. centralized against federated), else Welch's unpaired difference. A verdict is
+inconclusive whenever an arm it rests on has not plateaued, and void when one did not train.
+The study's third figure, ``docs/figures/<study>_effects.png``, draws each claim's effect with
+its interval against the margin.
 
     python -P benchmarks/study.py benchmarks/studies/ffa_vs_fedit.toml [MORE.toml ...] [--jobs 2]
     python -P benchmarks/study.py STUDY --report-only
@@ -65,11 +81,34 @@ import tomli_w
 
 from fedlora.channel import human_bytes
 from fedlora.config import ConfigError, load_config
-from fedlora.convergence import PLATEAU_TOLERANCE, ClaimKind, plateaued, verdict
-from fedlora.report import ArmView, RunView, lower_is_better, read_run, write_figures
+from fedlora.convergence import (
+    PLATEAU_TOLERANCE,
+    ClaimKind,
+    Effect,
+    Verdict,
+    majority_levels,
+    paired_effect,
+    plateaued,
+    trained,
+    unpaired_effect,
+    verdict,
+)
+from fedlora.report import (
+    ArmView,
+    ClaimEffect,
+    RunView,
+    effects_figure,
+    lower_is_better,
+    read_run,
+    save,
+    write_figures,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "studies"
+
+
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)  # a claim study's seeds unless its file says
 
 
 class StudyError(ValueError):
@@ -77,6 +116,8 @@ class StudyError(ValueError):
 
 
 Point = tuple[str, ...]  # one grid point: its ``key=value`` overrides
+Grid = tuple[tuple[str, tuple[Any, ...]], ...]  # (key, values) to select among
+MAX_EDGE_STEPS = 2  # values a grid may gain beyond its edges (``extended_grid``)
 
 
 @dataclass(frozen=True)
@@ -86,7 +127,7 @@ class Arm:
     overrides: tuple[str, ...]
     from_study: str | None = None  # the same arm's runs, already made by another study
     from_arm: str | None = None  # the arm's label in that study (default: the same label)
-    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, values) to select among
+    grid: Grid = ()  # (key, values) to select among
     group: str = ""  # its panel in the figures
     variant: str = ""  # its line style among its method's arms (default: the label)
     reference: bool = False  # marked in the final-value figure
@@ -95,11 +136,12 @@ class Arm:
     def slug(self) -> str:
         return re.sub(r"[^a-z0-9]+", "-", (self.from_arm or self.label).lower()).strip("-")
 
-    def points(self) -> list[Point]:
-        """Every combination of the grid's values, in the order listed (one empty point
-        without a grid)."""
-        keys = [key for key, _ in self.grid]
-        combos = itertools.product(*(values for _, values in self.grid))
+    def points(self, grid: Grid | None = None) -> list[Point]:
+        """Every combination of the grid's values (``grid``: the arm's grid as extended at its
+        edges, default as written), in the order listed (one empty point without a grid)."""
+        grid = self.grid if grid is None else grid
+        keys = [key for key, _ in grid]
+        combos = itertools.product(*(values for _, values in grid))
         return [
             tuple(f"{k}={toml_value(v)}" for k, v in zip(keys, combo, strict=True))
             for combo in combos
@@ -132,6 +174,7 @@ class Claim:
     kind: ClaimKind  # "better" or "within" (fedlora.convergence)
     margin: float
     metric: str
+    paired: bool = True  # False: the arms' layouts differ (centralized vs federated)
 
 
 @dataclass(frozen=True)
@@ -184,7 +227,7 @@ def load_study(path: Path, root: Path = RUNS) -> Study:
         for arm in data["arms"]
     )
     metrics = tuple(data.get("metrics", ["accuracy", "macro_f1"]))
-    seeds = tuple(data["seeds"])
+    seeds = tuple(data.get("seeds", DEFAULT_SEEDS))
     chosen = data.get("selection", {})
     selection = Selection(
         chosen.get("metric", f"val_{metrics[0]}"),
@@ -202,8 +245,11 @@ def load_study(path: Path, root: Path = RUNS) -> Study:
                 f"({', '.join(sorted(labels))}) and kind 'better' or 'within'"
             )
         margin, metric = float(c.get("margin", 0.0)), c.get("metric", metrics[0])
+        paired = bool(c.get("paired", True))
         claims.append(
-            Claim(c["claim"], c["arm"], c["reference"], cast(ClaimKind, kind), margin, metric)
+            Claim(
+                c["claim"], c["arm"], c["reference"], cast(ClaimKind, kind), margin, metric, paired
+            )
         )
     study = Study(
         data["name"],
@@ -325,7 +371,7 @@ def grid_tasks(study: Study) -> list[Task]:
         for seed in study.selection.seeds
         for arm in study.arms
         if arm.grid
-        for point in arm.points()
+        for point in arm.points(extended_grid(study, arm).grid)
     ]
 
 
@@ -345,17 +391,25 @@ def final_tasks(study: Study) -> list[Task]:
 
 
 def run_studies(studies: list[Study], jobs: int) -> None:
-    """The grids of every study first (``jobs`` runs at a time), then every arm's seeds at its
-    chosen point."""
-    run_tasks([task for study in studies for task in grid_tasks(study)], jobs)
+    """The grids of every study first (``jobs`` runs at a time; again after each edge step
+    added points), then every arm's seeds at its chosen point."""
+    for _ in range(MAX_EDGE_STEPS + 1):
+        tasks = [task for study in studies for task in grid_tasks(study)]
+        if all((task.out / "summary.md").is_file() for task in tasks):
+            break
+        run_tasks(tasks, jobs)
     run_tasks([task for study in studies for task in final_tasks(study)], jobs)
 
 
-def grid_scores(study: Study, arm: Arm) -> list[tuple[Point, float | None]]:
-    """Per grid point, the mean over the selection seeds of the final selection metric; None
-    while a selection run is missing. A run that never reported it (diverged) scores NaN."""
+def grid_scores(
+    study: Study, arm: Arm, grid: Grid | None = None
+) -> list[tuple[Point, float | None]]:
+    """Per grid point (of ``grid``, default the arm's extended grid), the mean over the
+    selection seeds of the final selection metric; None while a selection run is missing. A
+    run that never reported it (diverged) scores NaN."""
+    grid = extended_grid(study, arm).grid if grid is None else grid
     scores: list[tuple[Point, float | None]] = []
-    for point in arm.points():
+    for point in arm.points(grid):
         outs = [study.grid_dir(arm, seed, point) for seed in study.selection.seeds]
         if not all((out / "summary.md").is_file() for out in outs):
             scores.append((point, None))
@@ -366,12 +420,10 @@ def grid_scores(study: Study, arm: Arm) -> list[tuple[Point, float | None]]:
     return scores
 
 
-def choose(study: Study, arm: Arm) -> Point | None:
-    """The arm's grid point with the best validation score (ties: the first listed; NaN
-    never wins); ``()`` without a grid, None until every selection run has finished."""
-    if not arm.grid:
-        return ()
-    scores = grid_scores(study, arm)
+def best_point(study: Study, arm: Arm, grid: Grid) -> Point | None:
+    """The point of ``grid`` with the best validation score (ties: the first listed; NaN never
+    wins); None until every selection run has finished."""
+    scores = grid_scores(study, arm, grid)
     if any(score is None for _, score in scores):
         return None
     sign = -1.0 if lower_is_better(study.selection.metric) else 1.0
@@ -380,6 +432,81 @@ def choose(study: Study, arm: Arm) -> Point | None:
         for i, (_, score) in enumerate(scores)
     ]
     return scores[ranked.index(max(ranked))][0]
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A grid after its edge steps: the values added, and whether the choice is still at an
+    edge of a numeric key once no more may be added."""
+
+    grid: Grid
+    added: tuple[tuple[str, Any, Any], ...]  # (key, the edge that was chosen, the value added)
+    at_edge: tuple[str, ...]  # keys whose chosen value is still an edge
+
+
+def at_edge(values: tuple[Any, ...], value: Any) -> bool:
+    """Whether ``value`` is the smallest or largest of a numeric key's (two or more) values."""
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return numeric and len(set(values)) > 1 and value in (min(values), max(values))
+
+
+def beyond(values: tuple[Any, ...], edge: Any) -> Any | None:
+    """The next value past ``edge`` (the smallest or largest of a numeric key's values), one
+    step of the grid's own ratio (geometric for positive values, else arithmetic), to 3
+    significant digits; None for a value inside the grid, a non-numeric key or no room."""
+    if not at_edge(values, edge):
+        return None
+    ordered = sorted(set(values))
+    near = ordered[-2] if edge == ordered[-1] else ordered[1]
+    step = edge * (edge / near) if edge > 0 and near > 0 else edge + (edge - near)
+    if all(isinstance(v, int) for v in values):
+        step = round(step)
+        if edge > 0 and step <= 0:
+            return None
+    else:
+        step = float(f"{step:.3g}")
+    return None if step in ordered else step
+
+
+def point_values(arm: Arm, grid: Grid, point: Point) -> dict[str, Any]:
+    """The value of each grid key at ``point``."""
+    keys = [key for key, _ in grid]
+    combos = itertools.product(*(values for _, values in grid))
+    by_point = dict(zip(arm.points(grid), combos, strict=True))
+    return dict(zip(keys, by_point[point], strict=True))
+
+
+def extended_grid(study: Study, arm: Arm) -> Extension:
+    """The arm's grid with its edges followed: while the best point sits at the smallest or
+    largest value of a numeric key, that key gets one more value beyond it (``beyond``) and the
+    selection runs again, at most ``MAX_EDGE_STEPS`` values in all. A best value at the edge of
+    a grid means the grid has not found the arm's optimum."""
+    grid, added = arm.grid, []
+    while grid:
+        chosen = best_point(study, arm, grid)
+        if chosen is None:
+            break
+        values = point_values(arm, grid, chosen)
+        edges = tuple(key for key, options in grid if at_edge(options, values[key]))
+        steps = [
+            (key, values[key], step)
+            for key, options in grid
+            if (step := beyond(options, values[key])) is not None
+        ]
+        if not steps or len(added) >= MAX_EDGE_STEPS:
+            return Extension(grid, tuple(added), edges)
+        key, edge, step = steps[0]
+        added.append((key, edge, step))
+        grid = tuple((name, (*options, step) if name == key else options) for name, options in grid)
+    return Extension(grid, tuple(added), ())
+
+
+def choose(study: Study, arm: Arm) -> Point | None:
+    """The arm's best point on its extended grid; ``()`` without a grid, None until every
+    selection run (the edge steps' included) has finished."""
+    if not arm.grid:
+        return ()
+    return best_point(study, arm, extended_grid(study, arm).grid)
 
 
 def present(values) -> list[float]:
@@ -407,9 +534,37 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def reported_point(study: Study, arm: Arm) -> Point | None:
+    """The point the tables report: the choice, or while an edge step's runs are pending, the
+    best of the points already run (``chosen_cell`` says so); None while the grid as written is
+    incomplete."""
+    if not arm.grid:
+        return ()
+    if best_point(study, arm, arm.grid) is None:
+        return None
+    extension = extended_grid(study, arm)
+    done = tuple(
+        (key, tuple(v for v in values if v not in pending_values(study, arm, extension, key)))
+        for key, values in extension.grid
+    )
+    return best_point(study, arm, done)
+
+
+def pending_values(study: Study, arm: Arm, extension: Extension, key: str) -> set[Any]:
+    """The values an edge step added to ``key`` whose selection runs are not all finished."""
+    scores = dict(grid_scores(study, arm, extension.grid))
+    unfinished = [point for point, score in scores.items() if score is None]
+    steps = {step for name, _, step in extension.added if name == key}
+    return {
+        value
+        for point in unfinished
+        if (value := point_values(arm, extension.grid, point)[key]) in steps
+    }
+
+
 def finished_runs(study: Study, arm: Arm) -> list[RunView]:
-    """The arm's finished seeds at its chosen point (none while its grid is incomplete)."""
-    point = choose(study, arm)
+    """The arm's finished seeds at its reported point (none while its grid is incomplete)."""
+    point = reported_point(study, arm)
     if point is None:
         return []
     runs = []
@@ -432,12 +587,60 @@ def plateau_key(study: Study, run: RunView) -> str:
 def run_plateaued(study: Study, run: RunView) -> bool | None:
     key = plateau_key(study, run)
     curve = [(m["round"], m[key]) for m in run.evaluated if key in m]
-    rounds = max(m["round"] for m in run.metrics)
-    return plateaued(curve, rounds, study.plateau_tolerance, lower_is_better(key))
+    return plateaued(curve, study.plateau_tolerance, lower_is_better(key))
+
+
+def label_counts(run: RunView) -> list[int] | None:
+    """Examples per class over every client, from summary.md's client data table (the split
+    is stratified, so the test set has the same shares); None where the run has no such
+    table (a language model's data)."""
+    summary = run.path / "summary.md"
+    if not summary.is_file():
+        return None
+    lines = summary.read_text().split("## Client data", 1)[-1].splitlines()
+    rows = [line for line in lines if line.startswith("| ")]
+    if len(rows) < 2 or not rows[0].startswith("| client |"):
+        return None
+    columns = len(rows[0].split("|")) - 4  # | client | label ... | total |
+    totals = [0] * columns
+    for row in rows[1:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:-1]
+        if len(cells) != columns or not all(cell.isdigit() for cell in cells):
+            return None
+        totals = [t + int(c) for t, c in zip(totals, cells, strict=True)]
+    return totals if sum(totals) else None
+
+
+def untrained_levels(run: RunView, key: str) -> list[float]:
+    """What the run scores without training: its round-0 value and, for accuracy and
+    macro-F1, the majority-class level (``fedlora.convergence.majority_levels``)."""
+    levels = [m[key] for m in run.metrics if m["round"] == 0 and key in m]
+    base = key.removeprefix("val_")
+    counts = label_counts(run) if base in ("accuracy", "macro_f1") else None
+    if counts:
+        levels.append(majority_levels(counts)[base])
+    return levels
+
+
+def run_trained(study: Study, run: RunView) -> bool:
+    """The trained rule on the study's first metric, and on macro-F1 too where the run has it
+    (on imbalanced classes, accuracy alone can sit at the majority share and look trained)."""
+    keys = [study.metrics[0], *(["macro_f1"] if "macro_f1" in run.metrics[-1] else [])]
+    for key in dict.fromkeys(keys):
+        final = run.final(key)
+        if final is None or not trained(
+            final, untrained_levels(run, key), lower_is_better=lower_is_better(key)
+        ):
+            return False
+    return True
 
 
 def plateau_cell(study: Study, runs: list[RunView]) -> str:
-    """The table's plateau cell: "yes" when every seed plateaued, else the marked reason."""
+    """The table's plateau cell: "yes" when every seed trained and plateaued, else the marked
+    reason."""
+    untrained = sum(1 for run in runs if not run_trained(study, run))
+    if untrained:
+        return f"**did not train**: {untrained} of {len(runs)} seeds"
     states = [run_plateaued(study, run) for run in runs]
     rising = states.count(False)
     if rising:
@@ -445,6 +648,21 @@ def plateau_cell(study: Study, runs: list[RunView]) -> str:
     if None in states:
         return "**unknown**: too few evaluations"
     return f"yes ({plateau_key(study, runs[0])})"
+
+
+def chosen_cell(study: Study, arm: Arm) -> str:
+    """The arm's chosen point, flagged when the grid was extended or is still at an edge."""
+    shown = ", ".join(reported_point(study, arm) or ()) or "-"
+    if not arm.grid:
+        return shown
+    extension = extended_grid(study, arm)
+    if choose(study, arm) is None and reported_point(study, arm) is not None:
+        return f"{shown} (**edge step pending**: the grid's best is at its edge)"
+    if extension.at_edge:
+        return f"{shown} (**at the grid's edge**)"
+    if extension.added:
+        return f"{shown} (grid extended past its edge)"
+    return shown
 
 
 def results_table(study: Study) -> str:
@@ -472,7 +690,7 @@ def results_table(study: Study) -> str:
         total = statistics.mean(run.metrics[-1]["cumulative_bytes"] for run in runs)
         seconds = statistics.mean(sum(m["seconds"] for m in run.metrics) for run in runs)
         cells = [arm.label, str(len(runs))]
-        cells += [", ".join(choose(study, arm) or ()) or "-"] if grids else []
+        cells += [chosen_cell(study, arm)] if grids else []
         cells.append(mean_std(present(run.final(main) for run in runs)))
         cells.append(mean_std(present(run.best(main) for run in runs)))
         cells += [mean_std(present(run.final(m) for run in runs)) for m in study.metrics[1:]]
@@ -490,6 +708,9 @@ def report(study: Study, figures: Path = REPO / "docs" / "figures") -> str:
     table = results_table(study)
     figures.mkdir(parents=True, exist_ok=True)
     write_figures(figure_arms(study), study.metrics[0], figures / study.name, figure_title(study))
+    drawn = effects_figure(claim_effects(study), f"{study.title or study.name}: claims")
+    if drawn is not None:
+        save(drawn, figures / f"{study.name}_effects.png")
     study.directory.mkdir(parents=True, exist_ok=True)
     (study.directory / "results.md").write_text(table + "\n")
     return table
@@ -516,7 +737,9 @@ def figure_title(study: Study) -> str:
 
 
 def grid_table(study: Study) -> str:
-    """Every grid point's selection score (mean over the selection seeds), the choice marked."""
+    """Every grid point's selection score (mean over the selection seeds), the choice marked,
+    the points added past an edge marked, and a line per arm whose grid was extended or whose
+    choice is still at an edge."""
     metric, seeds = study.selection.metric, study.selection.seeds
     budget = " ".join(study.selection.overrides) or "the full budget"
     lines = [
@@ -525,48 +748,120 @@ def grid_table(study: Study) -> str:
         f"| arm | point | {metric} | chosen |",
         "|---|---|---|---|",
     ]
-    rows = 0
+    notes = []
     for arm in study.arms:
         if not arm.grid:
             continue
-        chosen = choose(study, arm)
-        for point, score in grid_scores(study, arm):
+        extension = extended_grid(study, arm)
+        chosen = best_point(study, arm, extension.grid)
+        listed = set(arm.points())
+        for point, score in grid_scores(study, arm, extension.grid):
             shown = "running" if score is None else f"{score:.4f}"
-            mark = "**chosen**" if point == chosen else ""
-            lines.append(f"| {arm.label} | {', '.join(point)} | {shown} | {mark} |")
-            rows += 1
-    return "\n".join(lines) if rows else ""
-
-
-def claims_table(study: Study) -> str:
-    """The study's claims judged by ``fedlora.convergence.verdict`` on the final metric."""
-    if not study.claims:
+            marks = ["**chosen**"] if point == chosen else []
+            marks += [] if point in listed else ["added past an edge"]
+            lines.append(f"| {arm.label} | {', '.join(point)} | {shown} | {'; '.join(marks)} |")
+        for key, edge, step in extension.added:
+            notes.append(
+                f"- {arm.label}: the best {key} was the grid's edge {toml_value(edge)}; "
+                f"{toml_value(step)} was added"
+            )
+        if extension.at_edge and chosen is not None:
+            notes.append(
+                f"- {arm.label}: **still at the edge** of {', '.join(extension.at_edge)} after "
+                f"{len(extension.added)} added values: its optimum lies outside the grid"
+            )
+    if len(lines) == 4:
         return ""
+    return "\n".join([*lines, *(["", *notes] if notes else [])])
+
+
+def layout(run: RunView) -> tuple[str, str]:
+    """What pairing by seed needs to be equal: the data and the partition sections."""
+    return tuple(
+        json.dumps(run.config.get(key, {}), sort_keys=True) for key in ("data", "partition")
+    )
+
+
+def claim_effect(claim: Claim, arm: list[RunView], reference: list[RunView]) -> Effect | None:
+    """Paired by seed where the claim allows it and the arms ran the same seeds on the same
+    data layout; else Welch's unpaired difference (the table says which)."""
+    lower = lower_is_better(claim.metric)
+    finals = [
+        {run.seed: value for run in runs if (value := run.final(claim.metric)) is not None}
+        for runs in (arm, reference)
+    ]
+    by_seed = [{run.seed: run for run in runs} for runs in (arm, reference)]
+    common = set(finals[0]) & set(finals[1])
+    same_layout = all(layout(by_seed[0][seed]) == layout(by_seed[1][seed]) for seed in common)
+    if claim.paired and len(common) >= 2 and same_layout:
+        return paired_effect(finals[0], finals[1], lower)
+    return unpaired_effect(list(finals[0].values()), list(finals[1].values()), lower)
+
+
+def claim_rows(study: Study) -> list[tuple[Claim, Verdict]]:
+    """The study's claims judged by ``fedlora.convergence.verdict`` on the final metric."""
     arms = {arm.label: arm for arm in study.arms}
-    lines = ["| claim | effect ± se | verdict | why |", "|---|---|---|---|"]
+    judged = []
     for claim in study.claims:
         compared = {
             label: finished_runs(study, arms[label]) for label in (claim.arm, claim.reference)
         }
+        untrained = [
+            label
+            for label, runs in compared.items()
+            if not all(run_trained(study, run) for run in runs)
+        ]
         unsettled = [
             label
             for label, runs in compared.items()
             if any(run_plateaued(study, run) is not True for run in runs)
         ]
-        finals = {
-            label: present(run.final(claim.metric) for run in runs)
-            for label, runs in compared.items()
-        }
-        judged = verdict(
-            claim.kind,
+        effect = claim_effect(claim, compared[claim.arm], compared[claim.reference])
+        judged.append((claim, verdict(claim.kind, claim.margin, effect, unsettled, untrained)))
+    return judged
+
+
+def claim_effects(study: Study) -> list[ClaimEffect]:
+    """The claims with an effect, as the effects figure draws them."""
+    return [
+        ClaimEffect(
+            claim.claim,
+            judged.effect.effect,
+            judged.effect.effect - judged.effect.half_width,
+            judged.effect.effect + judged.effect.half_width,
             claim.margin,
-            finals[claim.arm],
-            finals[claim.reference],
-            lower_is_better(claim.metric),
-            unsettled,
+            claim.kind,
+            judged.verdict,
+            judged.effect.statistics,
         )
-        effect = f"{judged.effect:+.4f} ± {judged.se:.4f} ({claim.metric})"
-        lines.append(f"| {claim.claim} | {effect} | **{judged.verdict}** | {judged.why} |")
+        for claim, judged in claim_rows(study)
+        if judged.effect is not None
+    ]
+
+
+def claims_table(study: Study) -> str:
+    rows = claim_rows(study)
+    if not rows:
+        return ""
+    lines = [
+        "| claim | effect ± se | 95% interval | p | statistics | verdict | why |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for claim, judged in rows:
+        effect = judged.effect
+        if effect is None:
+            cells = ["-", "-", "-", "-"]
+        else:
+            low, high = effect.effect - effect.half_width, effect.effect + effect.half_width
+            cells = [
+                f"{effect.effect:+.4f} ± {effect.se:.4f} ({claim.metric})",
+                f"[{low:+.4f}, {high:+.4f}]",
+                f"{effect.p_value:.3g}",
+                effect.statistics,
+            ]
+        lines.append(
+            f"| {claim.claim} | {' | '.join(cells)} | **{judged.verdict}** | {judged.why} |"
+        )
     return "\n".join(lines)
 
 

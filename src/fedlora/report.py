@@ -529,6 +529,59 @@ def finals_figure(arms: list[ArmView], key: str, title: str = "") -> Figure | No
     return figure
 
 
+VERDICT_COLOURS = {
+    "reproduced": "#1b9e77",
+    "not reproduced": "#d95f02",
+    "inconclusive": "#7570b3",
+    "void": "#999999",
+}
+
+
+@dataclass(frozen=True)
+class ClaimEffect:
+    """One claim's effect as the effects figure draws it (``benchmarks/study.py`` makes them)."""
+
+    claim: str
+    effect: float  # arm − reference on the final metric, positive = the arm is better
+    low: float  # the 95% interval
+    high: float
+    margin: float
+    kind: str  # "better" or "within"
+    verdict: str
+    statistics: str  # "paired, 5 seeds" or "unpaired (Welch), 6 runs"
+
+
+def effects_figure(effects: list[ClaimEffect], title: str = "") -> Figure | None:
+    """Each claim's effect with its 95% interval, one row per claim, against what the claim
+    needs: the margin a ``better`` claim must clear (a tick) or the ±margin band a ``within``
+    claim must stay inside (shaded). Coloured by verdict. None without an effect."""
+    if not effects:
+        return None
+    figure, axis = plt.subplots(figsize=(7.5, 0.45 * len(effects) + 1.6))
+    axis.axvline(0.0, color="#333333", linewidth=0.8)
+    for y, claim in enumerate(effects):
+        colour = VERDICT_COLOURS.get(claim.verdict, UNKNOWN_COLOUR)
+        if claim.kind == "within":
+            axis.fill_betweenx([y - 0.35, y + 0.35], -claim.margin, claim.margin, color="#dddddd")
+        else:
+            axis.vlines(claim.margin, y - 0.35, y + 0.35, colors="#333333", linestyles=":")
+        errors = [[claim.effect - claim.low], [claim.high - claim.effect]]
+        axis.errorbar(claim.effect, y, xerr=errors, fmt="o", color=colour, capsize=3)
+    names = [f"{c.claim}\n{c.verdict} ({c.statistics})" for c in effects]
+    axis.set_yticks(range(len(effects)), names, fontsize=7.5)
+    axis.invert_yaxis()
+    axis.set_xlabel("effect: arm − reference, final metric (positive = the arm is better)")
+    axis.grid(axis="x", alpha=0.3)
+    notes = [
+        "Dot: the effect (mean per-seed difference where paired, else the difference of means);"
+        " bars: its 95% t interval.",
+        "Dotted tick: the margin a 'better' claim must clear; shaded: the ±margin band a "
+        "'within' claim must stay inside.",
+    ]
+    _finish(figure, title or "claims", notes)
+    return figure
+
+
 def _finals(arm: ArmView, key: str) -> list[float]:
     return [v for run in arm.runs if (v := run.final(key)) is not None]
 
