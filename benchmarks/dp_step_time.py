@@ -11,6 +11,10 @@ time (one thread: what the step costs, barely changed by other jobs) and the wal
 costs on this machine now) are printed, with the load average.
 
     python -P benchmarks/dp_step_time.py [--batch 16] [--length 64] [--steps 4] [--repeats 5]
+    python -P benchmarks/dp_step_time.py --noise-sources   # DP-SGD, seeded vs secure noise
+
+``--noise-sources`` times FedIT's DP-SGD step with ``privacy.noise_source`` seeded (derived
+from the run seed) and secure (fresh secret seeds from the OS), interleaved repeat by repeat.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "ffa_vs_fed
 PRIVATE = ["privacy.mechanism=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.sampling=fixed"]
 
 
-def experiment(method: str, private: bool, args: argparse.Namespace) -> Experiment:
+def experiment(
+    method: str, private: bool, args: argparse.Namespace, extra: tuple[str, ...] = ()
+) -> Experiment:
     overrides = [
         f"method.name={method}",
         f"model.max_length={args.length}",
@@ -45,7 +51,7 @@ def experiment(method: str, private: bool, args: argparse.Namespace) -> Experime
         "data.max_test_examples=8",
         "experiment.rounds=1",
     ]
-    return build(load_config(CONFIG, overrides + (PRIVATE if private else [])))
+    return build(load_config(CONFIG, overrides + (PRIVATE if private else []) + list(extra)))
 
 
 def seconds_per_step(exp: Experiment, args: argparse.Namespace) -> tuple[float, float]:
@@ -69,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--noise-sources", action="store_true", help="seeded vs secure noise")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configure_runtime()
@@ -78,6 +85,9 @@ def main() -> None:
         f"x {args.repeats} repeats, {torch.get_num_threads()} thread(s), load average {load:.1f} "
         f"on {os.cpu_count()} cores"
     )
+    if args.noise_sources:
+        compare_noise_sources(args)
+        return
     print(
         "| method | trained tensors | plain CPU s/step | DP-SGD CPU s/step | DP-SGD / plain (CPU) "
         "| plain wall s/step | DP-SGD wall s/step |"
@@ -92,6 +102,28 @@ def main() -> None:
             f"| {method} | {trained:,} | {plain_cpu:.3f} | {private_cpu:.3f} | "
             f"{private_cpu / plain_cpu:.2f}x | {plain_wall:.3f} | {private_wall:.3f} |"
         )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+def compare_noise_sources(args: argparse.Namespace) -> None:
+    """FedIT's DP-SGD step under seeded and secure noise: the medians of ``--repeats`` calls of
+    each, alternating so that a change in the machine's load hits both."""
+    runs = {
+        source: experiment("fedit", True, args, (f"privacy.noise_source={source}",))
+        for source in ("seeded", "secure")
+    }
+    times: dict[str, list[tuple[float, float]]] = {source: [] for source in runs}
+    for _ in range(args.repeats):
+        for source, exp in runs.items():
+            times[source].append(
+                seconds_per_step(exp, argparse.Namespace(**{**vars(args), "repeats": 1}))
+            )
+    print("| noise source | DP-SGD CPU s/step | DP-SGD wall s/step |")
+    print("|---|---|---|")
+    for source, samples in times.items():
+        cpu = statistics.median(c for c, _ in samples)
+        wall = statistics.median(w for _, w in samples)
+        print(f"| {source} | {cpu:.3f} | {wall:.3f} |")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

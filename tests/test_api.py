@@ -88,7 +88,7 @@ def test_a_config_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
     with pytest.raises(fedlora.ConfigError, match="not int"):
         fedlora.run(3, out=tmp_path)  # type: ignore[arg-type]
     config = fedlora.Config()
-    with pytest.raises(fedlora.ConfigError, match="engine must be"):
+    with pytest.raises(fedlora.ConfigError, match="--engine must be"):
         fedlora.run(config, out=tmp_path, engine="cluster")
 
 

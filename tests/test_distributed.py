@@ -319,8 +319,9 @@ def test_dp_sgd_gossip_budget_stop_matches_the_simulation_across_processes(tmp_p
     """Dec-LoRA with DP-SGD on every node, stopped by privacy.max_epsilon after round 2 of 3:
     the other rank stops at the same round as rank 0 (the budget is a pure function of the
     config), every node is accounted, and the run is the in-process one bit for bit (with
-    --observer: a deployment reports node metrics, not the network-averaged model's)."""
-    sets = [*BUDGET_STOP, "topology.per_node_eval=false"]
+    --observer: a deployment reports node metrics, not the network-averaged model's; and seeded
+    noise: across processes the default is secure noise, which no two runs share)."""
+    sets = [*BUDGET_STOP, "topology.per_node_eval=false", "privacy.noise_source=seeded"]
     args = [arg for value in sets for arg in ("--set", value)]
     log = tmp_path / "dist.log"
     run = launch("declora.toml", tmp_path / "dist", log, "--nproc", "2", "--observer", *args)

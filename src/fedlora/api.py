@@ -136,7 +136,7 @@ def run(
     console = console or Console()
     out_path = Path(out) if out is not None else None
     if engine not in ENGINES:
-        raise ConfigError(f"engine must be simulation or distributed, not {engine!r}")
+        raise ConfigError(f"--engine must be simulation or distributed, not {engine!r}")
     with config_path(config) as path:
         loaded = load_config(path, list(overrides))  # the schema: pydantic only
         from fedlora.preflight import check_config, preflight

@@ -564,8 +564,24 @@ class PrivacyConfig(Section):
         None,
         gt=0,
         lt=1,
-        description="δ of the (ε, δ) guarantee; None: 1/n (n: all clients' training examples "
-        "for `dp_sgd`, so ≤ 1/n_i for each; the clients for `central`)",
+        description="δ of the (ε, δ) guarantee; None: min(1e-5, 1/(10·n)), n the smallest "
+        "dataset the guarantee covers (the smallest client's training examples for `dp_sgd`, the "
+        "clients for `central`); 1/n or more needs `allow_large_delta`",
+    )
+    allow_large_delta: bool = Field(
+        False,
+        description="accept a δ of 1/n or more (n: the smallest dataset the guarantee covers); "
+        "such a δ is met by a mechanism that publishes one member's data outright, so it is "
+        "refused unless set, and printed beside ε when it is",
+    )
+    noise_source: Literal["auto", "secure", "seeded"] = Field(
+        "auto",
+        description="where DP noise and DP-SGD's samples draw their randomness: `secure` (a "
+        "fresh secret seed from the OS's cryptographic generator for every party and round, "
+        "never stored nor sent: no one can replay the noise), `seeded` (derived from "
+        "experiment.seed: reproducible, so anyone holding config.toml, the server included, can "
+        "replay and strip it), `auto` (secure where parties are separate processes, i.e. "
+        "--engine distributed and Flower; seeded in the one-process simulation)",
     )
     max_epsilon: float | None = Field(
         None,

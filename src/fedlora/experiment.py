@@ -102,7 +102,9 @@ def tokenize_splits(
     return split, sets
 
 
-def build(config: Config) -> Experiment:
+def build(config: Config, deployed: bool = False) -> Experiment:
+    """Everything a run needs, built once; ``deployed``: the parties are separate processes
+    (``--engine distributed``, Flower), which ``privacy.noise_source = "auto"`` reads."""
     compute = validate(config)
     cls = method_class(config.method.name)
     spec = model_spec(config.model.name)
@@ -136,7 +138,7 @@ def build(config: Config) -> Experiment:
         compile_in_place(slots.model)
 
     sizes = [len(rows) for rows in clients]
-    plan = plan_privacy(config, sizes)
+    plan = plan_privacy(config, sizes, deployed)
     central = central_of(plan, config)
     context = MethodContext(
         config=config,

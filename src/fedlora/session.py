@@ -19,6 +19,7 @@ from fedlora.engines.pool import in_process
 from fedlora.engines.simulation import RunResult, SimulationEngine
 from fedlora.engines.split import SplitEngine
 from fedlora.privacy.accounting import format_epsilon
+from fedlora.privacy.budget import LARGE_DELTA
 from fedlora.report import QUALITY_KEYS
 from fedlora.tables import print_table
 from fedlora.trackers import open_trackers
@@ -60,7 +61,7 @@ def shown_keys(metrics: list[dict], names: tuple[str, ...]) -> list[str]:
     return [k for k in names if evaluated and k in evaluated[-1]]
 
 
-def final_table(result: RunResult) -> Table:
+def final_table(result: RunResult, notes: tuple[str, ...] = ()) -> Table:
     keys = shown_keys(result.metrics, SHOWN) or shown_keys(result.metrics, NODES_SHOWN)
     private = any("epsilon" in m for m in result.metrics)
     privacy = ["ε", "δ"] if private else []
@@ -77,8 +78,9 @@ def final_table(result: RunResult) -> Table:
             f"{m['cumulative_bytes']:,}",
             f"{m['seconds']:.1f}",
         )
-    if result.stopped:
-        table.caption = f"stopped: {result.stopped}"
+    caption = [f"stopped: {result.stopped}"] if result.stopped else []
+    if caption or notes:
+        table.caption = "\n".join([*caption, *notes])
     return table
 
 
@@ -91,9 +93,11 @@ def run_experiment(
     show_progress: bool = True,
     engines: Mapping[str, EngineFactory] = ENGINES,
     default_threads: int | None = None,
+    deployed: bool = False,
 ) -> RunResult:
     """``engines``: the engine per ``Method.engine`` (the distributed engine passes its own);
-    ``default_threads``: CPU threads unless ``compute.threads`` says (a rank's 1)."""
+    ``default_threads``: CPU threads unless ``compute.threads`` says (a rank's 1);
+    ``deployed``: the parties are separate processes (``experiment.build``)."""
     config = load_config(config_file, overrides)
     compute = experiments.validate(config)
     configure_threads(config.compute, default_threads)
@@ -108,7 +112,7 @@ def run_experiment(
     )
     trackers = open_trackers(config, out, resume)  # before the model: a login error is quick
     try:
-        experiment = experiments.build(config)
+        experiment = experiments.build(config, deployed)
         engine = engines[experiment.method.engine](experiment, out, console)
         engine.round_listeners.append(trackers.log_round)
         start = engine.resume() if resume else 0
@@ -120,6 +124,8 @@ def run_experiment(
         trackers.finish({}, failed=True)
         raise
     trackers.finish(result.ledger.totals())
-    print_table(console, final_table(result))
+    plan = experiment.privacy.plan if experiment.privacy is not None else None
+    notes = (LARGE_DELTA,) if plan is not None and plan.large_delta else ()
+    print_table(console, final_table(result, notes))
     console.print(f"run directory: {out}")
     return result

@@ -255,12 +255,13 @@ class LocalTrainer:
                 scaler,
             )
         logical = self.config.batch_size * self.config.grad_accum
+        seeds = self.dp.seeds  # derived from the run seed, or secret (privacy.noise_source)
         return partial(
             self._private_gradient,
             PerExampleGradients(self.slots.model, params, self.dp.causal_attention),
-            private_batches(self.dp.sampling, rows, logical, samples_seed),
+            private_batches(self.dp.sampling, rows, logical, seeds.seed(round_index, client, 2)),
             min(logical, len(rows)),
-            generator(derived_seed(self.seed, round_index, client, 3)),
+            generator(seeds.seed(round_index, client, 3)),
         )
 
     def _plain_gradient(

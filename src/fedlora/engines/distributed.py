@@ -540,7 +540,15 @@ def run_rank(
                     for name, cls in distributed_engines().items()
                 }
             run_experiment(
-                config_file, overrides, out, resume, console, show_progress, engines, RANK_THREADS
+                config_file,
+                overrides,
+                out,
+                resume,
+                console,
+                show_progress,
+                engines,
+                RANK_THREADS,
+                deployed=world > 1,
             )
             return
         if rank in placement_for(config, world).idle():
@@ -548,7 +556,7 @@ def run_rank(
             return
         configure_threads(config.compute, RANK_THREADS)
         configure_runtime(compute)
-        experiment = experiments.build(config)
+        experiment = experiments.build(config, deployed=True)
         engine = distributed_engines()[experiment.method.engine](
             experiment, rundir.out_dir(out, config), console, observer
         )

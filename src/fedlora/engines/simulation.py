@@ -229,6 +229,7 @@ class SimulationEngine:
         self._sync_base()  # a method may start from a moved base (FRLoRA: W0 − s·B0·A0)
         if start_round == 0:
             self._keep(self.initial_record(), show_progress)
+            self._write_metrics()  # a run stopped before its first round still has it
         stopped = None
         with Progress(
             TextColumn("{task.description}"),
@@ -585,8 +586,11 @@ class SimulationEngine:
         metrics = self.evaluate()
         return {("test_" + k if k.startswith("loss") else k): v for k, v in metrics.items()}
 
-    def _write_round_files(self) -> None:
+    def _write_metrics(self) -> None:
         (self.run_dir / "metrics.jsonl").write_text(
             "".join(json.dumps(m) + "\n" for m in self.metrics)
         )
+
+    def _write_round_files(self) -> None:
+        self._write_metrics()
         self.channel.ledger.write_jsonl(self.run_dir / "ledger.jsonl")

@@ -47,7 +47,7 @@ def engine_for(text: str) -> ServedEngine:
             compute = experiments.validate(config)
             configure_threads(config.compute, THREADS)
             configure_runtime(compute)
-            experiment = experiments.build(config)
+            experiment = experiments.build(config, deployed=True)
             _engines[text] = ServedEngine(experiment, path.parent, Console(quiet=True))
     return _engines[text]
 

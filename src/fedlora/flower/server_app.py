@@ -55,7 +55,15 @@ def main(grid: Grid, context: Context) -> None:
                 return made
 
             result = run_experiment(
-                path, [], run_dir, False, Console(), False, {"simulation": engine}, THREADS
+                path,
+                [],
+                run_dir,
+                False,
+                Console(),
+                False,
+                {"simulation": engine},
+                THREADS,
+                deployed=True,
             )
     except Exception as error:
         write_status(

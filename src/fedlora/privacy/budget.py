@@ -18,6 +18,27 @@ from fedlora.privacy.accounting import StepAccountant, format_epsilon
 from fedlora.privacy.central import CentralDP
 from fedlora.privacy.plan import SERVER, PrivacyPlan
 
+LARGE_DELTA = (
+    "**δ ≥ 1/n**, accepted by privacy.allow_large_delta: a mechanism that publishes one "
+    "member's data outright meets such a δ, so this (ε, δ) promises little."
+)
+
+
+def noise_source_line(plan: PrivacyPlan) -> str:
+    """Which randomness the noise used, and against whom the reported ε therefore holds."""
+    if plan.noise_source == "secure":
+        return (
+            "Noise and samples: **secure** (fresh secret seeds from the OS's cryptographic "
+            "generator, never stored nor sent): the ε holds against the server, the other "
+            "clients and readers of the model; the run is not bit-reproducible."
+        )
+    return (
+        "Noise and samples: **seeded** from experiment.seed, reproducible from config.toml: "
+        "the ε holds against other clients and readers of the model who do not hold the "
+        "config, **not against the server** or anyone with config.toml, who can replay the "
+        'noise (set privacy.noise_source = "secure" for a deployment).'
+    )
+
 
 class PrivacyBudget:
     """A run's accountant per party (one per distinct sampling), its per-round metrics, stop
@@ -122,6 +143,9 @@ class PrivacyBudget:
             lines.append(
                 "per client: " + ", ".join(f"{c}: {format_epsilon(e)}" for c, e in per_client)
             )
+        lines += ["", noise_source_line(plan)]
+        if plan.large_delta:
+            lines += ["", LARGE_DELTA]
         if stopped:
             lines += ["", f"**Stopped early:** {stopped}."]
         return lines

@@ -34,12 +34,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fedlora.lazy import torch
-from fedlora.privacy.noise import gaussian_noise, generator, noisy_mean
+from fedlora.privacy.noise import NoiseSeeds, gaussian_noise, generator, noisy_mean
 from fedlora.robust import clip
 from fedlora.tensors import TensorDict
-from fedlora.training import derived_seed
 
-UPDATE_STREAM = 0xDC  # derived_seed tags of the server's two noise streams
+UPDATE_STREAM = 0xDC  # stream tags of the server's two noise streams (NoiseSeeds.seed)
 COUNT_STREAM = 0xDB
 
 
@@ -111,13 +110,13 @@ class CentralDP:
         clip_norm: float,
         noise_multiplier: float,
         clients: int,
-        seed: int,
+        seeds: NoiseSeeds,
         adaptive: AdaptiveClipping | None = None,
     ):
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.clients = clients  # m: the fixed denominator
-        self.seed = seed
+        self.seeds = seeds  # the server's noise: derived from the run seed, or secret
         self.adaptive = adaptive
         self.update_multiplier = (
             update_noise_multiplier(noise_multiplier, adaptive.count_stddev)
@@ -137,11 +136,11 @@ class CentralDP:
         only two things the server needs (and, under secure aggregation, the only two it sees);
         then the next round's clip norm (adaptive)."""
         used = self.clip_norm
-        source = generator(derived_seed(self.seed, round_index, UPDATE_STREAM))
+        source = generator(self.seeds.seed(round_index, UPDATE_STREAM))
         mean = noised_mean(total, used, self.update_multiplier, self.clients, source)
         released = {"clip_norm": used}
         if self.adaptive is not None:
-            counts = generator(derived_seed(self.seed, round_index, COUNT_STREAM))
+            counts = generator(self.seeds.seed(round_index, COUNT_STREAM))
             fraction = noised_fraction(unclipped, self.adaptive.count_stddev, self.clients, counts)
             self.clip_norm = next_clip_norm(
                 used, fraction, self.adaptive.target_quantile, self.adaptive.learning_rate

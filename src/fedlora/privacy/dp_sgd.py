@@ -38,6 +38,7 @@ import numpy as np
 
 from fedlora.config import ConfigError, DpSampling
 from fedlora.lazy import torch
+from fedlora.privacy.noise import NoiseSeeds
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class DpSgd:
     noise_multiplier: float
     sampling: DpSampling
     causal_attention: bool
+    seeds: NoiseSeeds  # of the samples and the noise (``privacy.noise_source``)
 
 
 def private_batches(

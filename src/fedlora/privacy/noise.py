@@ -1,16 +1,55 @@
-"""Seeded Gaussian noise for the private sums (DP-SGD's gradient, central DP's update), and the
-noised mean both take of them.
+"""Gaussian noise for the private sums (DP-SGD's gradient, central DP's update), the noised mean
+both take of them, and where their randomness comes from.
 
-Noise is drawn on the CPU from a ``torch.Generator`` seeded by (run seed, round, party) and only
-then moved to where the sum lives, so the same config and seed add the same noise on any device
-and after a resume.
+Noise is drawn on the CPU from a ``torch.Generator`` and only then moved to where the sum lives.
+Its seed is the privacy question (``privacy.noise_source``, ``NoiseSeeds``):
+
+- ``seeded``: derived from (run seed, round, party). The same config and seed add the same noise
+  on any device and after a resume, which is what a research comparison wants; but the run seed
+  is in config.toml, which the server holds (the Flower app ships it to every node), so anyone
+  holding it can regenerate the noise from a client's download and reply and subtract it: the ε
+  then holds against other clients and readers of the model who lack the config, not against
+  the server.
+- ``secure``: a fresh 63-bit secret from the OS's cryptographic generator (``secrets``) for every
+  party, round and stream, used once and never stored or sent, so no one can replay the draws;
+  runs are then not bit-reproducible, and a resumed round draws new noise.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from fedlora.lazy import torch
+
+NoiseSource = Literal["secure", "seeded"]
+
+
+@dataclass(frozen=True)
+class NoiseSeeds:
+    """The seeds of a party's private draws (noise and DP-SGD's samples)."""
+
+    source: NoiseSource
+    run_seed: int
+
+    def seed(self, *stream: int) -> int:
+        """The seed of one stream, e.g. (round, client, 3): derived, or a fresh secret."""
+        if self.source == "secure":
+            return secrets.randbits(63)
+        from fedlora.training import derived_seed
+
+        return derived_seed(self.run_seed, *stream)
+
+
+def resolve_source(configured: str, deployed: bool) -> NoiseSource:
+    """``auto``: secure where parties are separate processes (``deployed``), else seeded."""
+    if configured == "auto":
+        return "secure" if deployed else "seeded"
+    if configured not in ("secure", "seeded"):
+        raise ValueError(f"unknown noise source {configured!r}")
+    return "secure" if configured == "secure" else "seeded"
 
 
 def generator(seed: int) -> torch.Generator:
