@@ -161,18 +161,25 @@ def write_study(path: Path, body: str) -> Path:
     return path
 
 
-def test_a_grid_won_at_its_edge_is_extended_until_the_best_is_inside(tmp_path: Path) -> None:
-    from benchmarks.study import choose, extended_grid, grid_table, grid_tasks, load_study
+def grid_study(tmp_path: Path, grid: str):
+    """A one-arm, one-seed study of FedIT with ``grid`` (a TOML inline table), and its arm."""
+    from benchmarks.study import load_study
 
     study_file = write_study(
-        tmp_path / "edge.toml",
-        'name = "edge"\nseeds = [0]\nmetrics = ["accuracy"]\n'
+        tmp_path / "grid.toml",
+        'name = "grid"\nseeds = [0]\nmetrics = ["accuracy"]\n'
         'set = ["data.validation_fraction=0.2"]\n'
-        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
-        'grid = { "train.lr" = [1e-3, 2e-3] }\n',
+        f'[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\ngrid = {grid}\n',
     )
     study = load_study(study_file, root=tmp_path / "runs")
     (arm,) = study.arms
+    return study, arm
+
+
+def test_a_grid_won_at_its_edge_is_extended_until_the_best_is_inside(tmp_path: Path) -> None:
+    from benchmarks.study import choose, extended_grid, grid_table, grid_tasks
+
+    study, arm = grid_study(tmp_path, '{ "train.lr" = [1e-3, 2e-3] }')
 
     def finish(point: str, score: float) -> None:
         out = study.grid_dir(arm, 0, (point,))
@@ -195,17 +202,9 @@ def test_a_grid_won_at_its_edge_is_extended_until_the_best_is_inside(tmp_path: P
 
 
 def test_a_grid_still_at_its_edge_after_two_steps_says_so(tmp_path: Path) -> None:
-    from benchmarks.study import choose, extended_grid, grid_table, load_study, results_table
+    from benchmarks.study import choose, extended_grid, grid_table, results_table
 
-    study_file = write_study(
-        tmp_path / "edge.toml",
-        'name = "edge"\nseeds = [0]\nmetrics = ["accuracy"]\n'
-        'set = ["data.validation_fraction=0.2"]\n'
-        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
-        'grid = { "train.local_steps" = [8, 4] }\n',
-    )
-    study = load_study(study_file, root=tmp_path / "runs")
-    (arm,) = study.arms
+    study, arm = grid_study(tmp_path, '{ "train.local_steps" = [8, 4] }')
     for steps, score in ((8, 0.6), (4, 0.7), (2, 0.8), (1, 0.9)):  # best ever smaller
         out = study.grid_dir(arm, 0, (f"train.local_steps={steps}",))
         write_run(out, [0.3, score], validation=[0.3, score])
@@ -289,17 +288,9 @@ def test_a_claim_on_shared_seeds_is_paired_and_says_so(tmp_path: Path) -> None:
 
 
 def test_tables_report_the_best_run_point_while_an_edge_step_is_pending(tmp_path: Path) -> None:
-    from benchmarks.study import choose, load_study, reported_point, results_table
+    from benchmarks.study import choose, reported_point, results_table
 
-    study_file = write_study(
-        tmp_path / "pending.toml",
-        'name = "pending"\nseeds = [0]\nmetrics = ["accuracy"]\n'
-        'set = ["data.validation_fraction=0.2"]\n'
-        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
-        'grid = { "train.lr" = [1e-3, 2e-3] }\n',
-    )
-    study = load_study(study_file, root=tmp_path / "runs")
-    (arm,) = study.arms
+    study, arm = grid_study(tmp_path, '{ "train.lr" = [1e-3, 2e-3] }')
     for point, score in (("train.lr=0.001", 0.5), ("train.lr=0.002", 0.6)):
         write_run(study.grid_dir(arm, 0, (point,)), [0.3, score], validation=[0.3, score])
     assert choose(study, arm) is None  # 4e-3 must run before the choice stands
