@@ -574,6 +574,12 @@ class PrivacyConfig(Section):
         "such a δ is met by a mechanism that publishes one member's data outright, so it is "
         "refused unless set, and printed beside ε when it is",
     )
+    client_stats: bool = Field(
+        False,
+        description="under a DP mechanism, each client also reports its training loss and "
+        "example count (ε does not cover them); default: they stay on the client, and the "
+        "round's record has no train_loss nor examples",
+    )
     noise_source: Literal["auto", "secure", "seeded"] = Field(
         "auto",
         description="where DP noise and DP-SGD's samples draw their randomness: `secure` (a "

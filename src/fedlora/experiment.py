@@ -51,6 +51,12 @@ class Experiment:
     compute: Compute
     privacy: PrivacyBudget | None = None  # [privacy] with a mechanism
 
+    @property
+    def withholds_client_stats(self) -> bool:
+        """Under DP, clients keep their loss and example counts (``privacy.client_stats``)."""
+        privacy = self.config.privacy
+        return privacy.mechanism != "none" and not privacy.client_stats
+
 
 def compile_in_place(model: torch.nn.Module) -> None:
     """``torch.compile`` of the model's forward, lazily: dynamo traces on the first call,

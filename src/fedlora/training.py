@@ -155,6 +155,16 @@ class LocalResult:
     examples: int
 
 
+WITHHELD = ("train_loss", "examples")  # what a round's record lacks when clients withhold them
+
+
+def withheld(result: LocalResult) -> LocalResult:
+    """What a client under DP reports of its local work: its state and step count (a function
+    of the config), not its loss nor how many examples its samples drew, which ε does not
+    cover (``privacy.client_stats`` opts in)."""
+    return LocalResult(result.state, result.optimizer_state, result.steps, float("nan"), 0)
+
+
 class LocalTrainer:
     """Runs a client's local steps on the shared model's adapter slots."""
 

@@ -36,7 +36,7 @@ from fedlora.methods.base import store_under, stored
 from fedlora.methods.peer import PeerMethod
 from fedlora.tensors import TensorDict
 from fedlora.topology import RoundGraph, Topology, draw
-from fedlora.training import LocalResult, derived_seed, steps_per_round
+from fedlora.training import LocalResult, derived_seed, steps_per_round, withheld
 
 GRAPH_FILE = "graph.png"
 
@@ -207,7 +207,7 @@ class GossipEngine(SimulationEngine):
                 self.optimizers[node] = result.optimizer_state
             messages[node] = method.client_reply(node, result.state, {}, self.stores[node])
             self.timing["local_seconds"] += time.perf_counter() - began
-            results[node] = result
+            results[node] = withheld(result) if exp.withholds_client_stats else result
             losses = [r.loss for r in results.values()]
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
         exchange = self._choco if exp.config.topology.error_feedback else self._gossip
@@ -252,6 +252,7 @@ class GossipEngine(SimulationEngine):
             "edges": graph.graph.number_of_edges(),
             **self.consensus(messages),
         }
+        record = self.without_withheld(record)
         rejected = ledger.rejections(round_index)
         if rejected:
             record["rejected"] = [

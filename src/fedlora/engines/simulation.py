@@ -44,7 +44,14 @@ from fedlora.privacy.secure_round import SecureAggregation, SecureMean
 from fedlora.report import TEST_KEYS
 from fedlora.streaming import RunningMean
 from fedlora.tensors import TensorDict
-from fedlora.training import LocalResult, deadline_steps, derived_seed, steps_per_round
+from fedlora.training import (
+    WITHHELD,
+    LocalResult,
+    deadline_steps,
+    derived_seed,
+    steps_per_round,
+    withheld,
+)
 
 SERVER = "server"
 
@@ -355,7 +362,8 @@ class SimulationEngine:
             self.optimizers[client] = result.optimizer_state
         reply = method.client_reply(client, result.state, message, self.stores[client])
         seed = config.experiment.seed
-        return tamper(reply, message, config.attack, client, seed, round_index), result
+        reported = withheld(result) if exp.withholds_client_stats else result
+        return tamper(reply, message, config.attack, client, seed, round_index), reported
 
     def _train_clients(
         self, sampled: list[int], round_index: int
@@ -534,9 +542,10 @@ class SimulationEngine:
     def _round_record(
         self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
     ) -> dict:
-        """What every server-based round reports: who trained, how much, and the bytes sent."""
+        """What every server-based round reports: who trained, how much, and the bytes sent
+        (without the clients' loss and example counts where they withhold them)."""
         ledger = self.channel.ledger
-        return {
+        record = {
             "round": round_index + 1,
             "clients": clients,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -546,6 +555,13 @@ class SimulationEngine:
             "bytes_down": ledger.total("down", round_index),
             "cumulative_bytes": ledger.through_round(round_index),
         }
+        return self.without_withheld(record)
+
+    def without_withheld(self, record: dict) -> dict:
+        if self.exp.withholds_client_stats:
+            for key in WITHHELD:
+                record.pop(key, None)
+        return record
 
     def _close_record(
         self,
