@@ -39,7 +39,13 @@ from tests.test_baselines_2025 import (
 from tests.test_methods_server import framed
 
 NEW = ["fedsvd", "fedrot"]
-DP_SGD = ["privacy.mechanism=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.delta=1e-5"]
+# client_stats: the private runs' records keep train_loss, which these tests read
+DP_SGD = [
+    "privacy.mechanism=dp_sgd",
+    "privacy.noise_multiplier=1.0",
+    "privacy.delta=1e-5",
+    "privacy.client_stats=true",
+]
 
 
 def b_only(replies: dict) -> dict:

@@ -459,7 +459,7 @@ def test_a_resumed_run_ends_where_the_straight_run_does(
 
 
 COMBINATIONS = {
-    ("ravan", "central DP"): ADAPTIVE_CENTRAL,
+    ("ravan", "central DP"): [*ADAPTIVE_CENTRAL, "privacy.client_stats=true"],
     ("ravan", "secure aggregation"): ["privacy.secure_aggregation=true"],
     ("ravan", "median"): ["federation.aggregator=median"],
     ("ravan", "DP-SGD"): DP_SGD,
