@@ -133,3 +133,25 @@ def test_resume_continues_the_same_tracker_runs(tracked: Path) -> None:
     assert runs[0].info.status == "FINISHED"
     resumed = sorted((tracked / "wandb").glob("offline-run-*"))
     assert len(resumed) == 2 and all(path.name.endswith(ids["wandb"]) for path in resumed)
+
+
+def test_wandb_without_a_login_is_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    """Online mode with no API key (a fresh HOME, so no netrc), in a fresh process (W&B keeps
+    process-wide settings): a config error naming both ways out, and nothing trained."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedlora", "run", str(TINY / "fedit.toml"), "--out", str(out)]
+    done = subprocess.run(
+        [*command, "--quiet", "--set", "log.wandb=true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, said
+    assert "log.wandb: W&B could not start a run (No API key configured" in said
+    assert "set WANDB_MODE=offline" in said and "Traceback" not in said
+    assert not (out / "metrics.jsonl").exists()

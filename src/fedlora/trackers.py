@@ -186,9 +186,10 @@ class WandbTracker:
                 resume="allow" if run_id else None,
             )
         except wandb.errors.Error as error:  # no API key, no network, a bad setting
+            reason = str(error).strip().rstrip(".")
             raise ConfigError(
-                f"log.wandb: W&B could not start a run: {error}; log in (`wandb login`) or set "
-                "WANDB_MODE=offline to keep the run on this machine"
+                f"log.wandb: W&B could not start a run ({reason}); log in with `wandb login`, or "
+                "set WANDB_MODE=offline to keep the run on this machine"
             ) from None
         self.run_id = self.run.id
 
