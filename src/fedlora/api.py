@@ -139,10 +139,11 @@ def run(
         raise ConfigError(f"--engine must be simulation or distributed, not {engine!r}")
     with config_path(config) as path:
         loaded = load_config(path, list(overrides))  # the schema: pydantic only
-        from fedlora.preflight import check_config, preflight
+        from fedlora.preflight import preflight
 
-        check_config(loaded)  # methods, options, ranks, aggregators: still no torch
-        preflight(loaded)  # the machine's devices: torch, not yet transformers or peft
+        # check_config (methods, options, ranks, aggregators: no torch), then the machine's
+        # devices (torch, not yet transformers or peft)
+        preflight(loaded)
         if engine == "simulation":
             if nproc is not None:
                 raise ConfigError("--nproc needs --engine distributed")

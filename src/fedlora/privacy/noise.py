@@ -47,9 +47,9 @@ def resolve_source(configured: str, deployed: bool) -> NoiseSource:
     """``auto``: secure where parties are separate processes (``deployed``), else seeded."""
     if configured == "auto":
         return "secure" if deployed else "seeded"
-    if configured not in ("secure", "seeded"):
-        raise ValueError(f"unknown noise source {configured!r}")
-    return "secure" if configured == "secure" else "seeded"
+    if configured == "secure" or configured == "seeded":
+        return configured
+    raise ValueError(f"unknown noise source {configured!r}")
 
 
 def generator(seed: int) -> torch.Generator:
