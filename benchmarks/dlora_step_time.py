@@ -21,7 +21,7 @@ import torch
 
 from fedlora import experiment as experiments
 from fedlora.config import load_config
-from fedlora.engines.split import SplitEngine
+from fedlora.engines.placements import local_loop
 from fedlora.session import configure_runtime
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "dlora.toml"
@@ -69,10 +69,10 @@ def main() -> None:
     ):
         exp = build(args, budget)
         with tempfile.TemporaryDirectory() as out:
-            engine = SplitEngine(exp, Path(out))
-            user = engine.users[0]
+            engine = local_loop(exp, Path(out))
+            user = engine.round.users[0]
             began = time.perf_counter()
-            engine._train_block(user, 0)
+            engine.round._train_block(user, 0)
             seconds = (time.perf_counter() - began) / args.steps
         active = [int(row[3]) for row in user.account]
         print(f"{label:30} {seconds:.3f} s/step (active modules per step {active})")

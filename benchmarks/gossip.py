@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from fedlora.config import load_config
-from fedlora.engines.gossip import GossipEngine
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import build
 from fedlora.session import configure_runtime
 
@@ -43,7 +43,7 @@ def main() -> None:
     ]
     experiment = build(load_config(REPO / "configs" / "default.toml", overrides))
     with tempfile.TemporaryDirectory() as directory:
-        result = GossipEngine(experiment, Path(directory)).run(show_progress=False)
+        result = local_loop(experiment, Path(directory), pooled=False).run(show_progress=False)
     rounds = [m for m in result.metrics if m["round"] > 0]  # round 0: the initial model
     local = sum(m["local_seconds"] for m in rounds)
     mixing = sum(m["mix_seconds"] for m in rounds)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def child(clients: int, method: str) -> None:
     from fedlora.config import load_config
-    from fedlora.engines.simulation import SimulationEngine
+    from fedlora.engines.placements import local_loop
     from fedlora.experiment import build
     from fedlora.session import configure_runtime
 
@@ -41,7 +41,7 @@ def child(clients: int, method: str) -> None:
         ],
     )
     with tempfile.TemporaryDirectory() as directory:
-        SimulationEngine(build(config), Path(directory)).run(show_progress=False)
+        local_loop(build(config), Path(directory), pooled=False).run(show_progress=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 

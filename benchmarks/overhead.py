@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
 from fedlora.config import load_config
-from fedlora.engines.simulation import SimulationEngine
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import Experiment, build
 from fedlora.models import load_base_model, load_tokenizer
 from fedlora.session import configure_runtime
@@ -96,7 +96,7 @@ def main() -> None:
     ratios = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as directory:
-            result = SimulationEngine(experiment, Path(directory)).run(show_progress=False)
+            result = local_loop(experiment, Path(directory), pooled=False).run(show_progress=False)
         assert sum(m["steps"] for m in result.metrics) == len(batches)
         fedlora_seconds = sum(m["train_seconds"] for m in result.metrics)
         plain.append(plain_loop(experiment, batches))

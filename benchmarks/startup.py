@@ -31,7 +31,7 @@ def child(config_file: str, launched: float, overrides: list[str]) -> None:
     marks = {}
     from fedlora import experiment as experiments
     from fedlora.config import load_config
-    from fedlora.engines.simulation import SimulationEngine
+    from fedlora.engines.placements import local_loop
     from fedlora.session import configure_runtime
 
     marks["interpreter and imports"] = time.time()
@@ -41,11 +41,11 @@ def child(config_file: str, launched: float, overrides: list[str]) -> None:
     marks["config checks"] = time.time()
     experiment = experiments.build(config)
     marks["experiment built"] = time.time()
-    engine = SimulationEngine(experiment, Path("/nonexistent"))
+    engine = local_loop(experiment, Path("/nonexistent"), pooled=False)
     engine.test_metrics()
     marks["round-0 evaluation"] = time.time()
     message = experiment.method.server_message(0, 0)
-    engine.client_work(0, message, 0)
+    engine.round.runtime.train(0, message, 0)
     marks["first local step"] = time.time()
     times, previous = {}, launched
     for name, mark in marks.items():

@@ -74,13 +74,13 @@ def run(name: str, out: Path, rounds: int | None = None):
     from rich.console import Console
 
     from fedlora.config import load_config
-    from fedlora.engines.simulation import SimulationEngine
+    from fedlora.engines.placements import local_loop
     from fedlora.experiment import build
 
     config = load_config(TINY / f"{name}.toml", [f"experiment.rounds={rounds}"] if rounds else [])
     experiment = build(config)
     out.mkdir(parents=True, exist_ok=True)
-    return experiment, SimulationEngine(experiment, out, Console(quiet=True))
+    return experiment, local_loop(experiment, out, Console(quiet=True), pooled=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from fedlora import experiment as experiments
 from fedlora.config import Config, TopologyConfig, load_config
-from fedlora.engines.gossip import GossipEngine, consensus_distance, node_name
+from fedlora.engines.gossip import GossipRound, consensus_distance, node_name
+from fedlora.engines.placements import local_loop
 from fedlora.lora import weighted_average
 from fedlora.methods.base import MethodContext, NoOptions
 from fedlora.methods.declora import DecLoRA
@@ -119,9 +120,11 @@ def tiny_experiment() -> experiments.Experiment:
     return experiments.build(load_config(TINY / "declora.toml"))
 
 
-def engine_for(exp: experiments.Experiment, tmp_path: Path, **topology: object) -> GossipEngine:
+def engine_for(exp: experiments.Experiment, tmp_path: Path, **topology: object) -> GossipRound:
     config = exp.config.model_copy(update={"topology": TopologyConfig(**topology)})
-    return GossipEngine(dataclasses.replace(exp, config=config), tmp_path)
+    round_ = local_loop(dataclasses.replace(exp, config=config), tmp_path, pooled=False).round
+    assert isinstance(round_, GossipRound)
+    return round_
 
 
 def perturbed(exp: experiments.Experiment, nodes: int) -> dict[int, TensorDict]:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.distributed import (
+from fedlora.engines.launch import (
     LaunchError,
     free_port,
     layout_notes,

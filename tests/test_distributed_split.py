@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.distributed import layout_notes
+from fedlora.engines.launch import layout_notes
 from tests.conftest import TINY, run_cli
 from tests.frames import received, tensor_keys
 from tests.test_distributed import assert_same_run, finish, kill_mid_run, launch, reference

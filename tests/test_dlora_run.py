@@ -107,14 +107,14 @@ def test_resume_after_an_interrupted_round_gives_the_same_run(
     from fedlora import experiment as experiments
     from fedlora import rundir
     from fedlora.config import load_config
-    from fedlora.engines.split import SplitEngine
+    from fedlora.engines.placements import local_loop
 
     config = load_config(TINY / "dlora.toml")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         rundir.prepare(tmp_path, config, resume=False)
-        engine = SplitEngine(experiments.build(config), tmp_path)
+        engine = local_loop(experiments.build(config), tmp_path)
         first_round = engine.run_round
 
         def stop_in_round_two(round_index: int, progress: object) -> dict:
@@ -125,16 +125,16 @@ def test_resume_after_an_interrupted_round_gives_the_same_run(
         engine.run_round = stop_in_round_two  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             engine.run(show_progress=False)
-        resumed = SplitEngine(experiments.build(config), tmp_path)
+        resumed = local_loop(experiments.build(config), tmp_path)
         assert resumed.resume() == 1
         result = resumed.run(1, show_progress=False)
     finally:
         torch.set_num_threads(threads)
     for user in (0, 1):
         whole = load_file(dlora_run / "adapters" / f"client_{user}" / "adapter_model.safetensors")
-        state = resumed.method.client_model(user, result.stores[user])
+        state = resumed.exp.method.client_model(user, result.stores[user])
         assert state is not None
         for key, tensor in whole.items():
             assert torch.equal(state[key], tensor), key
-    for name in ("schedule.json", "accounting.json", "traffic.csv"):
+    for name in ("schedule.json", "accounting.json", "traffic.csv", "steps.csv"):
         assert (tmp_path / name).read_text() == (dlora_run / name).read_text(), name

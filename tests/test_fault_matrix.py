@@ -12,8 +12,11 @@ For each method that trains through server rounds, 4 rounds on its tiny config u
 
 Each run must finish, and a run stopped after round 2 (a round listener raises before round 3's
 checkpoint, as a kill there would leave it) and resumed from its checkpoint must end exactly
-where the uninterrupted run does. A method whose server state changes when a download is *sent*
-rather than when its reply arrives fails here (the Fed-SB defect of issue 35).
+where the uninterrupted run does: in one process, and on a pool of two worker processes (whose
+clients train in the workers; the uninterrupted reference is the in-process run). A real
+SIGKILL of a worker, and of a rank, is tested in ``test_pool`` and ``test_distributed``. A
+method whose server state changes when a download is *sent* rather than when its reply arrives
+fails here (the Fed-SB defect of issue 35).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from fedlora import rundir
 from fedlora.config import load_config
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import build
 from fedlora.methods import registry
-from fedlora.session import ENGINES
 from tests.conftest import TINY, without_timing
 
 SERVER_METHODS = sorted(
@@ -44,10 +48,11 @@ class Interrupted(Exception):
 
 
 def run(name: str, overrides: list[str], out: Path, stop_after: int | None = None, resume=False):
+    """A tiny run on one thread (the pool's workers' count: bit-identical placements)."""
     config = load_config(TINY / f"{name}.toml", [*BASE, *overrides])
     experiment = build(config)
     rundir.prepare(out, config, resume)
-    engine = ENGINES[experiment.method.engine](experiment, out, Console(quiet=True))
+    engine = local_loop(experiment, out, Console(quiet=True))
     if stop_after is not None:
 
         def stop(record: dict) -> None:
@@ -55,8 +60,13 @@ def run(name: str, overrides: list[str], out: Path, stop_after: int | None = Non
                 raise Interrupted
 
         engine.round_listeners.append(stop)
-    start = engine.resume() if resume else 0
-    return engine.run(start, show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = engine.resume() if resume else 0
+        return engine.run(start, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def largest_download(ledger_rows: list[dict]) -> int:
@@ -95,8 +105,11 @@ def test_a_faulty_run_finishes_and_resumes_exactly(name: str, fault: str, tmp_pa
     else:
         refused = [r for r in whole.ledger.records if r.rejected]
         assert refused  # the fault happened (a reply larger than every download is refused too)
-    with pytest.raises(Interrupted):
-        run(name, overrides, tmp_path / "cut", stop_after=2)
-    resumed = run(name, overrides, tmp_path / "cut", resume=True)
-    # As JSON text: a round in which nobody trained has train_loss NaN, and NaN != NaN.
-    assert json.dumps(without_timing(resumed.metrics)) == json.dumps(without_timing(records))
+    for placement in ([], ["compute.workers=2"]):  # in one process, then on two workers
+        cut = tmp_path / f"cut{len(placement)}"
+        with pytest.raises(Interrupted):
+            run(name, [*overrides, *placement], cut, stop_after=2)
+        resumed = run(name, [*overrides, *placement], cut, resume=True)
+        # As JSON text: a round in which nobody trained has train_loss NaN, and NaN != NaN.
+        assert json.dumps(without_timing(resumed.metrics)) == json.dumps(without_timing(records))
+        assert resumed.ledger.to_json() == whole.ledger.to_json()

@@ -11,7 +11,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedlora.config import TrainConfig, load_config
-from fedlora.engines.simulation import SimulationEngine
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import build
 from fedlora.galore import galore_adamw
 from fedlora.training import optimizer_tensors, restore_optimizer
@@ -98,13 +98,17 @@ def test_fedftg_projects_exactly_the_target_matrices(tmp_path) -> None:
     """Through the real trainer: every client's kept optimizer state holds one projector per
     target matrix (shape d×ρ or ρ×k, the smaller side kept) and none for the head."""
     experiment = build(load_config(TINY / "fedftg.toml", ["experiment.rounds=1"]))
-    engine = SimulationEngine(experiment, tmp_path)
+    engine = local_loop(experiment, tmp_path, pooled=False)
     engine.run(show_progress=False)
     matrices = experiment.slots.matrices
     assert matrices and set(experiment.method.projected) == set(matrices)
     rho = experiment.method.options.galore_rank
     for client in range(len(experiment.clients)):
-        projectors = [v for k, v in engine.optimizers[client].items() if k.endswith(".projector")]
+        projectors = [
+            v
+            for k, v in engine.round.runtime.optimizers[client].items()
+            if k.endswith(".projector")
+        ]
         assert len(projectors) == len(matrices)
         assert all(rho in p.shape and p.dim() == 2 for p in projectors)
 
@@ -151,7 +155,7 @@ def one_full_batch_gd_round(num_clients: int, tmp_path) -> dict[str, torch.Tenso
             module.p = 0.0  # full-batch GD is deterministic only without dropout
     out = tmp_path / str(num_clients)
     out.mkdir()
-    SimulationEngine(experiment, out).run(show_progress=False)
+    local_loop(experiment, out, pooled=False).run(show_progress=False)
     return experiment.method.global_state()
 
 

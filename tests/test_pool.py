@@ -20,7 +20,15 @@ from safetensors.torch import load_file
 from fedlora.checkpoint import load_checkpoint
 from fedlora.compute import cores, pool_pays, pool_size
 from fedlora.config import load_config
-from tests.conftest import ONE, TINY, read_metrics, run_cli, timeless_metrics, trained
+from tests.conftest import (
+    ADAPTIVE_CENTRAL,
+    ONE,
+    TINY,
+    read_metrics,
+    run_cli,
+    timeless_metrics,
+    trained,
+)
 
 TWO_WORKERS = ("--set", "compute.workers=2")
 OTHER_SERVER_METHODS = (
@@ -95,9 +103,7 @@ def test_worker_processes_give_the_in_process_run_bit_for_bit(
 @pytest.mark.parametrize(
     ("config", "overrides", "says"),
     [
-        ("declora.toml", (), "'gossip' engine"),
         ("dlora.toml", (), "'split' engine"),
-        ("fedit.toml", ("--set", "privacy.secure_aggregation=true"), "secure aggregation"),
         ("fedit.toml", ("--engine", "distributed"), "--nproc"),
     ],
 )
@@ -199,19 +205,57 @@ def test_auto_resolves_from_the_clients_per_round() -> None:
 @pytest.mark.parametrize(
     ("config", "overrides"),
     [
+        # the masking protocol's parties run in the server's process; the pool trains them
         ("fedit.toml", ("--set", "privacy.secure_aggregation=true")),
-        ("declora.toml", ()),
-        ("dlora.toml", ()),
+        # seeded DP-SGD noise in the workers, as in one process
+        ("ffa.toml", ("--set", "privacy.mechanism=dp_sgd", "--set", "privacy.noise_multiplier=1")),
+        # secure aggregation of central-DP updates
+        (
+            "fedit.toml",
+            ("--set", "privacy.secure_aggregation=true",
+             *(arg for item in ADAPTIVE_CENTRAL for arg in ("--set", item))),
+        ),
     ],
-)
-def test_auto_workers_fall_back_to_one_process_where_the_pool_cannot_run(
+)  # fmt: skip
+def test_auto_workers_with_privacy_give_the_in_process_run(
     tmp_path: Path, config: str, overrides: tuple[str, ...]
 ) -> None:
-    """``workers = "auto"`` picks the pool only where it can run: with secure aggregation it
-    took the pool and ended in a KeyError; now the run trains in one process and finishes."""
+    """``workers = "auto"`` takes the pool for 4 clients on 2 cores. With secure aggregation
+    that once ended in a ``KeyError``; now the pool runs it, bit for bit as one process."""
+    auto = ("--set", "compute.workers='auto'", "--set", "experiment.rounds=2")
+    alone = run(config, tmp_path / "alone", *overrides, *auto[2:], "--set", "compute.workers=1")
+    pooled = run(config, tmp_path / "auto", *overrides, *auto)
+    if pool_pays(4, cores()):
+        assert "## Worker processes" in (pooled / "summary.md").read_text()
+    assert_identical(pooled, alone)
+
+
+@pytest.mark.parametrize("config", ["declora.toml", "dlora.toml"])
+def test_auto_workers_keep_gossip_and_the_split_in_one_process(tmp_path: Path, config: str) -> None:
+    """``auto`` takes the pool for server rounds only: gossip runs on it when asked by count,
+    the split not at all."""
     code, output = run_cli(
-        "run", str(TINY / config), "--out", str(tmp_path), "--quiet", *overrides,
+        "run", str(TINY / config), "--out", str(tmp_path), "--quiet",
         "--set", "compute.workers='auto'", "--set", "experiment.rounds=1",
     )  # fmt: skip
     assert code == 0, output
     assert "## Worker processes" not in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        # CHOCO-gossip with 4-bit messages: the estimates live in the nodes' stores
+        ("--set", "topology.quantize_bits=4", "--set", "topology.error_feedback=true"),
+    ],
+)
+def test_gossip_on_worker_processes_gives_the_in_process_run_bit_for_bit(
+    tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    """Dec-LoRA's local steps on two workers, the exchange and mixing in the server's
+    process: the same metrics, ledger and adapters as every node in one process."""
+    alone = run("declora.toml", tmp_path / "alone", *overrides)
+    pooled = run("declora.toml", tmp_path / "pooled", *overrides, *TWO_WORKERS)
+    assert_identical(pooled, alone)
+    assert "## Worker processes" in (pooled / "summary.md").read_text()

@@ -17,7 +17,7 @@ from fedlora.adapters import AdapterSlots
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import ConfigError, LoraConfig, config_from_dict, load_config
 from fedlora.data.tokenized import IGNORE, TokenizedSet
-from fedlora.engines.simulation import SimulationEngine
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import build
 from fedlora.models import load_base_model, load_tokenizer, model_spec
 from fedlora.privacy.accounting import Sampling, StepAccountant, solve_noise_multiplier
@@ -290,14 +290,14 @@ def test_fslora_central_dp_clips_each_scattered_update_whole(tmp_path: Path) -> 
         "privacy.clip_norm=0.01",
     ]
     experiment = build(load_config(TINY / "fslora.toml", sets))
-    engine = SimulationEngine(experiment, tmp_path, Console(quiet=True))
+    engine = local_loop(experiment, tmp_path, Console(quiet=True), pooled=False)
     method, modules = experiment.method, experiment.slots.modules
     before = {k: v.double().numpy() for k, v in method.global_state().items()}
     total = {k: np.zeros_like(v) for k, v in before.items()}
     replies = {}
     for client in range(len(experiment.clients)):
         message = method.server_message(client, 0)
-        replies[client], _ = engine.client_work(client, message, 0)
+        replies[client], _ = engine.round.runtime.train(client, message, 0)
         update = {k: np.zeros_like(v) for k, v in before.items()}
         for k, v in replies[client].items():
             if k in total and v.shape == before[k].shape and ".lora_" not in k:
@@ -310,7 +310,7 @@ def test_fslora_central_dp_clips_each_scattered_update_whole(tmp_path: Path) -> 
         assert norm > 0.01  # the clip binds
         for k in total:
             total[k] += update[k] * min(1.0, 0.01 / norm)
-    method.aggregate(0, replies, engine.weights(sorted(replies)))
+    method.aggregate(0, replies, engine.round.weights(sorted(replies)))
     after = method.global_state()
     for k in before:
         expected = before[k] + total[k] / len(experiment.clients)
@@ -416,7 +416,7 @@ def test_central_dp_clip_norm_follows_andrew_et_al_and_survives_resume(tmp_path:
     cli_run(run, [*sets, f"privacy.max_epsilon={budget}"], "fedit.toml")
     assert load_checkpoint(run).completed_rounds == 1
     experiment = build(load_config(TINY / "fedit.toml", sets))
-    engine = SimulationEngine(experiment, run, Console(quiet=True))
+    engine = local_loop(experiment, run, Console(quiet=True), pooled=False)
     metrics = trained(engine.run(engine.resume(), show_progress=False).metrics)
     norms = [m["clip_norm"] for m in metrics]
     assert norms[0] == 0.05 and len(set(norms)) == 3

@@ -14,10 +14,11 @@ from rich.console import Console
 from fedlora.attack import tamper
 from fedlora.channel import Channel, MessageError, decode, encode
 from fedlora.config import AttackConfig, FederationConfig, load_config
-from fedlora.engines.simulation import SimulationEngine
+from fedlora.engines.client import required_steps
+from fedlora.engines.loop import RunLoop
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import Experiment, build
 from fedlora.robust import combine
-from fedlora.session import ENGINES
 from fedlora.training import derived_seed
 from tests.conftest import TINY, read_metrics, run_cli, trained
 
@@ -29,11 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def engine_for(
     overrides: list[str], tmp_path: Path, name: str = "fedit.toml"
-) -> tuple[Experiment, SimulationEngine]:
+) -> tuple[Experiment, RunLoop]:
     experiment = build(load_config(TINY / name, overrides))
     out = tmp_path / "run"
     out.mkdir(parents=True, exist_ok=True)
-    return experiment, SimulationEngine(experiment, out, Console(quiet=True))
+    return experiment, local_loop(experiment, out, Console(quiet=True), pooled=False)
 
 
 def honest_replies(overrides: list[str], round_index: int = 0) -> dict[int, dict]:
@@ -43,7 +44,7 @@ def honest_replies(overrides: list[str], round_index: int = 0) -> dict[int, dict
     replies = {}
     for client in range(len(experiment.clients)):
         message = method.server_message(client, round_index)
-        replies[client], _ = engine.client_work(client, message, round_index)
+        replies[client], _ = engine.round.runtime.train(client, message, round_index)
     return replies
 
 
@@ -117,7 +118,7 @@ def test_every_tiny_method_accepts_its_own_honest_replies(tmp_path: Path) -> Non
         experiment = build(load_config(config))
         out = tmp_path / config.stem
         out.mkdir()
-        engine = ENGINES[experiment.method.engine](experiment, out, Console(quiet=True))
+        engine = local_loop(experiment, out, Console(quiet=True))
         result = engine.run(show_progress=False)
         assert result.ledger.rejections() == [], config.stem
         assert all("absent" not in m for m in result.metrics), config.stem
@@ -177,14 +178,18 @@ def test_a_client_that_misses_a_round_keeps_its_state(
     with Progress(disable=True) as progress:
         for index in range(r):
             engine.metrics.append(engine.run_round(index, progress))
-        store = {k: v.clone() for k, v in engine.stores[client].items()}
-        optimizer = {k: v.clone() for k, v in engine.optimizers.get(client, {}).items()}
+        store = {k: v.clone() for k, v in engine.round.runtime.stores[client].items()}
+        optimizer = {
+            k: v.clone() for k, v in engine.round.runtime.optimizers.get(client, {}).items()
+        }
         ranks = list(getattr(experiment.method, "current", []))
         record = engine.run_round(r, progress)
     assert record["absent"][str(client)] == "dropout"
-    assert store.keys() == engine.stores[client].keys()
-    assert all(torch.equal(store[k], engine.stores[client][k]) for k in store)
-    assert all(torch.equal(optimizer[k], engine.optimizers[client][k]) for k in optimizer)
+    assert store.keys() == engine.round.runtime.stores[client].keys()
+    assert all(torch.equal(store[k], engine.round.runtime.stores[client][k]) for k in store)
+    assert all(
+        torch.equal(optimizer[k], engine.round.runtime.optimizers[client][k]) for k in optimizer
+    )
     if ranks:  # HetLoRA: the missing client's rank is untouched by the round
         assert experiment.method.current[client] == ranks[client]
     if "keep_optimizer_state" in " ".join(overrides):
@@ -212,7 +217,7 @@ def test_a_deadline_cuts_or_drops_stragglers(tmp_path: Path) -> None:
     # Two epochs of a client's data at batch 8: clients with more rows need more steps.
     base = ["experiment.rounds=1", "train.local_epochs=2", "federation.deadline_steps=12"]
     experiment, engine = engine_for([*base, "federation.stragglers='drop'"], tmp_path / "drop")
-    needs = {c: engine.required_steps(c) for c in range(len(experiment.clients))}
+    needs = {c: required_steps(experiment, c) for c in range(len(experiment.clients))}
     slow = sorted(c for c, n in needs.items() if n > 12)
     assert slow == [0, 2]  # needs 16, 9, 16, 11 steps (2 epochs at batch 8)
     (record,) = trained(engine.run(show_progress=False).metrics)
@@ -352,8 +357,8 @@ def test_a_gossip_node_refuses_a_poisoned_neighbour_and_mixes_the_rest(tmp_path:
     experiment = build(load_config(TINY / "declora.toml", ["experiment.rounds=1"]))
     out = tmp_path / "gossip"
     out.mkdir()
-    engine = ENGINES[experiment.method.engine](experiment, out, Console(quiet=True))
-    graph = engine.topology.at(0)
+    engine = local_loop(experiment, out, Console(quiet=True))
+    graph = engine.round.topology.at(0)
     nodes = range(len(experiment.clients))
     messages = {n: dict(experiment.method.context.initial) for n in nodes}
     poisoned = next(iter(graph.neighbours(0)))
@@ -361,12 +366,12 @@ def test_a_gossip_node_refuses_a_poisoned_neighbour_and_mixes_the_rest(tmp_path:
     bad = messages[poisoned][first].clone()
     bad.view(-1)[0] = float("nan")
     messages[poisoned] = {**messages[poisoned], first: bad}
-    received = engine._exchange(messages, graph, 0)
+    received = engine.round._exchange(messages, graph, 0)
     for node in nodes:
         neighbours = set(graph.neighbours(node))
         expected = neighbours - {poisoned}
         assert set(received[node]) == expected, node
-    refused = engine.channel.ledger.rejections(0)
+    refused = engine.round.channel.ledger.rejections(0)
     assert {r.sender for r in refused} == {f"node{poisoned}"}
     assert all("NaN" in r.rejected for r in refused)
 
@@ -377,7 +382,7 @@ def test_fslora_robust_scatter_combines_each_component_over_its_drawers(tmp_path
     method = experiment.method
     replies = {}
     for client in range(len(experiment.clients)):
-        reply, _ = engine.client_work(client, method.server_message(client, 0), 0)
+        reply, _ = engine.round.runtime.train(client, method.server_message(client, 0), 0)
         replies[client] = reply
     delta = method._robust_delta(0, replies)
     for position, m in enumerate(method.context.modules):

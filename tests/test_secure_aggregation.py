@@ -20,7 +20,8 @@ from scipy import stats
 
 from fedlora.channel import Channel, MessageError, Schema
 from fedlora.config import config_from_dict, load_config
-from fedlora.engines.simulation import SimulationEngine
+from fedlora.engines.loop import RunLoop
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import build
 from fedlora.methods import build_method, registry
 from fedlora.methods.base import MethodContext
@@ -311,10 +312,10 @@ def test_aggregating_the_mean_equals_aggregating_the_replies(name: str) -> None:
 
 
 # -- end to end ---------------------------------------------------------------------------------
-def engine_for(overrides: list[str], out: Path) -> SimulationEngine:
+def engine_for(overrides: list[str], out: Path) -> RunLoop:
     experiment = build(load_config(TINY / "fedit.toml", overrides))
     out.mkdir(parents=True)
-    return SimulationEngine(experiment, out, Console(quiet=True))
+    return local_loop(experiment, out, Console(quiet=True), pooled=False)
 
 
 def test_a_fedit_run_with_secure_aggregation_matches_the_plain_run(tmp_path: Path) -> None:
@@ -349,7 +350,7 @@ def test_a_fedit_run_with_secure_aggregation_matches_the_plain_run(tmp_path: Pat
     )
     assert records["plain"][0]["skipped"] and "skipped" not in records["secure"][2]
     assert records["secure"][2]["absent"] == {"3": "dropout"}
-    ledger = secure.channel.ledger.records
+    ledger = secure.round.channel.ledger.records
     uploads = {(r.round, r.sender, r.kind) for r in ledger if r.receiver == "server"}
     assert all(kind.startswith("secagg.") for _, _, kind in uploads)  # no plain reply ever
     assert (2, "client3", "secagg.share_keys") in uploads
@@ -374,10 +375,10 @@ def test_central_dp_under_secure_aggregation_is_the_plain_central_dp_run(
     fractions are the plain run's, and no update ever reaches the server unmasked."""
     central = ["experiment.rounds=3", "federation.dropout=0.3", *ADAPTIVE_CENTRAL]
 
-    def engine(overrides: list[str], out: Path) -> SimulationEngine:
+    def engine(overrides: list[str], out: Path) -> RunLoop:
         experiment = build(load_config(TINY / config, [*central, *overrides]))
         out.mkdir(parents=True)
-        return SimulationEngine(experiment, out, Console(quiet=True))
+        return local_loop(experiment, out, Console(quiet=True), pooled=False)
 
     plain = engine(["federation.min_replies=3"], tmp_path / "plain")
     secure = engine(["federation.min_replies=3", "privacy.secure_aggregation=true"], tmp_path / "s")
@@ -395,7 +396,7 @@ def test_central_dp_under_secure_aggregation_is_the_plain_central_dp_run(
             assert {k: s.get(k) for k in released} == {k: p.get(k) for k in released}
             assert p.get("skipped") or "unclipped_fraction" in p
             assert s.get("skipped") == p.get("skipped") and s.get("absent") == p.get("absent")
-    uploads = {r.kind for r in secure.channel.ledger.records if r.receiver == "server"}
+    uploads = {r.kind for r in secure.round.channel.ledger.records if r.receiver == "server"}
     assert uploads and all(kind.startswith("secagg.") for kind in uploads)
 
 

@@ -11,7 +11,8 @@ import torch
 from rich.console import Console
 
 from fedlora.config import load_config
-from fedlora.engines.simulation import SimulationEngine
+from fedlora.engines.loop import RunLoop
+from fedlora.engines.placements import local_loop
 from fedlora.experiment import build
 from fedlora.streaming import RunningMean
 from tests.conftest import TINY
@@ -55,10 +56,10 @@ def test_the_running_mean_refuses_what_cannot_be_averaged() -> None:
         running.add({"a": torch.ones(2)}, 0.0)
 
 
-def engine(overrides: list[str], out: Path) -> SimulationEngine:
+def engine(overrides: list[str], out: Path) -> RunLoop:
     experiment = build(load_config(TINY / "fedit.toml", ["experiment.rounds=2", *overrides]))
     out.mkdir(parents=True)
-    return SimulationEngine(experiment, out, Console(quiet=True))
+    return local_loop(experiment, out, Console(quiet=True), pooled=False)
 
 
 def test_a_streamed_round_equals_the_round_that_keeps_every_reply(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_a_streamed_round_equals_the_round_that_keeps_every_reply(tmp_path: Path
         [*common, "federation.aggregator=trimmed_mean", "federation.trim_fraction=0"],
         tmp_path / "kept",
     )
-    assert streamed.streams() and not kept.streams()
+    assert streamed.round.streams() and not kept.round.streams()
     first = streamed.run(show_progress=False).metrics
     second = kept.run(show_progress=False).metrics
     assert [m["round"] for m in first] == [m["round"] for m in second] == [0, 1, 2]

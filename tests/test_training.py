@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlora.config import TrainConfig, load_config
-from fedlora.engines.simulation import sample_clients
+from fedlora.engines.server_round import sample_clients
 from fedlora.experiment import build
 from fedlora.tensors import is_head
 from fedlora.training import (

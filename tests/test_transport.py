@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.engines.distributed import free_port
+from fedlora.engines.launch import free_port
 
 PEER = Path(__file__).with_name("peers.py")
 

@@ -127,8 +127,8 @@ def test_every_engine_reports_validation_metrics(name: str, tmp_path: Path) -> N
     import torch
     from rich.console import Console
 
+    from fedlora.engines.placements import local_loop
     from fedlora.experiment import build
-    from fedlora.session import ENGINES
 
     data = write_toy(tmp_path / "toy.csv", 40)
     overrides = toy_overrides(
@@ -139,7 +139,7 @@ def test_every_engine_reports_validation_metrics(name: str, tmp_path: Path) -> N
         clients=3,  # a ring needs three nodes
     )
     experiment = build(load_config(TINY / f"{name}.toml", overrides))
-    engine = ENGINES[experiment.method.engine](experiment, tmp_path, Console(quiet=True))
+    engine = local_loop(experiment, tmp_path, Console(quiet=True))
     last = engine.run(show_progress=False).metrics[-1]
     assert experiment.split.validation is not None
     for key in ("accuracy", "macro_f1"):

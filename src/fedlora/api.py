@@ -197,7 +197,7 @@ def run_distributed(
     progress: bool,
     observer: bool,
 ) -> None:
-    from fedlora.engines.distributed import LaunchError, launch
+    from fedlora.engines.launch import LaunchError, launch
     from fedlora.engines.transport import PeerError
 
     try:

@@ -189,9 +189,12 @@ def pool_size(config: Config, device: torch.device) -> tuple[int, int]:
         config.partition.num_clients, federation.clients_per_round, federation.fraction
     )
     if compute.workers == "auto":
+        from fedlora.methods import method_class
         from fedlora.preflight import pool_refusal  # preflight imports this module
 
-        able = pool_refusal(config, device.type) is None
+        # "auto" takes the pool for server rounds; gossip runs on it when asked by count
+        serves = method_class(config.method.name).engine == "simulation"
+        able = serves and pool_refusal(config, device.type) is None
         workers = cores() if able and pool_pays(per_round, cores()) else 1
     else:
         workers = min(compute.workers, per_round)

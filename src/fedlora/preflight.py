@@ -73,20 +73,15 @@ def check_workers(config: Config, device: str) -> None:
 
 def pool_refusal(config: Config, device: str) -> str | None:
     """Why a round's clients cannot be trained by worker processes, or None if they can."""
-    cls = method_class(config.method.name)
-    if cls.engine != "simulation":
-        return (
-            f"method {config.method.name!r} runs on the {cls.engine!r} engine, which trains "
-            "its parties in turn; workers apply to server methods"
-        )
-    if config.privacy.secure_aggregation:
-        return "secure aggregation runs its clients in the server's process"
-    if device != "cpu":
+    from fedlora.engines.capabilities import placement_refusal
+
+    refusal = placement_refusal(config, "pool")
+    if refusal is None and device != "cpu":
         return (
             "worker processes share out the CPU's cores; on "
             f"{device} the clients share one accelerator in one process"
         )
-    return None
+    return refusal
 
 
 def check_reliability(config: Config) -> None:

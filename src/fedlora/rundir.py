@@ -25,7 +25,7 @@ from fedlora.channel import human_bytes
 from fedlora.checkpoint import FILE as CHECKPOINT
 from fedlora.checkpoint import remove_partial
 from fedlora.config import Config, ConfigError
-from fedlora.engines.simulation import RunResult
+from fedlora.engines.loop import RunResult
 from fedlora.experiment import Experiment
 from fedlora.harness import after_run
 from fedlora.report import RunView, markdown_table, plot_run

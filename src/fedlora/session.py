@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -14,25 +13,13 @@ from fedlora import experiment as experiments
 from fedlora import rundir
 from fedlora.compute import Compute, configure_determinism, configure_threads
 from fedlora.config import load_config
-from fedlora.engines.gossip import GossipEngine
-from fedlora.engines.pool import in_process
-from fedlora.engines.simulation import RunResult, SimulationEngine
-from fedlora.engines.split import SplitEngine
+from fedlora.engines.loop import RunResult
+from fedlora.engines.placements import LoopFactory, local_loop
 from fedlora.privacy.accounting import format_epsilon
 from fedlora.privacy.budget import LARGE_DELTA
 from fedlora.report import QUALITY_KEYS
 from fedlora.tables import print_table
 from fedlora.trackers import open_trackers
-
-# What builds an engine: its class, or a class with its options bound (``--observer``).
-EngineFactory = Callable[[experiments.Experiment, Path, Console], SimulationEngine]
-
-# by ``Method.engine``
-ENGINES: dict[str, EngineFactory] = {
-    "simulation": in_process,  # SimulationEngine, or PooledEngine with compute.workers > 1
-    "gossip": GossipEngine,
-    "split": SplitEngine,
-}
 
 
 def configure_runtime(compute: Compute | None = None) -> None:
@@ -91,11 +78,12 @@ def run_experiment(
     resume: bool,
     console: Console,
     show_progress: bool = True,
-    engines: Mapping[str, EngineFactory] = ENGINES,
+    build: LoopFactory | None = None,
     default_threads: int | None = None,
     deployed: bool = False,
 ) -> RunResult:
-    """``engines``: the engine per ``Method.engine`` (the distributed engine passes its own);
+    """``build``: the run loop with its round and placement (default: this process, or a
+    pool of workers; a distributed rank and the Flower ServerApp pass their own);
     ``default_threads``: CPU threads unless ``compute.threads`` says (a rank's 1);
     ``deployed``: the parties are separate processes (``experiment.build``)."""
     config = load_config(config_file, overrides)
@@ -113,12 +101,12 @@ def run_experiment(
     trackers = open_trackers(config, out, resume)  # before the model: a login error is quick
     try:
         experiment = experiments.build(config, deployed)
-        engine = engines[experiment.method.engine](experiment, out, console)
-        engine.round_listeners.append(trackers.log_round)
-        start = engine.resume() if resume else 0
+        loop = (build or local_loop)(experiment, out, console)
+        loop.round_listeners.append(trackers.log_round)
+        start = loop.resume() if resume else 0
         if start:
             console.print(f"resuming after round {start}")
-        result = engine.run(start, show_progress=show_progress)
+        result = loop.run(start, show_progress=show_progress)
         rundir.finish(experiment, result, out)
     except BaseException:
         trackers.finish({}, failed=True)

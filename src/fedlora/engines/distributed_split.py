@@ -58,7 +58,6 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from fedlora import experiment as experiments
@@ -75,9 +74,16 @@ from fedlora.dlora.split import (
     _Pending,
     head_kind,
 )
-from fedlora.engines.distributed import WRITER, RankEngine, recv_states, send_states
-from fedlora.engines.simulation import client_name, summarize_clients
-from fedlora.engines.split import SCHEDULE, SplitEngine, _User
+from fedlora.engines.client import ClientRuntime, client_name
+from fedlora.engines.distributed import (
+    WRITER,
+    RankParty,
+    own_clients,
+    recv_states,
+    send_states,
+)
+from fedlora.engines.loop import RunLoop, summarize_clients
+from fedlora.engines.split import SCHEDULE, SplitRound, _User
 from fedlora.engines.transport import (
     ProtocolError,
     recv_any,
@@ -388,34 +394,39 @@ CLOUD_ACTIVE = "cloud.active"  # store key, on the cloud: the user's active-modu
 CLOUD_FACTORS = "cloud.factors."  # store prefix, on the cloud: killed modules' frozen factors
 
 
-class DistributedSplitEngine(RankEngine, SplitEngine):
-    """Split methods: rank 0 the cloud (``run``), ranks 1..N-1 the edges (``serve``). Every
-    rank builds the same ``SplitEngine``, an edge with only its users; each rank's links are its
-    own end (``_link``), and the edge steps with ``edge_step`` (``_step``)."""
+def split_users(config: Config) -> int:
+    """How many users the placement deals (known from the config, before building)."""
+    options = method_options(config.method)
+    assert isinstance(options, DLoRAOptions)
+    return options.users or config.partition.num_clients
 
-    rank0_hosts = False  # Placement: users on ranks 1..N-1
-    min_world: ClassVar[int] = 2
-    roles: ClassVar[str] = (
-        "rank 0 is the cloud (frozen base model, writes the run directory); ranks 1..N-1 are "
-        "edges (data, adapters, head, loss and optimizer of the users dealt to them)"
-    )
+
+ROLES = (
+    "rank 0 is the cloud (frozen base model, writes the run directory); ranks 1..N-1 are "
+    "edges (data, adapters, head, loss and optimizer of the users dealt to them)"
+)
+
+
+class DistributedSplitRound(SplitRound):
+    """The split round with each user's link cut at the process boundary: rank 0 the cloud
+    (it runs the loop), ranks 1..N-1 the edges (``serve_edge``). Every rank builds the same
+    round, an edge with only its users; each rank's links are its own end (``_link``), and the
+    edge steps with ``edge_step`` (``_step``)."""
 
     def __init__(
-        self,
-        experiment: experiments.Experiment,
-        run_dir: Path,
-        console: Console | None,
-        observer: bool = False,
-    ):
-        # Before the base classes build the users: ``_link`` needs them.
-        self.on_cloud = dist.get_rank() == CLOUD_RANK
+        self, experiment: experiments.Experiment, runtime: ClientRuntime, party: RankParty
+    ) -> None:
+        # Before the round builds the users: ``_link`` needs them.
+        self.party = party
+        self.on_cloud = party.rank == CLOUD_RANK
         self.endpoint = Endpoint(CLOUD_RANK)  # an edge's; the cloud has one per user's link
         # The users' per-step files are written by the observer, or in a deployment by the edges.
-        self.user_files = observer if self.on_cloud else not observer
-        super().__init__(experiment, run_dir, console, observer)
-        if dist.get_backend() == "nccl" and len(self.placement.workers()) > 1:
+        self.user_files = party.observer if self.on_cloud else not party.observer
+        super().__init__(experiment, runtime, party.directory())
+        workers = party.placement.workers()
+        if dist.get_backend() == "nccl" and len(workers) > 1:
             raise ConfigError(
-                f"dlora on {len(self.placement.workers())} edge processes: the cloud serves "
+                f"dlora on {len(workers)} edge processes: the cloud serves "
                 "whichever edge asks first, which torch.distributed's nccl backend cannot do "
                 "(it receives from one named rank); run the ranks on gloo (compute.device = "
                 "'cpu', or more ranks than GPUs) or with one edge (--nproc 2)"
@@ -423,17 +434,12 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         self.streams = Streams(self.exp.compute.device)
         self.edge_losses: list[float] = []  # the round's [sum, count] of the edges' step losses
 
-    @classmethod
-    def parties(cls, config: Config) -> int:
-        options = method_options(config.method)
-        assert isinstance(options, DLoRAOptions)
-        return options.users or config.partition.num_clients
-
     def _user_indices(self) -> list[int]:
-        return super()._user_indices() if self.on_cloud else self.placement.hosted(self.rank)
+        return super()._user_indices() if self.on_cloud else self.party.hosted
 
     def _link(self, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
-        end, peer = (CloudEnd, self.placement.owner(index)) if self.on_cloud else (EdgeEnd, WRITER)
+        placement = self.party.placement
+        end, peer = (CloudEnd, placement.owner(index)) if self.on_cloud else (EdgeEnd, WRITER)
         return end(
             client_name(index),
             edge,
@@ -442,6 +448,25 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
             Endpoint(peer),
             self.exp.compute.device,
         )
+
+    # -- the run around the rounds, on the cloud ----------------------------------------------
+    def open(self, start_round: int, run_dir: Path) -> None:
+        self.party.start(start_round, self.runtime)
+
+    def close(self) -> list[str]:
+        if self.party.observer:
+            return []
+        return [
+            *self.party.deployment_lines(),
+            "",
+            "Each edge wrote its users' `steps.csv`, `traffic.csv`, `schedule.json`, "
+            "`schedule_client<i>.png` and `accounting.json` in `rank<k>/`; the cloud kept each "
+            "user's active set and the killed modules' factors it was sent.",
+        ]
+
+    def initial(self) -> None:
+        if not self.party.observer:
+            self.party.collect()
 
     # -- an edge (ranks 1..N-1) ------------------------------------------------------------
     def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:
@@ -452,11 +477,12 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         assert isinstance(link, EdgeEnd)
         return edge_step(link, batch, self.method.opts.head_on, weight)
 
-    def serve(self) -> None:
+    def serve_edge(self, loop: RunLoop) -> None:
         """An edge's whole run: its users' steps each round, then the round's report (and,
         to an observer, the users' state)."""
-        start = self._receive_start()
-        self._restore_users(start)
+        party = self.party
+        start = party.receive_start(loop)
+        self.restored(start)
         with Progress(disable=True) as progress:
             for round_index in range(start, self.exp.config.experiment.rounds):
                 task = progress.add_task("", total=len(self.users), status="")
@@ -464,23 +490,23 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
                 self.endpoint.post("end")
                 self._await_round_end(round_index)
                 counts = {"steps": steps, "examples": examples}
-                if self.observer:
+                if party.observer:
                     self._send_users(round_index, losses, counts)
                     continue
                 self._write_user_files()
                 every = [value for user in losses.values() for value in user]
                 report = {"loss": [math.fsum(every), len(every)], **counts}
-                self._report(round_index, report | {"sums": self._round_sums(round_index)})
-        if not self.observer:
+                party.report(loop, round_index, report | {"sums": self._round_sums(round_index)})
+        if not party.observer:
             self._write_run_files()
-        self._export()
+        party.export(self.runtime)
 
     def _await_round_end(self, round_index: int) -> None:
         """Wait until the cloud has served every edge this round: until then it takes frames
         from whichever edge sends, and must not be handed this edge's report instead."""
         if recv_json(CLOUD_RANK).get("served") != round_index:
             raise ProtocolError(
-                f"rank {self.rank}: rank {CLOUD_RANK} did not close round {round_index + 1}"
+                f"rank {self.party.rank}: rank {CLOUD_RANK} did not close round {round_index + 1}"
             )
 
     def _send_users(
@@ -495,7 +521,7 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
             **counts,
         }
         send_json(report, CLOUD_RANK)
-        send_states(CLOUD_RANK, [u.index for u in self.users], self.stores, self.optimizers)
+        send_states(CLOUD_RANK, [u.index for u in self.users], self.runtime)
         self.traffic_rows = []
 
     # -- the cloud (rank 0) ----------------------------------------------------------------
@@ -506,10 +532,10 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
             return super()._train_users(round_index, progress, task)
         self._serve_edges(round_index, progress, task)
         self._fold_ledger(round_index)
-        if self.observer:
+        if self.party.observer:
             return self._receive_users(round_index, progress, task)
-        self._collect()
-        reports = self.reports.values()
+        self.party.collect()
+        reports = self.party.reports.values()
         self.edge_losses = [
             math.fsum(r["loss"][0] for r in reports),
             sum(r["loss"][1] for r in reports),
@@ -522,7 +548,8 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         """The cloud's part of a round: every edge's requests in the order they arrive, one
         step at a time, until each edge has ended its round."""
         users = {u.link.user: u for u in self.users}
-        edges = self.placement.workers()
+        placement = self.party.placement
+        edges = placement.workers()
         waiting, begun = set(edges), 0
         self.streams.states.clear()
         head_on = self.method.opts.head_on
@@ -533,7 +560,7 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
                 waiting.discard(peer)
                 continue
             user = users.get(message.user)
-            if user is None or self.placement.owner(user.index) != peer:
+            if user is None or placement.owner(user.index) != peer:
                 raise ProtocolError(
                     f"rank {CLOUD_RANK}: rank {peer} sent {message.kind!r} of "
                     f"{message.user or 'no user'!r}, which is not a user it hosts"
@@ -559,7 +586,7 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
                     "which is not part of the protocol here"
                 )
         self.cloud.model.eval()
-        for edge in self.placement.workers():
+        for edge in edges:
             send_json({"served": round_index}, edge)
 
     def _receive_users(
@@ -569,10 +596,10 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         hold them after it."""
         losses: dict[int, list[float]] = {}
         steps, examples, traffic = 0, 0, []
-        for edge in self.placement.workers():
+        for edge in self.party.placement.workers():
             report = recv_json(edge)
-            hosted = self.placement.hosted(edge)
-            recv_states(edge, hosted, self.stores, self.optimizers)
+            hosted = self.party.placement.hosted(edge)
+            recv_states(edge, hosted, self.runtime)
             for index, rows in zip(hosted, report["account"], strict=True):
                 user = self.users[index]
                 user.account.extend(rows)
@@ -586,28 +613,30 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         return losses, steps, examples
 
     def _round_sums(self, round_index: int) -> dict[str, float]:
-        if self.observer or not self.on_cloud:
+        if self.party.observer or not self.on_cloud:
             return super()._round_sums(round_index)
-        sums = [report["sums"] for report in self.reports.values()]
+        sums = [report["sums"] for report in self.party.reports.values()]
         return {name: sum(s[name] for s in sums) for name in sums[0]}
 
     def _round_record(
         self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
     ) -> dict:
         record = super()._round_record(round_index, clients, losses, steps, examples)
-        if self.on_cloud and not self.observer:  # the edges' sums, not the steps' losses
+        if self.on_cloud and not self.party.observer:  # the edges' sums, not the steps' losses
             record["train_loss"] = self.edge_losses[0] / self.edge_losses[1]
         return record
 
     def evaluate(self) -> dict[str, float]:
-        if self.observer:
+        if self.party.observer:
             return super().evaluate()
-        return summarize_clients(self._per_client_metrics())
+        return summarize_clients(self.party.per_client_metrics(self.runtime))
 
     # -- what the cloud keeps of each user in a deployment -----------------------------------
-    def _own_state(self) -> tuple[dict[int, TensorDict], dict[int, TensorDict]]:
+    def own_state(self) -> tuple[dict[int, TensorDict], dict[int, TensorDict]]:
+        """What this rank's deployment checkpoint keeps: an edge its users' state, the cloud
+        what it was told of each user."""
         if not self.on_cloud:
-            return super()._own_state()
+            return own_clients(self.party, self.runtime)()
         return {u.index: self._cloud_state(u.link) for u in self.users}, {}
 
     def _cloud_state(self, link: CloudEdgeLink) -> TensorDict:
@@ -619,7 +648,7 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         return state
 
     def _restore_user(self, user: _User) -> None:
-        if not self.on_cloud or self.observer:
+        if not self.on_cloud or self.party.observer:
             super()._restore_user(user)
             return
         store, link = self.stores[user.index], user.link
@@ -636,12 +665,3 @@ class DistributedSplitEngine(RankEngine, SplitEngine):
         link.cloud_factors = {
             key: link.place(factors, "up") for key, factors in link.cloud_factors.items()
         }
-
-    def deployment_lines(self) -> list[str]:
-        return [
-            *super().deployment_lines(),
-            "",
-            "Each edge wrote its users' `steps.csv`, `traffic.csv`, `schedule.json`, "
-            "`schedule_client<i>.png` and `accounting.json` in `rank<k>/`; the cloud kept each "
-            "user's active set and the killed modules' factors it was sent.",
-        ]

@@ -1,9 +1,11 @@
-"""Decentralized rounds in one process: every node trains, sends to its graph neighbours through
-the channel, and mixes (methods with ``engine = "gossip"``, e.g. Dec-LoRA).
+"""A decentralized round, written once for every placement: every node trains, sends to its
+graph neighbours through the channel, and mixes (methods with ``engine = "gossip"``, e.g.
+Dec-LoRA).
 
 A round is exchange, weighted sum, record:
 
-1. each node runs its local steps from its own model (``PeerMethod.client_start``);
+1. each node runs its local steps from its own model (``PeerMethod.client_start``, through the
+   client runtime, wherever the node's steps run);
 2. each node's message goes through the channel once per neighbour (real bytes in the ledger,
    quantized by the ``topology.quantize_bits`` codec if set); a node's own term stays exact;
 3. each node mixes with that round's mixing row ``w_i·``;
@@ -14,29 +16,33 @@ each node keeps public estimates x̂_j of itself and its neighbours, sends only 
 difference q_j = Q(x_j − x̂_j), everyone holding x̂_j adds q_j, and a node moves by
 x_i ← x_i + γ (Σ_j w_ij x̂_j − x̂_i). Quantization error is then not lost but carried over.
 
-The loop, checkpointing, metrics files and evaluation are the simulation engine's (subclassed);
-only the round differs.
+The placement (``Peers``) says which nodes this process drives, where their local steps run
+(here, or on a pool of worker processes: the same numbers) and how a message crosses an edge
+(the channel here, point-to-point between torch.distributed ranks).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from fedlora.channel import Channel, MessageError
 from fedlora.codecs import make_codec
-from fedlora.engines.simulation import RunResult, SimulationEngine
+from fedlora.engines.client import ClientRuntime, from_outcome, state_from_bytes
+from fedlora.engines.loop import summarize_clients, without_withheld
+from fedlora.engines.pool import PEER, Pool
 from fedlora.experiment import Experiment
 from fedlora.methods.base import store_under, stored
 from fedlora.methods.peer import PeerMethod
 from fedlora.tensors import TensorDict
 from fedlora.topology import RoundGraph, Topology, draw
-from fedlora.training import LocalResult, derived_seed, steps_per_round, withheld
+from fedlora.training import LocalResult, derived_seed, steps_per_round
 
 GRAPH_FILE = "graph.png"
 
@@ -64,13 +70,63 @@ def consensus_distance(states: list[TensorDict], names: list[str]) -> float:
     return total / len(states)
 
 
-class GossipEngine(SimulationEngine):
-    def __init__(self, experiment: Experiment, run_dir: Path, console: Console | None = None):
-        super().__init__(experiment, run_dir, console)
+class Peers(Protocol):
+    """Where gossip nodes run and how their messages cross the graph's edges."""
+
+    holds_every_node: bool  # this process holds every node's state (network model, consensus)
+
+    def open(self, start_round: int) -> None: ...
+
+    def close(self) -> list[str]: ...
+
+    def initial(self) -> None:
+        """Before round 0's record."""
+
+    def local_nodes(self) -> list[int]:
+        """The nodes this process drives."""
+        ...
+
+    def train(
+        self, round_: GossipRound, round_index: int
+    ) -> Iterator[tuple[int, TensorDict, LocalResult]]:
+        """Each local node's trained message and local result, in node order."""
+        ...
+
+    def exchange(
+        self,
+        round_: GossipRound,
+        messages: dict[int, TensorDict],
+        graph: RoundGraph,
+        round_index: int,
+    ) -> dict[int, dict[int, TensorDict]]:
+        """received[i][j]: node j's message as local node i decoded it, for each edge (j → i);
+        a message node i refuses is left out (the ledger records why) and i mixes the rest."""
+        ...
+
+    def gather(
+        self,
+        round_: GossipRound,
+        messages: dict[int, TensorDict],
+        results: dict[int, LocalResult],
+        round_index: int,
+    ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
+        """Every node's trained message (where it can be had) and local result, for the record."""
+        ...
+
+    def node_metrics(self) -> list[dict[str, float]] | None:
+        """Every node's own-model metrics where other processes evaluate them, else None."""
+        ...
+
+
+class GossipRound:
+    def __init__(self, experiment: Experiment, runtime: ClientRuntime, peers: Peers) -> None:
         if not isinstance(experiment.method, PeerMethod):
             raise TypeError(
-                f"the gossip engine runs peer methods, not {type(experiment.method).__name__}"
+                f"gossip rounds run peer methods, not {type(experiment.method).__name__}"
             )
+        self.exp = experiment
+        self.runtime = runtime
+        self.peers = peers
         self.method: PeerMethod = experiment.method
         config = experiment.config
         self.topology = Topology(config.topology, len(experiment.clients), config.experiment.seed)
@@ -86,25 +142,68 @@ class GossipEngine(SimulationEngine):
         self.factors = [name for m in modules for name in (m.a, m.b) if name in self.shapes]
         self.timing: dict[str, float] = {}  # this round's local-training and gossip seconds
 
+    @property
+    def stores(self) -> dict[int, TensorDict]:
+        return self.runtime.stores
+
     def states(self) -> list[TensorDict]:
-        method = self.method
         return [
-            method.client_start(node, {}, self.stores[node])
+            self.method.client_start(node, {}, self.stores[node])
             for node in range(len(self.exp.clients))
         ]
 
+    # -- the run around the rounds ------------------------------------------------------------
+    def open(self, start_round: int, run_dir: Path) -> None:
+        config = self.exp.config
+        self.peers.open(start_round)
+        draw(
+            self.topology.at(0),
+            run_dir / GRAPH_FILE,
+            f"{config.topology.kind}, {len(self.exp.clients)} nodes",
+        )
+
+    def close(self) -> list[str]:
+        return self.peers.close()
+
+    def initial(self) -> None:
+        self.peers.initial()
+
+    def restored(self, start_round: int) -> None:
+        """Nothing beyond the checkpoint."""
+
+    def write_round_files(self, run_dir: Path) -> None:
+        """None beyond the loop's."""
+
+    def finish(self, run_dir: Path, metrics: list[dict]) -> list[str]:
+        return self.summary_lines(metrics)
+
+    def scheduled(self, round_index: int) -> dict[int, int]:
+        """Every node trains every round, its round's steps."""
+        train = self.exp.config.train
+        return {
+            node: steps_per_round(train, len(rows)) for node, rows in enumerate(self.exp.clients)
+        }
+
     # -- evaluation: the network-averaged model, and optionally each node's own ---------------
     def evaluate(self) -> dict[str, float]:
+        reported = self.peers.node_metrics()
+        if reported is not None:
+            return per_node(summarize_clients(reported))
         metrics = self.exp.evaluator.evaluate(self.method.network_model(self.states()))
         if self.exp.config.topology.per_node_eval:
-            metrics.update(per_node(super().evaluate()))
+            nodes = range(len(self.exp.clients))
+            metrics.update(per_node(summarize_clients([self.runtime.metrics(n) for n in nodes])))
         return metrics
 
     def evaluated_model(self) -> str:
+        if not self.peers.holds_every_node:
+            return "each node's own model, on its rank (no process holds every node to average)"
         return f"network average of {self.exp.config.topology.average_model}"
 
     def consensus(self, messages: dict[int, TensorDict]) -> dict[str, float]:
         """How far the nodes are apart before and after mixing (every node's factors)."""
+        if not self.peers.holds_every_node:
+            return {}
         nodes = range(len(self.exp.clients))
         return {
             "consensus_before_mix": consensus_distance([messages[n] for n in nodes], self.factors),
@@ -115,19 +214,7 @@ class GossipEngine(SimulationEngine):
     def _exchange(
         self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
     ) -> dict[int, dict[int, TensorDict]]:
-        """received[i][j]: node j's message as node i decoded it, for each edge (j → i); a
-        message node i refuses is left out (the ledger records why) and i mixes the rest."""
-        received: dict[int, dict[int, TensorDict]] = {}
-        for i in messages:
-            received[i] = {}
-            for j in graph.neighbours(i):
-                try:
-                    received[i][j] = self.channel.send(
-                        messages[j], node_name(j), node_name(i), round_index, self.shapes
-                    )
-                except MessageError:
-                    continue
-        return received
+        return self.peers.exchange(self, messages, graph, round_index)
 
     def _gossip(
         self, messages: dict[int, TensorDict], graph: RoundGraph, round_index: int
@@ -171,74 +258,36 @@ class GossipEngine(SimulationEngine):
         return {j: float(graph.weights[node, j]) for j in [node, *graph.neighbours(node)]}
 
     # -- one round ----------------------------------------------------------------------------
-    def scheduled(self, round_index: int) -> dict[int, int]:
-        """Every node trains every round, its round's steps."""
-        train = self.exp.config.train
-        return {
-            node: steps_per_round(train, len(rows)) for node, rows in enumerate(self.exp.clients)
-        }
-
-    def local_nodes(self) -> list[int]:
-        """The nodes this process hosts: all of them in one process."""
-        return list(range(len(self.exp.clients)))
-
-    def _train_and_mix(
-        self, graph: RoundGraph, round_index: int, progress: Progress, task: TaskID
+    def step(
+        self, round_index: int, progress: Progress, task: TaskID
     ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
-        """The hosted nodes' part of a round: local steps, exchange, mix, keep. Returns their
+        """The local nodes' part of a round: local steps, exchange, mix, keep. Returns their
         trained messages (before mixing) and local results."""
-        exp, method = self.exp, self.method
-        keep = self._keeps_optimizer()
+        graph = self.topology.at(round_index)
         messages: dict[int, TensorDict] = {}
         results: dict[int, LocalResult] = {}
         self.timing = {"local_seconds": 0.0, "mix_seconds": 0.0}
-        for node in self.local_nodes():
-            began = time.perf_counter()
-            start = method.client_start(node, {}, self.stores[node])
-            result = exp.trainer.train(
-                start,
-                exp.clients[node],
-                round_index,
-                node,
-                method.trainable,
-                self.optimizers.get(node) if keep else None,
-            )
-            if keep:
-                self.optimizers[node] = result.optimizer_state
-            messages[node] = method.client_reply(node, result.state, {}, self.stores[node])
-            self.timing["local_seconds"] += time.perf_counter() - began
-            results[node] = withheld(result) if exp.withholds_client_stats else result
+        began = time.perf_counter()
+        for node, message, result in self.peers.train(self, round_index):
+            messages[node], results[node] = message, result
             losses = [r.loss for r in results.values()]
             progress.update(task, advance=1, status=f"loss {np.mean(losses):.4f}")
-        exchange = self._choco if exp.config.topology.error_feedback else self._gossip
+        self.timing["local_seconds"] = time.perf_counter() - began
+        exchange = self._choco if self.exp.config.topology.error_feedback else self._gossip
         began = time.perf_counter()
         for node, state in exchange(messages, graph, round_index).items():
-            method.keep(self.stores[node], state)
+            self.method.keep(self.stores[node], state)
         # Serialisation, (de)quantisation and the weighted sums: the cost of gossip itself.
         self.timing["mix_seconds"] = time.perf_counter() - began
         return messages, results
 
-    def _gather(
-        self,
-        messages: dict[int, TensorDict],
-        results: dict[int, LocalResult],
-        round_index: int,
-    ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
-        """Every node's trained message and local result, for the round's record (the
-        distributed engine collects them, and the nodes' stores, from the other processes)."""
-        return messages, results
-
-    def run_round(self, round_index: int, progress: Progress) -> dict:
-        exp = self.exp
-        began = time.perf_counter()
-        nodes = list(range(len(exp.clients)))
+    def run(self, round_index: int, progress: Progress, task: TaskID) -> dict:
+        nodes = list(range(len(self.exp.clients)))
+        progress.update(task, total=len(self.peers.local_nodes()))
+        messages, results = self.peers.gather(
+            self, *self.step(round_index, progress, task), round_index
+        )
         graph = self.topology.at(round_index)
-        task = progress.add_task(
-            f"round {round_index + 1}/{exp.config.experiment.rounds}", total=len(nodes), status=""
-        )
-        messages, results = self._gather(
-            *self._train_and_mix(graph, round_index, progress, task), round_index
-        )
         ledger = self.channel.ledger
         record: dict = {
             "round": round_index + 1,
@@ -252,29 +301,16 @@ class GossipEngine(SimulationEngine):
             "edges": graph.graph.number_of_edges(),
             **self.consensus(messages),
         }
-        record = self.without_withheld(record)
+        record = without_withheld(self.exp, record)
         rejected = ledger.rejections(round_index)
         if rejected:
             record["rejected"] = [
                 {"sender": r.sender, "receiver": r.receiver, "reason": r.rejected} for r in rejected
             ]
         record.update(self.timing)
-        train_seconds = time.perf_counter() - began
-        return self._close_record(record, round_index, progress, task, began, train_seconds)
+        return record
 
-    # -- the run ------------------------------------------------------------------------------
-    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
-        config = self.exp.config
-        draw(
-            self.topology.at(0),
-            self.run_dir / GRAPH_FILE,
-            f"{config.topology.kind}, {len(self.exp.clients)} nodes",
-        )
-        result = super().run(start_round, show_progress)
-        result.notes.extend(self.summary_lines())
-        return result
-
-    def summary_lines(self) -> list[str]:
+    def summary_lines(self, metrics: list[dict]) -> list[str]:
         config = self.exp.config.topology
         sent: dict[str, int] = {}
         for record in self.channel.ledger.records:
@@ -286,7 +322,7 @@ class GossipEngine(SimulationEngine):
         )
         graph = self.topology.describe() + "."
         if config.time_varying:
-            per_round = [m["lambda2"] for m in self.metrics if m["round"] > 0]  # not the initial
+            per_round = [m["lambda2"] for m in metrics if m["round"] > 0]  # not the initial
             graph += f" Mean λ2 over the {len(per_round)} rounds' graphs: {np.mean(per_round):.4f}."
         return [
             "",
@@ -303,3 +339,73 @@ class GossipEngine(SimulationEngine):
             "",
             f"![graph]({GRAPH_FILE})",
         ]
+
+
+class LocalPeers:
+    """Every node in this process; their local steps here, in turn, or on a pool of forked
+    workers (``compute.workers``), the same numbers either way."""
+
+    holds_every_node = True
+
+    def __init__(self, runtime: ClientRuntime, pool: Pool | None = None) -> None:
+        self.runtime = runtime
+        self.pool = pool
+
+    def open(self, start_round: int) -> None:
+        if self.pool is not None:
+            self.pool.open(start_round)
+
+    def close(self) -> list[str]:
+        return self.pool.close() if self.pool is not None else []
+
+    def initial(self) -> None:
+        """Nothing to collect: every node is here."""
+
+    def local_nodes(self) -> list[int]:
+        return list(range(len(self.runtime.exp.clients)))
+
+    def train(
+        self, round_: GossipRound, round_index: int
+    ) -> Iterator[tuple[int, TensorDict, LocalResult]]:
+        nodes = self.local_nodes()
+        if self.pool is None:
+            for node in nodes:
+                yield node, *self.runtime.train(node, {}, round_index)
+            return
+        self.pool.submit({node: b"" for node in nodes}, {}, round_index, PEER)
+        for node in nodes:
+            payload, report = self.pool.result(node)
+            message = state_from_bytes(payload)
+            ordered = {key: message[key] for key in report["keys"]}  # as the node made it
+            yield node, ordered, from_outcome(report["outcome"])
+
+    def exchange(
+        self,
+        round_: GossipRound,
+        messages: dict[int, TensorDict],
+        graph: RoundGraph,
+        round_index: int,
+    ) -> dict[int, dict[int, TensorDict]]:
+        received: dict[int, dict[int, TensorDict]] = {}
+        for i in messages:
+            received[i] = {}
+            for j in graph.neighbours(i):
+                try:
+                    received[i][j] = round_.channel.send(
+                        messages[j], node_name(j), node_name(i), round_index, round_.shapes
+                    )
+                except MessageError:
+                    continue
+        return received
+
+    def gather(
+        self,
+        round_: GossipRound,
+        messages: dict[int, TensorDict],
+        results: dict[int, LocalResult],
+        round_index: int,
+    ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
+        return messages, results
+
+    def node_metrics(self) -> list[dict[str, float]] | None:
+        return None

@@ -1,19 +1,21 @@
-"""Clients in parallel over the cores of one machine: ``ServedEngine``'s round, with forked
-worker processes as the placement (``[compute] workers``).
+"""Clients in parallel over the cores of one machine: forked worker processes as a placement
+(``[compute] workers``).
 
-The in-process engine trains a round's clients one after another; on a CPU with a few cores a
-small model's step (batch 8-16, a few dozen tokens) does not keep them all busy. Here the
+The in-process placement trains a round's clients one after another; on a CPU with a few cores
+a small model's step (batch 8-16, a few dozen tokens) does not keep them all busy. Here the
 server forks ``workers`` processes once, after the experiment is built, so they share the frozen
 base (and the tokenized data) copy-on-write; each trains whole clients with ``threads``
-intra-op threads. The round is the served round, written once (``fedlora.engines.served``): the
-server packs every download with the channel, a worker unpacks it, runs the client's half
-(``ServedEngine.answer``) and returns the reply's bytes, which the server validates and counts
-in the ledger in client order, as in one process. What a client keeps between rounds (its
-store, its optimizer state) lives with the server, as in the in-process engine: it travels with
-the task and comes back with the reply, as safetensors bytes (process-internal state, never in
-the ledger). Nothing is pickled: the pipes carry bytes only.
+intra-op threads through its copy of the client runtime (``fedlora.engines.client``).
 
-Results are bit-identical to the in-process engine run with ``compute.threads`` equal to the
+A task is a client and a round, what the client starts from (a server's download as the
+channel's bytes, or nothing for a gossip node, which starts from its own model), its store and
+optimizer state, and the merged base offset (FLoRA). The answer is the runtime's (the reply's
+bytes and a report; a node's trained message) and the state after training. A client's state
+lives with the server, as in one process: it travels with the task and comes back with the
+answer, as safetensors bytes (process-internal state, never in the ledger). Nothing is
+pickled: the pipes carry bytes only.
+
+Results are bit-identical to the in-process placement run with ``compute.threads`` equal to the
 workers' thread count (the same steps from the same seeded generators, the same bytes, the same
 order of aggregation); with another thread count the last bits of a float sum may differ, as
 between any two thread counts. Evaluation stays in the server process, on all its threads.
@@ -27,18 +29,18 @@ import multiprocessing
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from safetensors.torch import load as load_bytes
 
-from fedlora.channel import encode
-from fedlora.compute import pool_size
-from fedlora.engines.served import ServedEngine
-from fedlora.engines.simulation import RunResult, SimulationEngine
-from fedlora.experiment import Experiment
+from fedlora.engines.client import (
+    ClientRuntime,
+    outcome,
+    state_bytes,
+    state_from_bytes,
+)
 from fedlora.tensors import TensorDict
+
+ANSWER, PEER = "answer", "peer"  # a server's client answering a download; a gossip node
 
 
 class PoolError(RuntimeError):
@@ -46,37 +48,33 @@ class PoolError(RuntimeError):
 
 
 # -- the worker's side -------------------------------------------------------------------------
-def _tensors(payload: bytes) -> TensorDict:
-    return load_bytes(payload) if payload else {}
-
-
-def _bytes(tensors: TensorDict) -> bytes:
-    return encode(tensors) if tensors else b""
-
-
-def serve(engine: ServedEngine, connection: Connection, threads: int) -> None:
-    """A worker's loop: a task is a header (client, round), the download's bytes, the client's
-    store and optimizer state, and the merged base offset (FLoRA); the answer is the report,
-    the reply's bytes, and the store and optimizer state after training. An empty header ends
-    it."""
+def serve(runtime: ClientRuntime, connection: Connection, threads: int) -> None:
+    """A worker's loop: a task is a header (kind, client, round), the download's bytes, the
+    client's store and optimizer state, and the base offset; the answer is the report, the
+    reply's bytes, and the store and optimizer state after training. An empty header ends it."""
     torch.set_num_threads(threads)
     while header := connection.recv_bytes():
         task = json.loads(header)
         client, round_index = task["client"], task["round"]
         payload, store, optimizer, offset = (connection.recv_bytes() for _ in range(4))
         try:
-            if offset:
-                engine.exp.slots.merge_into_base(_tensors(offset))
-            engine.stores[client] = _tensors(store)
-            if optimizer:  # none before its first round, as in one process
-                engine.optimizers[client] = _tensors(optimizer)
-            reply, report = engine.answer(client, payload, round_index)
-            kept = engine.stores.pop(client), engine.optimizers.pop(client, {})
+            runtime.apply_offset(state_from_bytes(offset))
+            runtime.load_state_bytes(client, store, optimizer)
+            if task["kind"] == ANSWER:
+                reply, report = runtime.answer(client, payload, round_index)
+            else:  # a gossip node's local steps from its own model; its message comes back
+                message, result = runtime.train(client, {}, round_index)
+                # its key order too: a quantizing codec draws for the tensors in that order
+                report = {"outcome": outcome(result), "keys": list(message)}
+                reply = state_bytes(message)
+            kept = runtime.state_bytes(client)
+            runtime.stores.pop(client)
+            runtime.optimizers.pop(client, None)
         except Exception:
             connection.send_bytes(json.dumps({"error": traceback.format_exc()}).encode())
             continue
         connection.send_bytes(json.dumps(report).encode())
-        for part in (reply, _bytes(kept[0]), _bytes(kept[1])):
+        for part in (reply, *kept):
             connection.send_bytes(part)
 
 
@@ -96,54 +94,39 @@ class RoundQueue:
     done: dict[int, tuple[bytes, dict]] = field(default_factory=dict)
 
 
-class PooledEngine(ServedEngine):
-    """Server methods with each round's clients trained by forked worker processes."""
+class Pool:
+    """Forked workers that run clients of this process's runtime; answers in any order."""
 
-    def __init__(
-        self,
-        experiment: Experiment,
-        run_dir: Path,
-        console: Console | None = None,
-        workers: int = 2,
-        threads: int = 1,
-    ):
-        super().__init__(experiment, run_dir, console)
+    def __init__(self, runtime: ClientRuntime, workers: int, threads: int) -> None:
+        self.runtime = runtime
         self.size, self.threads = workers, threads
-        self.pool: list[Worker] = []
+        self.workers: list[Worker] = []
         self.queue = RoundQueue()
-        self.offset = b""  # this round's merged base offset (FLoRA), as the workers get it
-        self.round = 0
+        self.kind, self.round, self.offset = ANSWER, 0, b""
 
-    # -- the pool ------------------------------------------------------------------------------
-    def _start(self) -> None:
+    # -- start and stop --------------------------------------------------------------------
+    def open(self, start_round: int) -> None:
         context = multiprocessing.get_context("fork")  # the base model shared copy-on-write
         for _ in range(self.size):
             ours, theirs = context.Pipe()
-            process = context.Process(target=serve, args=(self, theirs, self.threads))
+            process = context.Process(target=serve, args=(self.runtime, theirs, self.threads))
             process.daemon = True
             process.start()
             theirs.close()
-            self.pool.append(Worker(process, ours))
+            self.workers.append(Worker(process, ours))
 
-    def _stop(self) -> None:
-        for worker in self.pool:
+    def close(self) -> list[str]:
+        for worker in self.workers:
             with contextlib.suppress(OSError):  # it died already
                 worker.connection.send_bytes(b"")
-        for worker in self.pool:
+        for worker in self.workers:
             worker.process.join(10)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
             worker.connection.close()
-        self.pool = []
-
-    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
-        self._start()
-        try:
-            result = super().run(start_round, show_progress)
-        finally:
-            self._stop()
-        result.notes += [
+        self.workers = []
+        return [
             "",
             "## Worker processes",
             "",
@@ -151,16 +134,13 @@ class PooledEngine(ServedEngine):
             "thread(s) each (`compute.workers`); downloads and replies crossed as the channel's "
             "bytes, counted in the ledger as in one process.",
         ]
-        return result
 
-    # -- the transport ---------------------------------------------------------------------------
-    def _dispatch(self, downloads: dict[int, bytes], round_index: int) -> None:
-        self.queue = RoundQueue(
-            [(c, p) for c, p in downloads.items() if self.missing(c, round_index) is None]
-        )
-        self.offset = _bytes(self.exp.method.base_offset() or {})
-        self.round = round_index
-        for worker in self.pool:
+    # -- a round's tasks -------------------------------------------------------------------
+    def submit(self, tasks: dict[int, bytes], offset: TensorDict, round_index: int, kind: str):
+        """Start this round's ``tasks`` (client -> what it starts from) on the workers."""
+        self.queue = RoundQueue(list(tasks.items()))
+        self.kind, self.round, self.offset = kind, round_index, state_bytes(offset)
+        for worker in self.workers:
             self._submit(worker)
 
     def _submit(self, worker: Worker) -> None:
@@ -168,10 +148,9 @@ class PooledEngine(ServedEngine):
         if not self.queue.pending or len(self.queue.done) >= 2 * self.size:
             return
         client, payload = self.queue.pending.pop(0)
-        header = json.dumps({"client": client, "round": self.round}).encode()
-        store, optimizer = self.stores[client], self.optimizers.get(client, {})
+        header = json.dumps({"kind": self.kind, "client": client, "round": self.round}).encode()
         try:
-            for part in (header, payload, _bytes(store), _bytes(optimizer), self.offset):
+            for part in (header, payload, *self.runtime.state_bytes(client), self.offset):
                 worker.connection.send_bytes(part)
         except OSError:
             raise PoolError(self._died(worker, f"before it got client {client}")) from None
@@ -197,36 +176,43 @@ class PooledEngine(ServedEngine):
             reply, store, optimizer = (worker.connection.recv_bytes() for _ in range(3))
         except (EOFError, OSError):
             raise PoolError(self._died(worker, f"while training client {client}")) from None
-        self.stores[client] = _tensors(store)
-        if optimizer:
-            self.optimizers[client] = _tensors(optimizer)
+        self.runtime.load_state_bytes(client, store, optimizer)
         self.queue.done[client] = reply, report
         worker.client = None
 
-    def _reply(self, client: int, round_index: int) -> tuple[bytes, dict]:
+    def result(self, client: int) -> tuple[bytes, dict]:
+        """Client ``client``'s answer, waiting for it (and keeping the workers busy)."""
         while client not in self.queue.done:
-            busy = {w.connection: w for w in self.pool if w.client is not None}
+            busy = {w.connection: w for w in self.workers if w.client is not None}
             if not busy:
                 raise PoolError(f"client {client} was never given to a worker")
             for ready in wait(list(busy)):
                 worker = busy[ready]  # type: ignore[index]
                 self._collect(worker)
-            for worker in self.pool:
+            for worker in self.workers:
                 if worker.client is None:
                     self._submit(worker)
         answer = self.queue.done.pop(client)
-        for worker in self.pool:
+        for worker in self.workers:
             if worker.client is None:
                 self._submit(worker)
         return answer
 
 
-def in_process(
-    experiment: Experiment, run_dir: Path, console: Console | None = None
-) -> SimulationEngine:
-    """The engine of server methods in one process: the in-process engine, or the pooled one
-    when ``compute.workers`` asks for more than one worker."""
-    workers, threads = pool_size(experiment.config, experiment.compute.device)
-    if workers == 1:
-        return SimulationEngine(experiment, run_dir, console)
-    return PooledEngine(experiment, run_dir, console, workers, threads)
+class PoolHosts(Pool):
+    """A server's clients on the pool (``fedlora.engines.server_round.Hosts``)."""
+
+    def initial(self) -> None:
+        """Nothing to collect: the state is here."""
+
+    def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
+        self.submit(downloads, offset, round_index, ANSWER)
+
+    def answer(self, client: int, round_index: int) -> tuple[bytes, dict]:
+        return self.result(client)
+
+    def close_round(self, sampled: list[int], round_index: int) -> None:
+        """Every answer brought its client's state back."""
+
+    def client_metrics(self) -> list[dict[str, float]] | None:
+        return None

@@ -1,13 +1,14 @@
-"""Step-based split execution (methods with ``engine = "split"``: DLoRA, algorithms.md §3).
+"""The cloud-edge split's round (methods with ``engine = "split"``: DLoRA, algorithms.md §3).
 
 Users share one cloud (the frozen base, loaded once) and each trains its own adapter on its
 own device, step by step, through ``fedlora.dlora.split``. Kill-and-Revive decides each step's
-active modules. A round is a block of ``train.local_steps`` steps per user, so the simulation
-engine's loop, checkpoints, resume, metrics and evaluation carry over (subclassed); each
-user's device state, Kill-and-Revive state, schedule and per-step accounting live in its
-``store`` and so are checkpointed with it.
+active modules. A round is a block of ``train.local_steps`` steps per user, so the run loop's
+checkpoints, resume, metrics and evaluation carry over; each user's device state,
+Kill-and-Revive state, schedule and per-step accounting live in its ``store`` and so are
+checkpointed with it. The cloud and the devices share this process; across processes,
+``fedlora.engines.distributed_split`` cuts each user's link at the process boundary.
 
-Besides the usual run files this engine writes ``schedule.json`` and ``schedule_client<i>.png``
+Besides the usual run files this round writes ``schedule.json`` and ``schedule_client<i>.png``
 (active modules per step), ``steps.csv`` (per step: loss, active modules, traffic, device
 FLOPs and their all-modules-active reference), ``traffic.csv`` (per step and module: floats
 and bytes each way) and ``accounting.json`` (totals and reductions).
@@ -17,13 +18,11 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from fedlora.channel import Channel, Transfer, human_bytes
@@ -31,12 +30,8 @@ from fedlora.dlora.flops import lora_backward_flops, lora_forward_flops
 from fedlora.dlora.kill_revive import KillRevive
 from fedlora.dlora.schedule import plot_schedule, write_schedule
 from fedlora.dlora.split import CloudEdgeLink, CloudModel, EdgeAdapters, split_step
-from fedlora.engines.simulation import (
-    RunResult,
-    SimulationEngine,
-    client_name,
-    summarize_clients,
-)
+from fedlora.engines.client import ClientRuntime, client_name
+from fedlora.engines.loop import summarize_clients, work_record
 from fedlora.experiment import Experiment
 from fedlora.methods.dlora import EDGE, DLoRA
 from fedlora.tensors import TensorDict
@@ -108,15 +103,18 @@ def round_sums(rows: list[list[float]]) -> dict[str, float]:
     return sums | {"rows": len(rows)}
 
 
-class SplitEngine(SimulationEngine):
+class SplitRound:
     # Whether this process writes the users' per-step files (steps.csv, traffic.csv, schedules,
     # accounting.json): the one process here; across processes, whichever holds the users' rows.
     user_files = True
 
-    def __init__(self, experiment: Experiment, run_dir: Path, console: Console | None = None):
-        super().__init__(experiment, run_dir, console)
+    def __init__(self, experiment: Experiment, runtime: ClientRuntime, run_dir: Path) -> None:
         if not isinstance(experiment.method, DLoRA):
-            raise TypeError(f"the split engine runs DLoRA, not {type(experiment.method).__name__}")
+            raise TypeError(f"split rounds run DLoRA, not {type(experiment.method).__name__}")
+        self.exp = experiment
+        self.runtime = runtime
+        self.run_dir = run_dir
+        self.channel = Channel()  # the run's ledger: one row per (sender, receiver) and round
         self.method: DLoRA = experiment.method
         slots = experiment.slots
         self.cloud = CloudModel(
@@ -154,6 +152,35 @@ class SplitEngine(SimulationEngine):
         )
 
     # -- state in the stores (checkpointed by the simulation engine) --------------------------
+    @property
+    def stores(self) -> dict[int, TensorDict]:
+        return self.runtime.stores
+
+    @property
+    def optimizers(self) -> dict[int, TensorDict]:
+        return self.runtime.optimizers
+
+    def _keeps_optimizer(self) -> bool:
+        return self.runtime.keeps_optimizer()
+
+    # -- the run around the rounds ----------------------------------------------------------
+    def open(self, start_round: int, run_dir: Path) -> None:
+        """Nothing to start: the cloud and the devices are here."""
+
+    def close(self) -> list[str]:
+        return []
+
+    def initial(self) -> None:
+        """Nothing before round 0 beyond the evaluation."""
+
+    def scheduled(self, round_index: int) -> dict[int, int]:
+        """Every user trains every round, its round's steps."""
+        train = self.exp.config.train
+        return {
+            u: steps_per_round(train, len(self.exp.clients[u]))
+            for u in range(len(self.exp.clients))
+        }
+
     def _save_user(self, user: _User) -> None:
         store: TensorDict = {EDGE + k: v for k, v in user.link.edge.state().items()}
         store.update({KR + k: v.to("cpu") for k, v in user.kr.state_dict().items()})
@@ -162,12 +189,7 @@ class SplitEngine(SimulationEngine):
         self.stores[user.index] = store
         self.optimizers[user.index] = optimizer_tensors(user.optimizer)
 
-    def resume(self) -> int:
-        start = super().resume()
-        self._restore_users(start)
-        return start
-
-    def _restore_users(self, start: int) -> None:
+    def restored(self, start: int) -> None:
         """After ``start`` rounds: each user from its store, and traffic.csv without the rows
         of a round that did not complete."""
         for user in self.users if start else []:
@@ -187,7 +209,10 @@ class SplitEngine(SimulationEngine):
         user.link.restore({self.keys[i] for i in user.kr.active_indices()})
         restore_optimizer(user.optimizer, self.optimizers[user.index])
         user.schedule = list(store[SCHEDULE].to(torch.bool))
-        user.account = store[ACCOUNT].tolist()
+        # every field is a count but the loss: as the steps wrote them (steps.csv reads the same)
+        loss = FIELDS.index("loss")
+        rows = store[ACCOUNT].tolist()
+        user.account = [[v if i == loss else int(v) for i, v in enumerate(row)] for row in rows]
 
     # -- evaluation: each user's own adapter ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -333,13 +358,8 @@ class SplitEngine(SimulationEngine):
     def _round_sums(self, round_index: int) -> dict[str, float]:
         return round_sums([r for u in self.users for r in u.account if int(r[1]) == round_index])
 
-    def run_round(self, round_index: int, progress: Progress) -> dict:
-        began = time.perf_counter()
-        task = progress.add_task(
-            f"round {round_index + 1}/{self.exp.config.experiment.rounds}",
-            total=len(self.users),
-            status="",
-        )
+    def run(self, round_index: int, progress: Progress, task: TaskID) -> dict:
+        progress.update(task, total=len(self.users))
         losses, steps, examples = self._train_users(round_index, progress, task)
         sums = self._round_sums(round_index)
         clients = list(range(self.method.user_count))
@@ -352,8 +372,15 @@ class SplitEngine(SimulationEngine):
             "device_flops": sums["module_flops"] + sums["head_flops"],
             "device_flops_all_active": sums["module_flops_all_active"] + sums["head_flops"],
         }
-        train_seconds = time.perf_counter() - began
-        return self._close_record(record, round_index, progress, task, began, train_seconds)
+        return record
+
+    def _round_record(
+        self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
+    ) -> dict:
+        """Who trained, how much, and the bytes sent."""
+        return work_record(
+            self.exp, self.channel.ledger, round_index, clients, losses, steps, examples
+        )
 
     # -- files ---------------------------------------------------------------------------------
     def _write_traffic(self, rows: list[list], mode: str = "a") -> None:
@@ -365,8 +392,7 @@ class SplitEngine(SimulationEngine):
                 writer.writerow(TRAFFIC_FIELDS)
             writer.writerows(rows)
 
-    def _write_round_files(self) -> None:
-        super()._write_round_files()
+    def write_round_files(self, run_dir: Path) -> None:
         if self.user_files:
             self._write_user_files()
 
@@ -422,11 +448,8 @@ class SplitEngine(SimulationEngine):
             "device_flops_reduction": reduction(flops, flops_all),
         }
 
-    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
-        result = super().run(start_round, show_progress)
-        if self.user_files:
-            result.notes.extend(self.summary_lines(self._write_run_files()))
-        return result
+    def finish(self, run_dir: Path, metrics: list[dict]) -> list[str]:
+        return self.summary_lines(self._write_run_files()) if self.user_files else []
 
     def _write_run_files(self) -> dict:
         """The end of the run: each user's schedule plot and accounting.json; the totals."""

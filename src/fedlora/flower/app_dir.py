@@ -29,12 +29,12 @@ PYPROJECT = "pyproject.toml"
 
 def refuse(config: Config) -> None:
     """What the Flower deployment cannot run, refused with the engines that can."""
+    from fedlora.engines.capabilities import placement_refusal
+
     name, cls = config.method.name, method_class(config.method.name)
-    if cls.engine != "simulation":
-        raise ConfigError(
-            f"method {name!r} does not fit a server round (it runs on the {cls.engine!r} "
-            "engine); run it with `fedlora run --engine simulation` or `--engine distributed`"
-        )
+    refusal = placement_refusal(config, "flower")
+    if refusal is not None:
+        raise ConfigError(refusal)
     if cls.pooled_data or not cls.communicates:
         raise ConfigError(
             f"method {name!r} has no server-client messages to deploy; run it with "
@@ -44,11 +44,6 @@ def refuse(config: Config) -> None:
         raise ConfigError(
             f"compute.workers = {config.compute.workers} is for `fedlora run`; on Flower each "
             "SuperNode trains its own clients: start more SuperNodes instead"
-        )
-    if config.privacy.secure_aggregation:
-        raise ConfigError(
-            "privacy.secure_aggregation runs on the in-process engine only (the Flower app does "
-            "not carry the masking protocol); use --engine simulation"
         )
 
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedlora.engines.distributed import free_port
+from fedlora.engines.launch import free_port
 from fedlora.flower.launch import OFFLINE
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, fedlora

@@ -6,7 +6,7 @@ counts; nothing is pickled. Scalars travel as JSON text.
 
 - ``query`` (server -> every node, once): the reply says which partition the node hosts.
 - ``train`` (server -> the node hosting ``client``): the download, the merged base offset
-  (FLoRA; empty otherwise). Reply: the reply bytes and the report of ``ServedEngine.answer``.
+  (FLoRA; empty otherwise). Reply: the reply bytes and the report of ``ClientRuntime.answer``.
 - ``evaluate`` (server -> every node, methods with per-client models): the node's ``clients``
   (JSON) and the base offset. Reply: each client's own-model metrics (JSON, by client).
 """

@@ -1,8 +1,9 @@
 """fedlora's Flower ServerApp: the whole run, as ``fedlora run`` does it, on Flower's Grid.
 
 It reads the fedlora config and the run directory from the run config (``fedlora flower-app``
-writes both), runs the experiment with ``FlowerEngine`` (the same round, evaluation, ledger,
-checkpoints and run-directory files as the in-process engine) and records how it ended in
+writes both), runs the experiment with the SuperNodes as the placement (``FlowerHosts``: the
+same loop, round, evaluation, ledger, checkpoints and run-directory files as in one process) and
+records how it ended in
 ``<run dir>/flower-status.json``: ``flwr run`` reports success even when a ServerApp failed, so
 ``fedlora flower-run`` reads this file instead. The file also has the bytes Flower moved per
 message type (``flower_bytes``: messages, down, up), to set beside the ledger.
@@ -19,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedlora.flower.app_dir import config_from_text, refuse
-from fedlora.flower.engine import FlowerEngine
+from fedlora.flower.hosts import FlowerHosts
 from fedlora.flower.protocol import CONFIG_TEXT, NODE_WAIT, REPLY_TIMEOUT, RUN_DIR, STATUS_FILE
 
 THREADS = 1  # as a distributed rank: the in-process reference matches with one thread too
@@ -34,6 +35,10 @@ def write_status(run_dir: Path, status: dict) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedlora.engines.client import ClientRuntime
+    from fedlora.engines.loop import RunLoop
+    from fedlora.engines.server_round import ServerRound
+    from fedlora.experiment import Experiment
     from fedlora.session import run_experiment
 
     run_config = context.run_config
@@ -42,17 +47,20 @@ def main(grid: Grid, context: Context) -> None:
     try:
         with config_from_text(str(run_config[CONFIG_TEXT])) as (config, path):
             refuse(config)
-            engines: list[FlowerEngine] = []
+            hosts: list[FlowerHosts] = []
 
-            def engine(*args: object) -> FlowerEngine:
-                made = FlowerEngine(
-                    *args,
-                    grid=grid,
-                    reply_timeout=float(run_config[REPLY_TIMEOUT]),
-                    node_wait=float(run_config[NODE_WAIT]),
+            def build(experiment: Experiment, out: Path, console: Console) -> RunLoop:
+                hosts.append(
+                    FlowerHosts(
+                        experiment,
+                        console,
+                        grid=grid,
+                        reply_timeout=float(run_config[REPLY_TIMEOUT]),
+                        node_wait=float(run_config[NODE_WAIT]),
+                    )
                 )
-                engines.append(made)
-                return made
+                runtime = ClientRuntime(experiment)  # holds no client: the nodes do
+                return RunLoop(ServerRound(experiment, runtime, hosts[0]), out, console)
 
             result = run_experiment(
                 path,
@@ -61,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
                 False,
                 Console(),
                 False,
-                {"simulation": engine},
+                build,
                 THREADS,
                 deployed=True,
             )
@@ -77,5 +85,5 @@ def main(grid: Grid, context: Context) -> None:
         )
         raise
     trained = sum(1 for record in result.metrics if record["round"] > 0)  # round 0: the init
-    wire = engines[0].wire
+    wire = hosts[0].wire
     write_status(run_dir, {**run, "status": "completed", "rounds": trained, "flower_bytes": wire})

@@ -1,4 +1,5 @@
-"""The server's rounds on Flower: ``ServedEngine``'s round with Flower's Grid as the transport.
+"""Flower SuperNodes as a placement: the server round (``fedlora.engines.server_round``) with
+Flower's Grid carrying its bytes.
 
 Runs inside the ServerApp. Before the first round it asks every connected SuperNode which
 partition it hosts (a ``query`` message; each answers from its node config) and waits until
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -22,10 +22,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from rich.console import Console
 
 from fedlora.channel import encode, human_bytes
-from fedlora.engines.served import ServedEngine
-from fedlora.engines.simulation import RunResult, summarize_clients
 from fedlora.experiment import Experiment
 from fedlora.flower.protocol import RECORD, Hosting
+from fedlora.tensors import TensorDict
 
 
 def message_bytes(message: Message) -> int:
@@ -39,17 +38,19 @@ class FlowerError(RuntimeError):
     """The deployment cannot run: a partition never connected, or nodes disagree about it."""
 
 
-class FlowerEngine(ServedEngine):
+class FlowerHosts:
+    """A server's clients on the SuperNodes (``fedlora.engines.server_round.Hosts``)."""
+
     def __init__(
         self,
         experiment: Experiment,
-        run_dir: Path,
-        console: Console | None,
+        console: Console,
         grid: Grid,
         reply_timeout: float,
         node_wait: float,
     ):
-        super().__init__(experiment, run_dir, console)
+        self.exp = experiment
+        self.console = console
         self.grid = grid
         self.reply_timeout = reply_timeout
         self.node_wait = node_wait
@@ -131,8 +132,8 @@ class FlowerEngine(ServedEngine):
         offset = self.exp.method.base_offset()
         return encode(offset) if offset else b""
 
-    def _dispatch(self, downloads: dict[int, bytes], round_index: int) -> None:
-        base = self._base()
+    def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
+        base = encode(offset) if offset else b""
         messages = {
             client: self._message(
                 self.owner(client),
@@ -151,18 +152,22 @@ class FlowerEngine(ServedEngine):
             record = reply.content[RECORD]
             self.replies[client] = record["payload"], json.loads(record["report"])
 
-    def _reply(self, client: int, round_index: int) -> tuple[bytes, dict]:
+    def answer(self, client: int, round_index: int) -> tuple[bytes, dict]:
         if client in self.replies:
             return self.replies[client]
         why = f"no reply from SuperNode {self.owner(client)} within {self.reply_timeout:g} s"
         return b"", {"outcome": None, "reason": why}
 
+    def close_round(self, sampled: list[int], round_index: int) -> None:
+        """The nodes keep their clients' state."""
+
+    def initial(self) -> None:
+        """The nodes' own models are evaluated on request (``client_metrics``)."""
+
     # -- evaluation of the clients' own models, on their nodes ---------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """The global model here; for methods that evaluate each client's own model, every
-        client on the node that holds it, averaged as in one process."""
-        if not self.exp.method.per_client_eval:
-            return super().evaluate()
+    def client_metrics(self) -> list[dict[str, float]] | None:
+        """Every client's own model, evaluated on the node that holds it (methods that
+        evaluate each client's own model)."""
         clients, base = len(self.exp.clients), self._base()
         nodes = self.nodes.items()
         hosted = {node: Hosting(p, self.partitions).clients(clients) for p, node in nodes}
@@ -181,13 +186,16 @@ class FlowerEngine(ServedEngine):
                 f"SuperNodes {silent} sent no evaluation within {self.reply_timeout:g} s; the "
                 "clients' own models live on them, so the round cannot be evaluated"
             )
-        return summarize_clients([metrics[c] for c in range(clients)])
+        return [metrics[c] for c in range(clients)]
 
-    def run(self, start_round: int = 0, show_progress: bool = True) -> RunResult:
+    def open(self, start_round: int) -> None:
         self.discover()
         self.console.print(self.describe_nodes(), highlight=False, soft_wrap=True)
-        result = super().run(start_round, show_progress)
-        result.notes += [
+
+    def close(self) -> list[str]:
+        if not self.nodes:  # it stopped before every partition connected
+            return []
+        return [
             "",
             "## SuperNodes (Flower deployment)",
             "",
@@ -209,4 +217,3 @@ class FlowerEngine(ServedEngine):
             )
             + ".",
         ]
-        return result
