@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlora.flower.app_dir import run_key
 from fedlora.flower.loopback import federation
 from fedlora.flower.protocol import STATUS_FILE
 from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics, trained
@@ -103,7 +104,13 @@ def deployed_on_two_nodes(config: str, tmp_path: Path, *overrides: str) -> Path:
         fed.node(1, 2)
         result = flower_run(app, fed.env)
     assert_completed(result, run, 2)
+    for node in ("node0", "node1"):  # every message went through the node's warm runtime
+        assert "fedlora node runtime listening" in fed.log(node)
+        assert COLD not in fed.log(node), fed.log(node)
     return run
+
+
+COLD = "working in this process"  # what a ClientApp logs when no runtime answers
 
 
 def test_fedit_on_a_superlink_and_two_supernodes_equals_the_simulation(
@@ -177,9 +184,8 @@ def test_fedsa_evaluates_each_client_on_its_node_and_equals_the_simulation(
     assert "accuracy_std" in trained(read_metrics(run))[-1]
     assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
     assert not (run / "adapters").exists(), "a client's model reached the server"
-    run_id = json.loads((run / STATUS_FILE).read_text())["run_id"]
     for client in (0, 1):
-        node = tmp_path / "flower" / f"node{client}" / f"run-{run_id}"
+        node = tmp_path / "flower" / f"node{client}" / f"run-{run_key(run)}"
         ours = load_file(node / "adapters" / f"client_{client}" / "adapter_model.safetensors")
         theirs = load_file(ref / "adapters" / f"client_{client}" / "adapter_model.safetensors")
         assert ours.keys() == theirs.keys()
@@ -235,3 +241,71 @@ def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path
     rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}
     assert len(down) == 2 and down["client0"] != down["client1"], down
+
+
+def wait_for_round(fed, run: Path, launched: subprocess.Popen, round_number: int) -> None:
+    """Until ``run``'s metrics hold round ``round_number`` (the run still going)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and f'"round": {round_number},' in metrics.read_text()):
+        assert launched.poll() is None and time.monotonic() < deadline, fed.log("flower-run")
+        time.sleep(0.2)
+
+
+def pids(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_a_node_whose_runtime_dies_works_cold_and_the_run_equals_the_simulation(
+    tmp_path: Path,
+) -> None:
+    """Node 1's warm runtime is killed (SIGKILL) once round 1 is recorded: its ClientApps say so
+    in the node's log and build the experiment themselves, reading the same state files, so
+    the run completes and still equals the in-process run bit for bit."""
+    rounds = ["--set", "experiment.rounds=3"]
+    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds)
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        fed.node(1, 2)
+        launched = fed.start(
+            "flower-run", [sys.executable, "-m", "fedlora", "flower-run", str(app)]
+        )
+        wait_for_round(fed, run, launched, 1)
+        (runtime,) = pids(f"flower-runtime --state-dir {tmp_path / 'flower' / 'node1'}")
+        os.kill(runtime, signal.SIGKILL)
+        code = launched.wait(RUN_TIMEOUT)
+        assert code == 0, fed.log("flower-run")
+        assert COLD in fed.log("node1") and COLD not in fed.log("node0")
+    assert_same_run(run, reference("fedit.toml", tmp_path / "ref", *TWO_CLIENTS, *rounds))
+
+
+def test_a_killed_server_app_resumes_and_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """FedSA-LoRA (its clients' B and heads live on the nodes): the ServerApp is killed
+    (SIGKILL) once round 1 is recorded. ``fedlora flower-run`` fails saying so; ``--resume``
+    continues from the server's checkpoint on the same nodes, whose clients' state is kept
+    under the run's key (a new Flower run id) and versioned by round, so a round the killed
+    ServerApp had begun is replayed from the state before it. The run equals the in-process
+    run bit for bit."""
+    rounds = ["--set", "experiment.rounds=3"]
+    app, run = make_app("fedsa.toml", tmp_path, *TWO_CLIENTS, *rounds)
+    with federation(tmp_path / "flower") as fed:
+        fed.node(0, 2)
+        fed.node(1, 2)
+        launched = fed.start(
+            "flower-run", [sys.executable, "-m", "fedlora", "flower-run", str(app)]
+        )
+        wait_for_round(fed, run, launched, 1)
+        for server_app in pids("flwr-serverapp"):
+            os.kill(server_app, signal.SIGKILL)
+        assert launched.wait(RUN_TIMEOUT) != 0, fed.log("flower-run")
+        code, output = run_cli("flower-run", str(app))  # not without --resume
+        assert code == 2 and "--resume" in output, output
+        resumed = subprocess.run(
+            [sys.executable, "-m", "fedlora", "flower-run", str(app), "--resume"],
+            env=fed.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+        )  # fmt: skip
+    assert_completed(resumed, run, 3)
+    ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS, *rounds)
+    assert timeless_metrics(run) == timeless_metrics(ref)
+    assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()

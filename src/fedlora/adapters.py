@@ -157,6 +157,11 @@ class AdapterSlots:
                 pristine = self._pristine.setdefault(key, weight.detach().clone())
                 weight.copy_(pristine + offset.to(weight.device, weight.dtype))
 
+    def restore_base(self) -> None:
+        """Every merged module's frozen base weight back to W0 (a process that serves several
+        runs of one experiment starts each from the pristine base)."""
+        self.merge_into_base({key: torch.zeros_like(w) for key, w in self._pristine.items()})
+
     def export(self, state: TensorDict, directory: Path) -> None:
         """Write ``state`` as a standard PEFT adapter (``PeftModel.from_pretrained`` loads it)."""
         self.load(state)

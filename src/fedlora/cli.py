@@ -142,19 +142,54 @@ def flower_run(
         str | None,
         typer.Argument(help="SuperLink connection in Flower's config (default: its default)"),
     ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the app's run from its last completed round")
+    ] = False,
 ) -> None:
     """`flwr run APPDIR --stream`, offline, failing when the run failed (flwr run does not)."""
     from fedlora.flower.launch import RunFailed
     from fedlora.flower.launch import flower_run as run_app
 
     try:
-        out = run_app(appdir, connection)
+        out = run_app(appdir, connection, resume)
     except ConfigError as error:
         fail(str(error))
     except RunFailed as error:
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(f"run directory: {out}", highlight=False)
+
+
+@app.command(
+    "flower-node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def flower_node(
+    context: typer.Context,
+    partition_id: Annotated[int, typer.Option(help="the partition this node hosts (0..N-1)")],
+    num_partitions: Annotated[int, typer.Option(help="N: how many partitions the run has")],
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="the node's state (default ~/.fedlora/flower/partition-<id>)"),
+    ] = None,
+) -> None:
+    """Start a SuperNode with its warm fedlora runtime: `flower-supernode` with this partition's
+    node config and the remaining arguments (e.g. --superlink HOST:PORT --insecure)."""
+    from fedlora.flower.launch import run_node
+
+    if not 0 <= partition_id < num_partitions:
+        fail(f"--partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    raise typer.Exit(run_node(partition_id, num_partitions, state_dir, list(context.args)))
+
+
+@app.command("flower-runtime")
+def flower_runtime(
+    state_dir: Annotated[Path, typer.Option(help="the node's state directory (its node config's)")],
+) -> None:
+    """The warm fedlora runtime alone, for a SuperNode started by hand: it listens on
+    STATE_DIR/runtime.sock until stopped."""
+    from fedlora.flower.node_runtime import run_runtime
+
+    run_runtime(state_dir.expanduser())
 
 
 @app.command()

@@ -12,6 +12,7 @@ anything starts, naming the engines that run them. Nothing here imports Flower o
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,14 @@ import tomli_w
 
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.extras import require
-from fedlora.flower.protocol import CONFIG_TEXT, NODE_WAIT, REPLY_TIMEOUT, RUN_DIR
+from fedlora.flower.protocol import (
+    CONFIG_TEXT,
+    NODE_WAIT,
+    REPLY_TIMEOUT,
+    RESUME,
+    RUN_DIR,
+    RUN_KEY,
+)
 from fedlora.methods import method_class
 
 PYPROJECT = "pyproject.toml"
@@ -60,6 +68,14 @@ def config_from_text(text: str) -> Iterator[tuple[Config, Path]]:
         path = Path(folder) / "config.toml"
         path.write_text(text)
         yield load_config(path), path
+
+
+def run_key(run_dir: Path) -> str:
+    """The name of the run's directory on the nodes: the run directory's name and a digest of
+    its path (two apps writing to one run directory are one run, to be resumed)."""
+    where = str(run_dir.resolve())
+    name = "".join(c if c.isalnum() else "-" for c in run_dir.name)
+    return f"{name}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
 def write_app(
@@ -103,6 +119,8 @@ def write_app(
                     "config": {
                         CONFIG_TEXT: config_text(config),
                         RUN_DIR: str(run_dir.resolve()),
+                        RUN_KEY: run_key(run_dir),
+                        RESUME: False,  # fedlora flower-run --resume sets it
                         REPLY_TIMEOUT: reply_timeout,
                         NODE_WAIT: node_wait,
                     },

@@ -1,53 +1,41 @@
 """fedlora's Flower ClientApp: a SuperNode's clients' half of each round.
 
-Flower starts it in a fresh process per message. It rebuilds the experiment from the fedlora
-config in the run config (the same base model, data split and partition on every node, from
-the seed), reads the client's state from the node's directory (``node_state``), runs the client
-runtime's ``answer`` on the download's bytes (the method's ``client_start``, the local steps,
-``client_reply``) and writes the state back; for methods that evaluate each client's own model
-it evaluates its clients when asked (``evaluate``). Which clients it may serve is its node config's
-partition (``partition-id``, ``num-partitions``); it answers the server's ``query`` with it.
+Flower starts it in a fresh process per message. It forwards the message to the node's warm
+fedlora runtime (``node_runtime``: the experiment built once per node) and returns its answer.
+Where no runtime answers (none was started, or it died), it says so in the node's log and does
+the same work itself: it rebuilds the experiment from the fedlora config in the run config (the
+same base model, data split and partition on every node, from the seed), which is correct but
+costs the whole build per message. Either way a client's state is read from and written to the
+node's directory (``node_state``), and the work is the client runtime's (``answer``: the
+method's ``client_start``, the local steps, ``client_reply``; for methods that evaluate each
+client's own model, ``evaluate``). Which clients it may serve is its node config's partition
+(``partition-id``, ``num-partitions``); it answers the server's ``query`` with it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.flower import node_state
-from fedlora.flower.app_dir import config_from_text
-from fedlora.flower.protocol import CONFIG_TEXT, RECORD, STATE_DIR, hosting
-
-if TYPE_CHECKING:  # the heavy stack loads only for training, not to answer a query
-    from fedlora.engines.client import ClientRuntime
-
-THREADS = 1  # as a distributed rank (the reference runs with one thread too)
+from fedlora.flower import node_runtime, node_state
+from fedlora.flower.protocol import (
+    CONFIG_TEXT,
+    RECORD,
+    REPLY_TIMEOUT,
+    RUN_KEY,
+    STATE_DIR,
+    Hosting,
+    hosting,
+)
 
 app = ClientApp()
-_runtimes: dict[str, ClientRuntime] = {}  # by config text: a process serving twice builds once
 
 
 def reply(message: Message, fields: dict) -> Message:
     return Message(RecordDict({RECORD: ConfigRecord(fields)}), reply_to=message)
-
-
-def runtime_for(text: str) -> ClientRuntime:
-    if text not in _runtimes:
-        from fedlora import experiment as experiments
-        from fedlora.compute import configure_threads
-        from fedlora.engines.client import ClientRuntime
-        from fedlora.session import configure_runtime
-
-        with config_from_text(text) as (config, _):
-            compute = experiments.validate(config)
-            configure_threads(config.compute, THREADS)
-            configure_runtime(compute)
-            _runtimes[text] = ClientRuntime(experiments.build(config, deployed=True))
-    return _runtimes[text]
 
 
 @app.query()
@@ -57,41 +45,49 @@ def query(message: Message, context: Context) -> Message:
     return reply(message, {"hosting": json.dumps(vars(hosted))})
 
 
-def hosted_client_runtime(
-    message: Message, context: Context, clients: list[int]
-) -> tuple[ClientRuntime, Path]:
-    """The node's client runtime for a message about ``clients`` (on the base the server's
-    parties train on) and its run's state directory: refused when a client is not this node's
-    to serve."""
-    from safetensors.torch import load as load_bytes
-
-    hosted = hosting(dict(context.node_config))
-    foreign = [c for c in clients if not hosted.hosts(c)]
+def hosted(context: Context, clients: list[int]) -> tuple[Hosting, Path, Path]:
+    """The node's partition, its state directory and the run's directory in it, refused when
+    a client is not this node's to serve."""
+    partition = hosting(dict(context.node_config))
+    foreign = [c for c in clients if not partition.hosts(c)]
     if foreign:
-        raise ValueError(f"client {foreign[0]} is not in this node's partition {hosted.partition}")
-    runtime = runtime_for(str(context.run_config[CONFIG_TEXT]))
-    offset = bytes(message.content[RECORD]["offset"])
-    if offset:  # FLoRA: the base every party trains on moved with the merged updates
-        runtime.apply_offset(load_bytes(offset))
+        raise ValueError(
+            f"client {foreign[0]} is not in this node's partition {partition.partition}"
+        )
     state_dir = context.node_config.get(STATE_DIR)
-    directory = node_state.run_directory(
-        str(state_dir) if state_dir else None, hosted.partition, context.run_id
-    )
-    return runtime, directory
+    root = node_state.node_root(str(state_dir) if state_dir else None, partition.partition)
+    key = context.run_config.get(RUN_KEY) or str(context.run_id)  # apps made before run keys
+    return partition, root, root / f"run-{key}"
+
+
+def work(context: Context, request: dict, payload: bytes, offset: bytes) -> tuple[dict, bytes]:
+    """The node's answer to ``request``: from its warm runtime, else worked out here."""
+    text = str(context.run_config[CONFIG_TEXT])
+    clients = request.get("clients", [request.get("client")])
+    _, root, directory = hosted(context, clients)
+    request = {**request, "directory": str(directory)}
+    timeout = float(context.run_config.get(REPLY_TIMEOUT, 600))
+    try:
+        return node_runtime.ask(root, request, text, payload, offset, timeout)
+    except node_runtime.RuntimeAbsent as absent:
+        node_runtime.log(f"{absent}: working in this process (correct, but it builds the model)")
+    runtime = node_runtime.build_runtime(text)
+    if request["op"] == "train":
+        answer, report = node_runtime.train(
+            runtime, directory, request["client"], request["round"], payload, offset
+        )
+        return {"report": report}, answer
+    metrics = node_runtime.evaluate(runtime, directory, clients, request["round"], offset)
+    return {"metrics": metrics}, b""
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One client's round: the download's bytes in, the reply's bytes and a report out."""
     fields = message.content[RECORD]
-    client, round_index = int(fields["client"]), int(fields["round"])
-    runtime, directory = hosted_client_runtime(message, context, [client])
-    runtime.stores[client], optimizer = node_state.load(directory, client)
-    if optimizer:
-        runtime.optimizers[client] = optimizer
-    payload, report = runtime.answer(client, bytes(fields["payload"]), round_index)
-    node_state.save(directory, client, runtime.stores[client], runtime.optimizers.get(client, {}))
-    return reply(message, {"payload": payload, "report": json.dumps(report)})
+    request = {"op": "train", "client": int(fields["client"]), "round": int(fields["round"])}
+    answer, payload = work(context, request, bytes(fields["payload"]), bytes(fields["offset"]))
+    return reply(message, {"payload": payload, "report": json.dumps(answer["report"])})
 
 
 @app.evaluate()
@@ -100,10 +96,8 @@ def evaluate(message: Message, context: Context) -> Message:
     evaluate per client (FedSA-LoRA): the metrics go to the server, the models stay here and
     are exported as PEFT adapters under the node's run directory (``adapters/client_<i>``), the
     latest evaluated ones."""
-    clients = [int(c) for c in json.loads(message.content[RECORD]["clients"])]
-    runtime, directory = hosted_client_runtime(message, context, clients)
-    for client in clients:
-        runtime.stores[client], _ = node_state.load(directory, client)
-    metrics = {str(c): runtime.metrics(c) for c in clients}
-    runtime.export(clients, directory)
-    return reply(message, {"metrics": json.dumps(metrics)})
+    fields = message.content[RECORD]
+    clients = [int(c) for c in json.loads(fields["clients"])]
+    request = {"op": "evaluate", "clients": clients, "round": int(fields.get("round", 0))}
+    answer, _ = work(context, request, b"", bytes(fields["offset"]))
+    return reply(message, {"metrics": json.dumps(answer["metrics"])})

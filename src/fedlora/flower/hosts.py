@@ -58,6 +58,7 @@ class FlowerHosts:
         self.partitions = 0
         self.replies: dict[int, tuple[bytes, dict]] = {}  # this round's, by client
         self.wire: dict[str, dict[str, int]] = {}  # Flower's bytes, by message type
+        self.completed = 0  # rounds whose training the nodes have done (what evaluate reads)
 
     # -- which node hosts which client --------------------------------------------------------
     def owner(self, client: int) -> int:
@@ -134,6 +135,7 @@ class FlowerHosts:
 
     def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
         base = encode(offset) if offset else b""
+        self.completed = round_index + 1
         messages = {
             client: self._message(
                 self.owner(client),
@@ -172,7 +174,11 @@ class FlowerHosts:
         nodes = self.nodes.items()
         hosted = {node: Hosting(p, self.partitions).clients(clients) for p, node in nodes}
         messages = {
-            node: self._message(node, "evaluate", {"clients": json.dumps(mine), "offset": base})
+            node: self._message(
+                node,
+                "evaluate",
+                {"clients": json.dumps(mine), "round": self.completed, "offset": base},
+            )
             for node, mine in hosted.items()
         }
         metrics: dict[int, dict[str, float]] = {}
@@ -189,6 +195,7 @@ class FlowerHosts:
         return [metrics[c] for c in range(clients)]
 
     def open(self, start_round: int) -> None:
+        self.completed = start_round
         self.discover()
         self.console.print(self.describe_nodes(), highlight=False, soft_wrap=True)
 

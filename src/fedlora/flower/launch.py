@@ -1,8 +1,9 @@
-"""``fedlora flower-run APPDIR [CONNECTION]``: ``flwr run --stream``, then the run's real outcome.
+"""``fedlora flower-run APPDIR [CONNECTION]``: ``flwr run --stream``, then the run's real outcome;
+``fedlora flower-node``: a SuperNode with its warm fedlora runtime.
 
 ``flwr run`` exits 0 even when the ServerApp failed, so this reads the status the ServerApp
 wrote in the run directory (``flower-status.json``) and exits non-zero unless it says the run
-completed. It also runs Flower offline: runtime dependency installation and telemetry off.
+completed. Both run Flower offline: runtime dependency installation and telemetry off.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 from fedlora.checkpoint import FILE as CHECKPOINT
 from fedlora.config import ConfigError
 from fedlora.extras import require
+from fedlora.flower import node_runtime, node_state
 from fedlora.flower.app_dir import PYPROJECT
-from fedlora.flower.protocol import RUN_DIR, STATUS_FILE
+from fedlora.flower.protocol import PARTITION, PARTITIONS, RESUME, RUN_DIR, STATE_DIR, STATUS_FILE
 
 # What Flower must not do here: fetch the app's dependencies, or phone home.
 OFFLINE = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
@@ -46,24 +48,54 @@ def run_dir_of(appdir: Path) -> Path:
     return Path(run_dir)
 
 
-def flwr_command() -> str:
-    """The ``flwr`` of this environment (beside this Python), else the one on PATH."""
-    beside = Path(sys.executable).with_name("flwr")
-    found = str(beside) if beside.is_file() else shutil.which("flwr")
+def flwr_command(name: str = "flwr") -> str:
+    """A Flower command of this environment (beside this Python), else the one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
     if found is None:
-        raise ConfigError("`flwr` is not installed: pip install -e .[flower]")
+        raise ConfigError(f"`{name}` is not installed: pip install -e .[flower]")
     return found
 
 
-def flower_run(appdir: Path, connection: str | None) -> Path:
+def run_node(partition: int, partitions: int, state_dir: Path | None, arguments: list[str]) -> int:
+    """``fedlora flower-node``: the node's runtime, then ``flower-supernode`` with this
+    partition's node config and ``arguments``; the runtime stops with the SuperNode. Returns
+    the SuperNode's exit code."""
+    require("flwr", "flower", "fedlora flower-node")
+    root = node_state.node_root(str(state_dir) if state_dir else None, partition)
+    config = f'{PARTITION}={partition} {PARTITIONS}={partitions} {STATE_DIR}="{root}"'
+    supernode = [flwr_command("flower-supernode"), *arguments, "--node-config", config]
+    environment = {**os.environ, **OFFLINE}
+    runtime = subprocess.Popen(
+        [sys.executable, "-m", "fedlora", "flower-runtime", "--state-dir", str(root)],
+        env=environment,
+    )
+    try:
+        node_runtime.wait_for(root, lambda: runtime.poll() is None)
+        return subprocess.run(supernode, env=environment, check=False).returncode
+    finally:
+        runtime.terminate()
+        try:
+            runtime.wait(10)
+        except subprocess.TimeoutExpired:
+            runtime.kill()
+            runtime.wait()
+
+
+def flower_run(appdir: Path, connection: str | None, resume: bool = False) -> Path:
     """Run the app on the SuperLink ``connection`` names (Flower's config, or its default);
-    returns the run directory, or raises ``RunFailed``."""
+    with ``resume``, continue its run directory's checkpoint (the nodes keep their clients'
+    state under the run's key). Returns the run directory, or raises ``RunFailed``."""
     require("flwr", "flower", "fedlora flower-run")
     run_dir = run_dir_of(appdir)
-    if (run_dir / CHECKPOINT).is_file():
+    held = (run_dir / CHECKPOINT).is_file()
+    if held and not resume:
         raise ConfigError(
-            f"{run_dir} already holds a run; make the app again with another --run-dir"
+            f"{run_dir} already holds a run: continue it with --resume, or make the app again "
+            "with another --run-dir"
         )
+    if resume and not held:
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to continue")
     status = run_dir / STATUS_FILE
     status.unlink(missing_ok=True)
     command = [
@@ -72,6 +104,7 @@ def flower_run(appdir: Path, connection: str | None) -> Path:
         str(appdir),
         *([connection] if connection else []),
         "--stream",
+        *(["--run-config", f"{RESUME}=true"] if resume else []),
     ]
     environment = {**os.environ, **OFFLINE}
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"

@@ -45,21 +45,32 @@ class Federation:
         return process
 
     def node(
-        self, partition: int, partitions: int, key: Path | None = None, tag: str = ""
+        self,
+        partition: int,
+        partitions: int,
+        key: Path | None = None,
+        tag: str = "",
+        warm: bool = True,
     ) -> subprocess.Popen:
-        """Start a SuperNode hosting ``partition`` (with ``key``: authenticating with it)."""
-        config = (
-            f"partition-id={partition} num-partitions={partitions} "
-            f'state-dir="{self.home / f"node{partition}{tag}"}"'
-        )
-        command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}"]
-        command += ["--port", str(free_port()), "--node-config", config]
+        """Start a SuperNode hosting ``partition`` (with ``key``: authenticating with it);
+        ``warm``: with its fedlora runtime (``fedlora flower-node``), else the bare SuperNode,
+        whose ClientApps build the experiment for every message."""
+        state = self.home / f"node{partition}{tag}"
+        command = ["--superlink", f"127.0.0.1:{self.link_port}", "--port", str(free_port())]
         if self.tls is None:
             command += ["--insecure"]
         else:
             command += ["--root-certificates", str(self.tls["ca"])]
         if key is not None:
             command += ["--auth-supernode-private-key", str(key)]
+        if warm:
+            command = [
+                str(BIN / "fedlora"), "flower-node", "--partition-id", str(partition),
+                "--num-partitions", str(partitions), "--state-dir", str(state), *command,
+            ]  # fmt: skip
+        else:
+            config = f'partition-id={partition} num-partitions={partitions} state-dir="{state}"'
+            command = [str(BIN / "flower-supernode"), *command, "--node-config", config]
         process = self.start(f"node{partition}{tag}", command)
         self.nodes[partition] = process
         return process

@@ -8,7 +8,8 @@ counts; nothing is pickled. Scalars travel as JSON text.
 - ``train`` (server -> the node hosting ``client``): the download, the merged base offset
   (FLoRA; empty otherwise). Reply: the reply bytes and the report of ``ClientRuntime.answer``.
 - ``evaluate`` (server -> every node, methods with per-client models): the node's ``clients``
-  (JSON) and the base offset. Reply: each client's own-model metrics (JSON, by client).
+  (JSON), the round whose state to evaluate (the rounds completed) and the base offset. Reply:
+  each client's own-model metrics (JSON, by client).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ CONFIG_TEXT = "fedlora-config"  # the resolved fedlora config, as TOML text
 RUN_DIR = "fedlora-run-dir"  # where the ServerApp writes the run directory
 REPLY_TIMEOUT = "fedlora-reply-timeout"  # seconds a round waits for replies
 NODE_WAIT = "fedlora-node-wait"  # seconds the ServerApp waits for every partition to connect
+RUN_KEY = "fedlora-run-key"  # names the run's directory on the nodes, across Flower run ids
+RESUME = "fedlora-resume"  # true: continue the run directory's checkpoint (flower-run --resume)
 
 # Node config keys (``flower-supernode --node-config``).
 PARTITION = "partition-id"

@@ -21,7 +21,14 @@ from rich.console import Console
 
 from fedlora.flower.app_dir import config_from_text, refuse
 from fedlora.flower.hosts import FlowerHosts
-from fedlora.flower.protocol import CONFIG_TEXT, NODE_WAIT, REPLY_TIMEOUT, RUN_DIR, STATUS_FILE
+from fedlora.flower.protocol import (
+    CONFIG_TEXT,
+    NODE_WAIT,
+    REPLY_TIMEOUT,
+    RESUME,
+    RUN_DIR,
+    STATUS_FILE,
+)
 
 THREADS = 1  # as a distributed rank: the in-process reference matches with one thread too
 
@@ -66,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
                 path,
                 [],
                 run_dir,
-                False,
+                bool(run_config.get(RESUME, False)),
                 Console(),
                 False,
                 build,

@@ -1,0 +1,274 @@
+"""A SuperNode's warm fedlora runtime: one long-lived process that keeps the experiment (the
+base model, the tokenized data, the partition) between Flower's messages.
+
+Flower starts a fresh ClientApp process for every message. Built cold, that process would
+re-import the stack and rebuild the experiment each time (seconds per message on a small model,
+a whole 7B load on a large one). So each node runs one runtime (``fedlora flower-node`` starts
+it beside ``flower-supernode``; ``fedlora flower-runtime`` alone), and the ClientApp only
+forwards a message's bytes to it and returns its answer. The runtime builds a client runtime
+(``fedlora.engines.client``) once per experiment (by the config's text) and keeps it across the
+runs of that experiment; the clients' state stays in the node's files (``node_state``), so a
+runtime that restarts, a ClientApp that falls back to working cold and a resumed run all read
+the same state.
+
+The two talk over a Unix-domain socket in the node's state directory (``runtime.sock``, mode
+0600), never a network port, and every request carries the node's secret (``runtime.secret``,
+mode 0600, made by the runtime when it starts): a local process that cannot read the secret is
+refused. A request is four frames (a JSON header, the config's text, the payload, the base
+offset), an answer two (a JSON report, the payload); a frame is 8 bytes of length and its bytes.
+A frame over the limit, a malformed header or a wrong secret is refused with the reason, and
+the connection closed; nothing is pickled.
+
+The work itself (``train``, ``evaluate``) is the same code whether the runtime or a cold
+ClientApp runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedlora.flower import node_state
+
+if TYPE_CHECKING:
+    from fedlora.engines.client import ClientRuntime
+
+SOCKET, SECRET = "runtime.sock", "runtime.secret"
+DEFAULT_LIMIT = 4 * 2**30  # bytes in one frame: a download or reply of a 1B-parameter model
+THREADS = 1  # as a distributed rank (the reference runs with one thread too)
+
+
+class FrameError(ValueError):
+    """A frame or request outside the protocol; its text is the reason."""
+
+
+# -- the work, warm or cold ---------------------------------------------------------------------
+def build_runtime(text: str) -> ClientRuntime:
+    """The client runtime of the experiment whose resolved config is ``text``."""
+    from fedlora import experiment as experiments
+    from fedlora.compute import configure_threads
+    from fedlora.engines.client import ClientRuntime
+    from fedlora.flower.app_dir import config_from_text
+    from fedlora.session import configure_runtime
+
+    with config_from_text(text) as (config, _):
+        compute = experiments.validate(config)
+        configure_threads(config.compute, THREADS)
+        configure_runtime(compute)
+        return ClientRuntime(experiments.build(config, deployed=True))
+
+
+def _on_base(runtime: ClientRuntime, offset: bytes) -> None:
+    """The base every party trains on: W0 + the merged offset (FLoRA), else W0."""
+    from fedlora.engines.client import state_from_bytes
+
+    runtime.exp.slots.restore_base()
+    runtime.apply_offset(state_from_bytes(offset))
+
+
+def train(
+    runtime: ClientRuntime, directory: Path, client: int, round_index: int, payload: bytes,
+    offset: bytes,
+) -> tuple[bytes, dict]:  # fmt: skip
+    """One client's round on this node: its state as of the round, the runtime's answer, its
+    state after (when it trained)."""
+    _on_base(runtime, offset)
+    runtime.stores[client], optimizer = node_state.load(directory, client, round_index)
+    runtime.optimizers.pop(client, None)
+    if optimizer:
+        runtime.optimizers[client] = optimizer
+    reply, report = runtime.answer(client, payload, round_index)
+    if report["outcome"] is not None:
+        store, kept = runtime.stores[client], runtime.optimizers.get(client, {})
+        node_state.save(directory, client, store, kept, round_index + 1)
+    return reply, report
+
+
+def evaluate(
+    runtime: ClientRuntime, directory: Path, clients: list[int], round_index: int, offset: bytes
+) -> dict[str, dict[str, float]]:
+    """The node's clients' own models as of round ``round_index`` on the test set (methods
+    that evaluate per client), and their adapters exported under ``directory``."""
+    _on_base(runtime, offset)
+    for client in clients:
+        runtime.stores[client], _ = node_state.load(directory, client, round_index)
+    metrics = {str(c): runtime.metrics(c) for c in clients}
+    runtime.export(clients, directory)
+    return metrics
+
+
+# -- frames ---------------------------------------------------------------------------------------
+def send_frames(connection: socket.socket, *frames: bytes) -> None:
+    connection.sendall(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
+
+
+def _exactly(connection: socket.socket, size: int) -> bytes:
+    parts, left = [], size
+    while left:
+        chunk = connection.recv(min(left, 2**20))
+        if not chunk:
+            raise FrameError(f"the connection closed with {left} of {size} bytes unread")
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def recv_frames(connection: socket.socket, count: int, limit: int) -> list[bytes]:
+    frames = []
+    for _ in range(count):
+        size = int.from_bytes(_exactly(connection, 8), "big")
+        if size > limit:
+            raise FrameError(f"a frame of {size} bytes exceeds the limit of {limit}")
+        frames.append(_exactly(connection, size))
+    return frames
+
+
+def header_of(frame: bytes) -> dict:
+    try:
+        header = json.loads(frame)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FrameError(f"the header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise FrameError(f"the header is {type(header).__name__}, not an object")
+    return header
+
+
+# -- the runtime --------------------------------------------------------------------------------
+class NodeRuntime:
+    """The runtime's side: requests one at a time (one model, CPU-bound work)."""
+
+    def __init__(self, root: Path, limit: int = DEFAULT_LIMIT) -> None:
+        self.root = root
+        self.limit = limit
+        self.runtimes: dict[str, ClientRuntime] = {}  # by the digest of the config's text
+        self.secret = ""
+
+    def prepare(self) -> socket.socket:
+        """The secret (a fresh one each start) and the listening socket, both mode 0600."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        secret_path = self.root / SECRET
+        self.secret = secrets.token_hex(32)
+        descriptor = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(self.secret)
+        os.chmod(secret_path, 0o600)
+        path = self.root / SOCKET
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        previous = os.umask(0o177)  # the socket file is made 0600, never readable by others
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(previous)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        listener.listen(8)
+        return listener
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                self.answer(connection)
+
+    def answer(self, connection: socket.socket) -> None:
+        try:
+            header, text, payload, offset = recv_frames(connection, 4, self.limit)
+            request = header_of(header)
+            if not hmac.compare_digest(str(request.get("secret", "")), self.secret):
+                raise FrameError("wrong secret: refused")
+            report, reply = self.work(request, text.decode(), payload, offset)
+        except FrameError as error:
+            with contextlib.suppress(OSError):
+                send_frames(connection, json.dumps({"refused": str(error)}).encode(), b"")
+            return
+        except Exception as error:  # a failure of the work, reported to the ClientApp
+            report, reply = {"error": f"{type(error).__name__}: {error}"}, b""
+        with contextlib.suppress(OSError):
+            send_frames(connection, json.dumps(report).encode(), reply)
+
+    def work(self, request: dict, text: str, payload: bytes, offset: bytes) -> tuple[dict, bytes]:
+        operation, directory = request.get("op"), request.get("directory")
+        round_index = request.get("round")
+        if not isinstance(directory, str) or not isinstance(round_index, int):
+            raise FrameError("the header needs a directory (text) and a round (integer)")
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest not in self.runtimes:
+            self.runtimes[digest] = build_runtime(text)
+        runtime = self.runtimes[digest]
+        if operation == "train" and isinstance(request.get("client"), int):
+            reply, report = train(
+                runtime, Path(directory), request["client"], round_index, payload, offset
+            )
+            return {"report": report}, reply
+        clients = request.get("clients")
+        if operation == "evaluate" and isinstance(clients, list):
+            if not all(isinstance(c, int) for c in clients):
+                raise FrameError("clients must be integers")
+            metrics = evaluate(runtime, Path(directory), clients, round_index, offset)
+            return {"metrics": metrics}, b""
+        raise FrameError(f"unknown request {operation!r}: train (client) or evaluate (clients)")
+
+
+def run_runtime(root: Path, limit: int = DEFAULT_LIMIT) -> None:
+    """``fedlora flower-runtime``: serve the node at ``root`` until stopped."""
+    runtime = NodeRuntime(root, limit)
+    listener = runtime.prepare()
+    print(f"fedlora node runtime listening on {root / SOCKET}", flush=True)
+    try:
+        runtime.serve(listener)
+    finally:
+        listener.close()
+        (root / SOCKET).unlink(missing_ok=True)
+
+
+# -- the ClientApp's side ------------------------------------------------------------------------
+class RuntimeAbsent(RuntimeError):
+    """No runtime answers at the node's socket; the ClientApp works cold instead."""
+
+
+def ask(
+    root: Path, request: dict, text: str, payload: bytes, offset: bytes, timeout: float
+) -> tuple[dict, bytes]:
+    """The runtime's answer to ``request``; ``RuntimeAbsent`` if none listens (or it died
+    before answering), a ``RuntimeError`` with its reason if it refused or failed."""
+    try:
+        secret = (root / SECRET).read_text()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(timeout)
+            connection.connect(str(root / SOCKET))
+            header = json.dumps({**request, "secret": secret}).encode()
+            send_frames(connection, header, text.encode(), payload, offset)
+            report, reply = recv_frames(connection, 2, DEFAULT_LIMIT)
+    except (OSError, FrameError) as error:
+        raise RuntimeAbsent(f"no fedlora runtime answers at {root / SOCKET} ({error})") from None
+    answer = header_of(report)
+    if "refused" in answer or "error" in answer:
+        raise RuntimeError(f"the node's runtime: {answer.get('refused') or answer.get('error')}")
+    return answer, reply
+
+
+def wait_for(root: Path, process_alive: object, timeout: float = 120) -> None:
+    """Until the runtime at ``root`` listens (``process_alive()`` false: it died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (root / SOCKET).exists() and (root / SECRET).exists():
+            return
+        if callable(process_alive) and not process_alive():
+            raise RuntimeError(f"the fedlora runtime for {root} exited before it listened")
+        time.sleep(0.1)
+    raise TimeoutError(f"no fedlora runtime at {root / SOCKET} after {timeout:g} s")
+
+
+def log(message: str) -> None:
+    """A line in the node's log (the ClientApp's stderr goes there)."""
+    print(f"fedlora: {message}", file=sys.stderr, flush=True)
