@@ -257,6 +257,15 @@ def pids(pattern: str) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
+def running_on_two_nodes(fed, app: Path, run: Path) -> subprocess.Popen:
+    """``fedlora flower-run APP`` under way on two warm nodes, once round 1 is recorded."""
+    fed.node(0, 2)
+    fed.node(1, 2)
+    launched = fed.start("flower-run", [sys.executable, "-m", "fedlora", "flower-run", str(app)])
+    wait_for_round(fed, run, launched, 1)
+    return launched
+
+
 def test_a_node_whose_runtime_dies_works_cold_and_the_run_equals_the_simulation(
     tmp_path: Path,
 ) -> None:
@@ -266,12 +275,7 @@ def test_a_node_whose_runtime_dies_works_cold_and_the_run_equals_the_simulation(
     rounds = ["--set", "experiment.rounds=3"]
     app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds)
     with federation(tmp_path / "flower") as fed:
-        fed.node(0, 2)
-        fed.node(1, 2)
-        launched = fed.start(
-            "flower-run", [sys.executable, "-m", "fedlora", "flower-run", str(app)]
-        )
-        wait_for_round(fed, run, launched, 1)
+        launched = running_on_two_nodes(fed, app, run)
         (runtime,) = pids(f"flower-runtime --state-dir {tmp_path / 'flower' / 'node1'}")
         os.kill(runtime, signal.SIGKILL)
         code = launched.wait(RUN_TIMEOUT)
@@ -287,17 +291,13 @@ def test_a_killed_server_app_resumes_and_equals_the_uninterrupted_run(tmp_path: 
     under the run's key (a new Flower run id) and versioned by round, so a round the killed
     ServerApp had begun is replayed from the state before it. The run equals the in-process
     run bit for bit."""
-    rounds = ["--set", "experiment.rounds=3"]
+    rounds = ["--set", "experiment.rounds=2", "--set", "eval.every=2"]  # evaluated at 0 and 2
     app, run = make_app("fedsa.toml", tmp_path, *TWO_CLIENTS, *rounds)
     with federation(tmp_path / "flower") as fed:
-        fed.node(0, 2)
-        fed.node(1, 2)
-        launched = fed.start(
-            "flower-run", [sys.executable, "-m", "fedlora", "flower-run", str(app)]
-        )
-        wait_for_round(fed, run, launched, 1)
-        for server_app in pids("flwr-serverapp"):
-            os.kill(server_app, signal.SIGKILL)
+        launched = running_on_two_nodes(fed, app, run)
+        # this federation's ServerApp (tests beside it run their own)
+        (server_app,) = pids(f"flwr-serverapp --runtime-api-address 127.0.0.1:{fed.link_port}")
+        os.kill(server_app, signal.SIGKILL)
         assert launched.wait(RUN_TIMEOUT) != 0, fed.log("flower-run")
         code, output = run_cli("flower-run", str(app))  # not without --resume
         assert code == 2 and "--resume" in output, output
@@ -305,7 +305,7 @@ def test_a_killed_server_app_resumes_and_equals_the_uninterrupted_run(tmp_path: 
             [sys.executable, "-m", "fedlora", "flower-run", str(app), "--resume"],
             env=fed.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
         )  # fmt: skip
-    assert_completed(resumed, run, 3)
+    assert_completed(resumed, run, 2)
     ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS, *rounds)
     assert timeless_metrics(run) == timeless_metrics(ref)
     assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
