@@ -71,13 +71,18 @@ def consensus_distance(states: list[TensorDict], names: list[str]) -> float:
 
 
 class Peers(Protocol):
-    """Where gossip nodes run and how their messages cross the graph's edges."""
+    """Where gossip nodes run and how their messages cross the graph's edges. A placement
+    that subclasses it keeps the defaults of what it does not need (every node here: nothing
+    to start, gather or report)."""
 
     holds_every_node: bool  # this process holds every node's state (network model, consensus)
 
-    def open(self, start_round: int) -> None: ...
+    def open(self, start_round: int) -> None:
+        """Before the first round."""
 
-    def close(self) -> list[str]: ...
+    def close(self) -> list[str]:
+        """After the last round or a failure; the summary's notes about the placement."""
+        return []
 
     def initial(self) -> None:
         """Before round 0's record."""
@@ -111,11 +116,11 @@ class Peers(Protocol):
         round_index: int,
     ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
         """Every node's trained message (where it can be had) and local result, for the record."""
-        ...
+        return messages, results
 
     def node_metrics(self) -> list[dict[str, float]] | None:
         """Every node's own-model metrics where other processes evaluate them, else None."""
-        ...
+        return None
 
 
 class GossipRound:
@@ -341,7 +346,7 @@ class GossipRound:
         ]
 
 
-class LocalPeers:
+class LocalPeers(Peers):
     """Every node in this process; their local steps here, in turn, or on a pool of forked
     workers (``compute.workers``), the same numbers either way."""
 
@@ -357,9 +362,6 @@ class LocalPeers:
 
     def close(self) -> list[str]:
         return self.pool.close() if self.pool is not None else []
-
-    def initial(self) -> None:
-        """Nothing to collect: every node is here."""
 
     def local_nodes(self) -> list[int]:
         return list(range(len(self.runtime.exp.clients)))
@@ -397,15 +399,3 @@ class LocalPeers:
                 except MessageError:
                     continue
         return received
-
-    def gather(
-        self,
-        round_: GossipRound,
-        messages: dict[int, TensorDict],
-        results: dict[int, LocalResult],
-        round_index: int,
-    ) -> tuple[dict[int, TensorDict], dict[int, LocalResult]]:
-        return messages, results
-
-    def node_metrics(self) -> list[dict[str, float]] | None:
-        return None

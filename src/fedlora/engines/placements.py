@@ -37,7 +37,8 @@ def local_loop(
     workers = workers if pooled else 1
     engine = experiment.method.engine
     if engine == "simulation":
-        hosts = PoolHosts(runtime, workers, threads) if workers > 1 else LocalHosts(runtime)
+        pooled = workers > 1
+        hosts = PoolHosts(Pool(runtime, workers, threads)) if pooled else LocalHosts(runtime)
         round_: ServerRound | GossipRound | SplitRound = ServerRound(experiment, runtime, hosts)
     elif engine == "gossip":
         pool = Pool(runtime, workers, threads) if workers > 1 else None

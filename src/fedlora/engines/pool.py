@@ -38,6 +38,7 @@ from fedlora.engines.client import (
     state_bytes,
     state_from_bytes,
 )
+from fedlora.engines.server_round import Hosts
 from fedlora.tensors import TensorDict
 
 ANSWER, PEER = "answer", "peer"  # a server's client answering a download; a gossip node
@@ -199,20 +200,20 @@ class Pool:
         return answer
 
 
-class PoolHosts(Pool):
-    """A server's clients on the pool (``fedlora.engines.server_round.Hosts``)."""
+class PoolHosts(Hosts):
+    """A server's clients on the pool; every answer brings its client's state back here."""
 
-    def initial(self) -> None:
-        """Nothing to collect: the state is here."""
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def open(self, start_round: int) -> None:
+        self.pool.open(start_round)
+
+    def close(self) -> list[str]:
+        return self.pool.close()
 
     def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
-        self.submit(downloads, offset, round_index, ANSWER)
+        self.pool.submit(downloads, offset, round_index, ANSWER)
 
     def answer(self, client: int, round_index: int) -> tuple[bytes, dict]:
-        return self.result(client)
-
-    def close_round(self, sampled: list[int], round_index: int) -> None:
-        """Every answer brought its client's state back."""
-
-    def client_metrics(self) -> list[dict[str, float]] | None:
-        return None
+        return self.pool.result(client)

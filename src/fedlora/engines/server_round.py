@@ -53,14 +53,15 @@ def sample_clients(
 class Hosts(Protocol):
     """Where a server's clients run and how their bytes travel: the placement of a server
     round. A download is the channel's bytes; an answer is the client runtime's
-    (``ClientRuntime.answer``: the reply's bytes and a report)."""
+    (``ClientRuntime.answer``: the reply's bytes and a report). A placement that subclasses it
+    keeps the defaults of what it does not need (nothing to start, to collect, to report)."""
 
     def open(self, start_round: int) -> None:
         """Before the first round (start workers, tell hosts where the run starts)."""
 
     def close(self) -> list[str]:
         """After the last round or a failure; the summary's notes about the placement."""
-        ...
+        return []
 
     def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
         """Start every sampled client's download on its way, with the merged base offset every
@@ -79,7 +80,7 @@ class Hosts(Protocol):
     def client_metrics(self) -> list[dict[str, float]] | None:
         """Every client's own-model metrics, in client order, where the hosts evaluate them
         (they hold the models); None where this process holds every client's state."""
-        ...
+        return None
 
 
 class ServerRound:
@@ -366,30 +367,15 @@ class ServerRound:
         return record
 
 
-class LocalHosts:
+class LocalHosts(Hosts):
     """Every client in the server's process, in turn: the default placement."""
 
     def __init__(self, runtime: ClientRuntime) -> None:
         self.runtime = runtime
         self.downloads: dict[int, bytes] = {}
 
-    def open(self, start_round: int) -> None:
-        """Nothing to start."""
-
-    def close(self) -> list[str]:
-        return []
-
-    def initial(self) -> None:
-        """Nothing to collect."""
-
     def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
         self.downloads = downloads  # the base offset is already this process's base
 
     def answer(self, client: int, round_index: int) -> tuple[bytes, dict]:
         return self.runtime.answer(client, self.downloads.pop(client), round_index)
-
-    def close_round(self, sampled: list[int], round_index: int) -> None:
-        """Nothing comes back: the state is here."""
-
-    def client_metrics(self) -> list[dict[str, float]] | None:
-        return None

@@ -22,6 +22,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from rich.console import Console
 
 from fedlora.channel import encode, human_bytes
+from fedlora.engines.server_round import Hosts
 from fedlora.experiment import Experiment
 from fedlora.flower.protocol import RECORD, Hosting
 from fedlora.tensors import TensorDict
@@ -38,8 +39,8 @@ class FlowerError(RuntimeError):
     """The deployment cannot run: a partition never connected, or nodes disagree about it."""
 
 
-class FlowerHosts:
-    """A server's clients on the SuperNodes (``fedlora.engines.server_round.Hosts``)."""
+class FlowerHosts(Hosts):
+    """A server's clients on the SuperNodes; they keep their clients' state."""
 
     def __init__(
         self,
@@ -159,12 +160,6 @@ class FlowerHosts:
             return self.replies[client]
         why = f"no reply from SuperNode {self.owner(client)} within {self.reply_timeout:g} s"
         return b"", {"outcome": None, "reason": why}
-
-    def close_round(self, sampled: list[int], round_index: int) -> None:
-        """The nodes keep their clients' state."""
-
-    def initial(self) -> None:
-        """The nodes' own models are evaluated on request (``client_metrics``)."""
 
     # -- evaluation of the clients' own models, on their nodes ---------------------------------
     def client_metrics(self) -> list[dict[str, float]] | None:
