@@ -19,6 +19,7 @@ come back here as the hosts' bytes, unread by the server (outside the ledger).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +37,7 @@ from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
 from fedlora.privacy.secure_round import SecureAggregation, SecureMean
 from fedlora.streaming import RunningMean
 from fedlora.tensors import TensorDict
-from fedlora.training import deadline_steps, derived_seed
+from fedlora.training import LocalResult, deadline_steps, derived_seed
 
 
 def sample_clients(
@@ -194,7 +195,9 @@ class ServerRound:
         record.update(self._reliability(round_index, replies, aggregated))
         return record
 
-    def _train_clients(self, sampled: list[int], round_index: int):
+    def _train_clients(
+        self, sampled: list[int], round_index: int
+    ) -> Iterator[tuple[int, TensorDict | None, LocalResult | None]]:
         """(client, reply as the server accepted it, local result), client by client in order;
         None for a reply that never came or that the server refused (``absent`` says why)."""
         method = self.exp.method
