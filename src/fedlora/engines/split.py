@@ -216,11 +216,7 @@ class SplitRound:
 
     # -- evaluation: each user's own adapter ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        return summarize_clients([self.client_metrics(u.index) for u in self.users])
-
-    def client_metrics(self, client: int) -> dict[str, float]:
-        """The user's adapter; before its first round (round 0), the common initial one."""
-        return self.exp.evaluator.evaluate(self.method.own_model(client, self.stores[client]))
+        return summarize_clients([self.runtime.metrics(u.index) for u in self.users])
 
     # -- one block of steps per user -----------------------------------------------------------
     def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:

@@ -27,7 +27,6 @@ from fedlora.flower.protocol import (
     REPLY_TIMEOUT,
     RUN_KEY,
     STATE_DIR,
-    Hosting,
     hosting,
 )
 
@@ -45,9 +44,9 @@ def query(message: Message, context: Context) -> Message:
     return reply(message, {"hosting": json.dumps(vars(hosted))})
 
 
-def hosted(context: Context, clients: list[int]) -> tuple[Hosting, Path, Path]:
-    """The node's partition, its state directory and the run's directory in it, refused when
-    a client is not this node's to serve."""
+def hosted(context: Context, clients: list[int]) -> tuple[Path, Path]:
+    """The node's state directory and the run's directory in it, refused when a client is not
+    this node's to serve."""
     partition = hosting(dict(context.node_config))
     foreign = [c for c in clients if not partition.hosts(c)]
     if foreign:
@@ -57,14 +56,14 @@ def hosted(context: Context, clients: list[int]) -> tuple[Hosting, Path, Path]:
     state_dir = context.node_config.get(STATE_DIR)
     root = node_state.node_root(str(state_dir) if state_dir else None, partition.partition)
     key = context.run_config.get(RUN_KEY) or str(context.run_id)  # apps made before run keys
-    return partition, root, root / f"run-{key}"
+    return root, root / f"run-{key}"
 
 
 def work(context: Context, request: dict, payload: bytes, offset: bytes) -> tuple[dict, bytes]:
     """The node's answer to ``request``: from its warm runtime, else worked out here."""
     text = str(context.run_config[CONFIG_TEXT])
     clients = request.get("clients", [request.get("client")])
-    _, root, directory = hosted(context, clients)
+    root, directory = hosted(context, clients)
     request = {**request, "directory": str(directory)}
     timeout = float(context.run_config.get(REPLY_TIMEOUT, 600))
     try:

@@ -35,6 +35,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,13 +258,13 @@ def ask(
     return answer, reply
 
 
-def wait_for(root: Path, process_alive: object, timeout: float = 120) -> None:
+def wait_for(root: Path, process_alive: Callable[[], bool], timeout: float = 120) -> None:
     """Until the runtime at ``root`` listens (``process_alive()`` false: it died)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (root / SOCKET).exists() and (root / SECRET).exists():
             return
-        if callable(process_alive) and not process_alive():
+        if not process_alive():
             raise RuntimeError(f"the fedlora runtime for {root} exited before it listened")
         time.sleep(0.1)
     raise TimeoutError(f"no fedlora runtime at {root / SOCKET} after {timeout:g} s")
