@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -83,11 +82,6 @@ def assert_same_run(run: Path, ref: Path) -> None:
     assert files <= {p.name for p in run.iterdir()}, "a simulation run's file is missing"
 
 
-@pytest.fixture(scope="module")
-def fedit_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return reference("fedit.toml", tmp_path_factory.mktemp("reference") / "fedit", *TWO_CLIENTS)
-
-
 def assert_completed(result: subprocess.CompletedProcess, run: Path, rounds: int) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     status = json.loads((run / STATUS_FILE).read_text())
@@ -103,39 +97,41 @@ def deployed_on_two_nodes(config: str, tmp_path: Path, *overrides: str) -> Path:
         fed.node(0, 2)
         fed.node(1, 2)
         result = flower_run(app, fed.env)
+        assert_warm(fed)
     assert_completed(result, run, 2)
-    for node in ("node0", "node1"):  # every message went through the node's warm runtime
-        assert "fedlora node runtime listening" in fed.log(node)
-        assert COLD not in fed.log(node), fed.log(node)
     return run
 
 
 COLD = "working in this process"  # what a ClientApp logs when no runtime answers
 
 
-def test_fedit_on_a_superlink_and_two_supernodes_equals_the_simulation(
-    tmp_path: Path, fedit_reference: Path
-) -> None:
-    run = deployed_on_two_nodes("fedit.toml", tmp_path)
-    assert_same_run(run, fedit_reference)
-    # Flower's bytes hold the ledger's (the tensors' safetensors bytes) plus its own framing
-    # of each message (metadata, record names, the JSON report): a little more, never less.
+def assert_warm(fed, nodes: tuple[str, ...] = ("node0", "node1")) -> None:
+    """Every message to ``nodes`` went through the node's warm runtime."""
+    for node in nodes:
+        assert "fedlora node runtime listening" in fed.log(node)
+        assert COLD not in fed.log(node), fed.log(node)
+
+
+def assert_flower_bytes_hold_the_ledgers(run: Path, messages: int) -> None:
+    """Flower's bytes hold the ledger's (the tensors' safetensors bytes) plus its own framing
+    of each message (metadata, record names, the JSON report): a little more, never less."""
     flower = json.loads((run / STATUS_FILE).read_text())["flower_bytes"]["train"]
     rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     down = sum(r["bytes"] for r in rows if r["sender"] == "server")
     up = sum(r["bytes"] for r in rows if r["receiver"] == "server")
-    assert flower["messages"] == 4  # 2 rounds x 2 clients
+    assert flower["messages"] == messages
     assert down < flower["down"] < down + 2048 * flower["messages"], (flower, down)
     assert up < flower["up"] < up + 2048 * flower["messages"], (flower, up)
 
 
-def test_tls_and_node_authentication_refuse_an_unregistered_supernode(
-    tmp_path: Path, fedit_reference: Path
+def test_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation(
+    tmp_path: Path,
 ) -> None:
     """Everything over TLS (a CA and a server certificate made here), SuperNodes authenticated
     by keys registered with the SuperLink; a third SuperNode with an unregistered key claims
     partition 1 as well. Had it been let in, the ServerApp would stop on two nodes hosting one
-    partition; it is refused, and the run equals the simulation."""
+    partition; it is refused, and the run equals the simulation bit for bit, every message
+    through the nodes' warm runtimes, Flower's byte counts holding the ledger's."""
     tls = make_tls(tmp_path / "tls")
     keys = {name: make_node_key(tmp_path / "keys", name) for name in ("node0", "node1", "intruder")}
     app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS)
@@ -149,9 +145,11 @@ def test_tls_and_node_authentication_refuse_an_unregistered_supernode(
         refused = intruder.wait(120)  # it exits by itself, refused at activation
         result = flower_run(app, fed.env)
         listed = fed.flwr("supernode", "ls", "--format", "json")
+        assert_warm(fed)
     assert refused != 0 and "Failed to activate SuperNode" in fed.log("node1-intruder")
     assert_completed(result, run, 2)
-    assert_same_run(run, fedit_reference)
+    assert_same_run(run, reference("fedit.toml", tmp_path / "ref", *TWO_CLIENTS))
+    assert_flower_bytes_hold_the_ledgers(run, messages=4)  # 2 rounds x 2 clients
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)["nodes"]) == 2, listed.stdout
 
@@ -168,79 +166,6 @@ def test_methods_outside_a_server_round_are_refused_naming_their_engines(tmp_pat
 def test_flower_run_refuses_a_directory_that_is_not_an_app(tmp_path: Path) -> None:
     code, output = run_cli("flower-run", str(tmp_path))
     assert code == 2 and "fedlora flower-app" in output and "Traceback" not in output
-
-
-def test_fedsa_evaluates_each_client_on_its_node_and_equals_the_simulation(
-    tmp_path: Path,
-) -> None:
-    """FedSA-LoRA's clients keep their own B and head on their SuperNodes: each evaluation
-    round the server asks the nodes for their clients' metrics, and their means, spreads and
-    minima equal the in-process run's; each node exports its own clients' adapters, equal to
-    the in-process run's, and the server's run directory has no client model."""
-    evaluations = ["--set", "eval.every=2"]  # round 0 and round 2: two ClientApp starts fewer
-    run = deployed_on_two_nodes("fedsa.toml", tmp_path, *evaluations)
-    ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS, *evaluations)
-    assert timeless_metrics(run) == timeless_metrics(ref)
-    assert "accuracy_std" in trained(read_metrics(run))[-1]
-    assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
-    assert not (run / "adapters").exists(), "a client's model reached the server"
-    for client in (0, 1):
-        node = tmp_path / "flower" / f"node{client}" / f"run-{run_key(run)}"
-        ours = load_file(node / "adapters" / f"client_{client}" / "adapter_model.safetensors")
-        theirs = load_file(ref / "adapters" / f"client_{client}" / "adapter_model.safetensors")
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-
-
-def test_flora_trains_on_the_moved_base_on_every_node_and_equals_the_simulation(
-    tmp_path: Path,
-) -> None:
-    """FLoRA merges each round's stacked update into the frozen base: round 2's clients train
-    on W0 + the merged offset, which reaches each node with its download; a node that trained
-    on W0 would give a different round-2 loss, adapter and metrics."""
-    run = deployed_on_two_nodes("flora.toml", tmp_path)
-    assert_same_run(run, reference("flora.toml", tmp_path / "ref", *TWO_CLIENTS))
-
-
-def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishes(
-    tmp_path: Path,
-) -> None:
-    """SuperNode 1 is killed (SIGKILL, its ClientApp too) as soon as round 1 is recorded, while
-    round 2 is under way. Flower answers for it once its heartbeats stop; rounds 2 and 3
-    aggregate client 0 alone, record client 1 absent with the reason, and the run completes."""
-    rounds = ["--set", "experiment.rounds=3"]
-    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds, "--reply-timeout", "300")
-    with federation(tmp_path / "flower") as fed:
-        fed.node(0, 2)
-        victim = fed.node(1, 2)
-        command = [sys.executable, "-m", "fedlora", "flower-run", str(app)]
-        launched = fed.start("flower-run", command)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        metrics = run / "metrics.jsonl"
-        while not (metrics.is_file() and '"round": 1,' in metrics.read_text()):
-            assert launched.poll() is None and time.monotonic() < deadline, fed.log("flower-run")
-            time.sleep(0.5)
-        os.killpg(victim.pid, signal.SIGKILL)
-        code = launched.wait(max(1.0, deadline - time.monotonic()))
-    assert code == 0, fed.log("flower-run")
-    records = [r for r in read_metrics(run) if r["round"] >= 1]  # not the initial model's
-    assert [r["round"] for r in records] == [1, 2, 3]
-    assert "absent" not in records[0]
-    for record in records[1:]:
-        assert record["aggregated"] == [0]
-        assert list(record["absent"]) == ["1"]
-        assert "SuperNode" in record["absent"]["1"]
-    assert "## Reliability" in (run / "summary.md").read_text()
-
-
-def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path: Path) -> None:
-    """FlexLoRA's clients (ranks 4 and 8 here) each get the global update truncated to their
-    own rank, so the two downloads differ in size; the run still equals the simulation."""
-    run = deployed_on_two_nodes("flexlora.toml", tmp_path)
-    assert_same_run(run, reference("flexlora.toml", tmp_path / "ref", *TWO_CLIENTS))
-    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
-    down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}
-    assert len(down) == 2 and down["client0"] != down["client1"], down
 
 
 def wait_for_round(fed, run: Path, launched: subprocess.Popen, round_number: int) -> None:
@@ -266,32 +191,29 @@ def running_on_two_nodes(fed, app: Path, run: Path) -> subprocess.Popen:
     return launched
 
 
-def test_a_node_whose_runtime_dies_works_cold_and_the_run_equals_the_simulation(
+def assert_node_adapters_equal(tmp_path: Path, run: Path, ref: Path) -> None:
+    """Each node exported its own client's adapter, equal to the in-process run's, and the
+    server's run directory has no client model."""
+    assert not (run / "adapters").exists(), "a client's model reached the server"
+    for client in (0, 1):
+        node = tmp_path / "flower" / f"node{client}" / f"run-{run_key(run)}"
+        ours = load_file(node / "adapters" / f"client_{client}" / "adapter_model.safetensors")
+        theirs = load_file(ref / "adapters" / f"client_{client}" / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_fedsa_on_the_nodes_survives_a_killed_server_app_and_equals_the_simulation(
     tmp_path: Path,
 ) -> None:
-    """Node 1's warm runtime is killed (SIGKILL) once round 1 is recorded: its ClientApps say so
-    in the node's log and build the experiment themselves, reading the same state files, so
-    the run completes and still equals the in-process run bit for bit."""
-    rounds = ["--set", "experiment.rounds=3"]
-    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds)
-    with federation(tmp_path / "flower") as fed:
-        launched = running_on_two_nodes(fed, app, run)
-        (runtime,) = pids(f"flower-runtime --state-dir {tmp_path / 'flower' / 'node1'}")
-        os.kill(runtime, signal.SIGKILL)
-        code = launched.wait(RUN_TIMEOUT)
-        assert code == 0, fed.log("flower-run")
-        assert COLD in fed.log("node1") and COLD not in fed.log("node0")
-    assert_same_run(run, reference("fedit.toml", tmp_path / "ref", *TWO_CLIENTS, *rounds))
-
-
-def test_a_killed_server_app_resumes_and_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    """FedSA-LoRA (its clients' B and heads live on the nodes): the ServerApp and the command
+    """FedSA-LoRA's clients keep their own B and head on their SuperNodes; each evaluation
+    round the server asks the nodes for their clients' metrics. The ServerApp and the command
     that started it are killed (SIGKILL) once round 1 is recorded. A plain ``flower-run`` of
     the app is refused, naming ``--resume``; ``--resume`` continues from the server's
     checkpoint on the same nodes, whose clients' state is kept under the run's key (a new
     Flower run id) and versioned by round, so a round the killed ServerApp had begun is
-    replayed from the state before it. The run equals the in-process
-    run bit for bit."""
+    replayed from the state before it. Metrics (their means, spreads and minima over the
+    clients), ledger and each node's exported adapters equal the in-process run's bit for bit."""
     rounds = ["--set", "experiment.rounds=2", "--set", "eval.every=2"]  # evaluated at 0 and 2
     app, run = make_app("fedsa.toml", tmp_path, *TWO_CLIENTS, *rounds)
     with federation(tmp_path / "flower") as fed:
@@ -307,7 +229,65 @@ def test_a_killed_server_app_resumes_and_equals_the_uninterrupted_run(tmp_path: 
             [sys.executable, "-m", "fedlora", "flower-run", str(app), "--resume"],
             env=fed.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
         )  # fmt: skip
+        assert_warm(fed)
     assert_completed(resumed, run, 2)
     ref = reference("fedsa.toml", tmp_path / "ref", *TWO_CLIENTS, *rounds)
     assert timeless_metrics(run) == timeless_metrics(ref)
+    assert "accuracy_std" in trained(read_metrics(run))[-1]
     assert (run / "ledger.jsonl").read_text() == (ref / "ledger.jsonl").read_text()
+    assert_node_adapters_equal(tmp_path, run, ref)
+
+
+def test_flora_on_a_node_whose_runtime_dies_works_cold_and_equals_the_simulation(
+    tmp_path: Path,
+) -> None:
+    """FLoRA merges each round's stacked update into the frozen base: round 2's clients train
+    on W0 + the merged offset, which reaches each node with its download. Node 1's warm runtime
+    is killed (SIGKILL) once round 1 is recorded: its later ClientApps say so in the node's
+    log and build the experiment themselves, reading the moved base from the node's state files.
+    A node that trained on W0 would give a different round-2 loss, adapter and metrics; the run
+    equals the in-process run bit for bit."""
+    rounds = ["--set", "experiment.rounds=3"]  # round 3 is cold even if round 2 began warm
+    app, run = make_app("flora.toml", tmp_path, *TWO_CLIENTS, *rounds)
+    with federation(tmp_path / "flower") as fed:
+        launched = running_on_two_nodes(fed, app, run)
+        (runtime,) = pids(f"flower-runtime --state-dir {tmp_path / 'flower' / 'node1'}")
+        os.kill(runtime, signal.SIGKILL)
+        code = launched.wait(RUN_TIMEOUT)
+        assert code == 0, fed.log("flower-run")
+        assert COLD in fed.log("node1")
+        assert_warm(fed, ("node0",))
+    assert_same_run(run, reference("flora.toml", tmp_path / "ref", *TWO_CLIENTS, *rounds))
+
+
+def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path: Path) -> None:
+    """FlexLoRA's clients (ranks 4 and 8 here) each get the global update truncated to their
+    own rank, so the two downloads differ in size; the run still equals the simulation."""
+    run = deployed_on_two_nodes("flexlora.toml", tmp_path)
+    assert_same_run(run, reference("flexlora.toml", tmp_path / "ref", *TWO_CLIENTS))
+    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}
+    assert len(down) == 2 and down["client0"] != down["client1"], down
+
+
+def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishes(
+    tmp_path: Path,
+) -> None:
+    """SuperNode 1 is killed (SIGKILL, its ClientApp too) as soon as round 1 is recorded, while
+    round 2 is under way. Flower answers for it once its heartbeats stop; rounds 2 and 3
+    aggregate client 0 alone, record client 1 absent with the reason, and the run completes."""
+    rounds = ["--set", "experiment.rounds=3"]
+    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS, *rounds, "--reply-timeout", "300")
+    with federation(tmp_path / "flower") as fed:
+        launched = running_on_two_nodes(fed, app, run)
+        os.killpg(fed.nodes[1].pid, signal.SIGKILL)
+        code = launched.wait(RUN_TIMEOUT)
+    assert code == 0, fed.log("flower-run")
+    records = [r for r in read_metrics(run) if r["round"] >= 1]  # not the initial model's
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert "absent" not in records[0]
+    for record in records[1:]:
+        assert record["aggregated"] == [0]
+        assert list(record["absent"]) == ["1"]
+        assert "SuperNode" in record["absent"]["1"]
+    assert "## Reliability" in (run / "summary.md").read_text()
