@@ -112,29 +112,34 @@ def assert_warm(fed, nodes: tuple[str, ...] = ("node0", "node1")) -> None:
         assert COLD not in fed.log(node), fed.log(node)
 
 
-def assert_flower_bytes_hold_the_ledgers(run: Path, messages: int) -> None:
-    """Flower's bytes hold the ledger's (the tensors' safetensors bytes) plus its own framing
-    of each message (metadata, record names, the JSON report): a little more, never less."""
-    flower = json.loads((run / STATUS_FILE).read_text())["flower_bytes"]["train"]
-    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
-    down = sum(r["bytes"] for r in rows if r["sender"] == "server")
-    up = sum(r["bytes"] for r in rows if r["receiver"] == "server")
-    assert flower["messages"] == messages
-    assert down < flower["down"] < down + 2048 * flower["messages"], (flower, down)
-    assert up < flower["up"] < up + 2048 * flower["messages"], (flower, up)
+# Secure aggregation among 3 clients on the 2 nodes (node 0 hosts clients 0 and 2), threshold 2.
+# Seed 1 with these rates (a pure function of the seed): in round 1 client 0 drops after
+# ShareKeys (its masks are recovered), in round 2 client 1 vanishes after its masked input (its
+# input is recovered from the others' shares).
+SECURE = [
+    "partition.num_clients=3",
+    "privacy.secure_aggregation=true",
+    "privacy.threshold=2",
+    "experiment.seed=1",
+    "federation.dropout=0.2",
+    "federation.dropout_after_masking=0.2",
+]
 
 
-def test_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation(
+def test_secure_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation(
     tmp_path: Path,
 ) -> None:
     """Everything over TLS (a CA and a server certificate made here), SuperNodes authenticated
     by keys registered with the SuperLink; a third SuperNode with an unregistered key claims
     partition 1 as well. Had it been let in, the ServerApp would stop on two nodes hosting one
-    partition; it is refused, and the run equals the simulation bit for bit, every message
-    through the nodes' warm runtimes, Flower's byte counts holding the ledger's."""
+    partition; it is refused. The run aggregates securely: each node's warm runtime keeps its
+    clients' replies and answers the masking protocol's steps; no reply reaches the server
+    (Flower's train replies carry reports only), the drops are recovered, and the run equals
+    the in-process secure run bit for bit."""
     tls = make_tls(tmp_path / "tls")
     keys = {name: make_node_key(tmp_path / "keys", name) for name in ("node0", "node1", "intruder")}
-    app, run = make_app("fedit.toml", tmp_path, *TWO_CLIENTS)
+    secure = [part for value in SECURE for part in ("--set", value)]
+    app, run = make_app("fedit.toml", tmp_path, *secure)
     with federation(tmp_path / "flower", tls=tls, auth=True) as fed:
         for name in ("node0", "node1"):
             registered = fed.flwr("supernode", "register", str(keys[name][1]))
@@ -147,11 +152,31 @@ def test_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation(
         listed = fed.flwr("supernode", "ls", "--format", "json")
         assert_warm(fed)
     assert refused != 0 and "Failed to activate SuperNode" in fed.log("node1-intruder")
-    assert_completed(result, run, 2)
-    assert_same_run(run, reference("fedit.toml", tmp_path / "ref", *TWO_CLIENTS))
-    assert_flower_bytes_hold_the_ledgers(run, messages=4)  # 2 rounds x 2 clients
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)["nodes"]) == 2, listed.stdout
+    assert_completed(result, run, 2)
+    assert_same_run(run, reference("fedit.toml", tmp_path / "ref", *secure))
+    records = {r["round"]: r for r in read_metrics(run)}
+    assert records[1]["absent"] == {"0": "dropout"} and "skipped" not in records[1]
+    assert records[2]["left_after_masking"] == [1] and "skipped" not in records[2]
+
+    # Flower's bytes hold the ledger's (the tensors' safetensors bytes) plus its own framing of
+    # each message (metadata, record names, JSON): a little more, never less. Train replies
+    # carry a report and no reply bytes; the uploads are the protocol's messages only.
+    flower = json.loads((run / STATUS_FILE).read_text())["flower_bytes"]
+    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    downloads = sum(r["bytes"] for r in rows if r["sender"] == "server" and "kind" not in r)
+    protocol_down = sum(r["bytes"] for r in rows if r["sender"] == "server" and "kind" in r)
+    protocol_up = sum(r["bytes"] for r in rows if r["receiver"] == "server")
+    assert {r["kind"] for r in rows if r["receiver"] == "server"} <= {
+        "secagg.advertise_keys", "secagg.share_keys", "secagg.masked_input", "secagg.unmasking"
+    }  # fmt: skip
+    train, steps = flower["train"], flower["query.secagg"]
+    assert train["messages"] == 6  # 2 rounds x 3 clients, the dropout's download too
+    assert downloads < train["down"] < downloads + 2048 * train["messages"], (train, downloads)
+    assert train["up"] < 2048 * train["messages"], train
+    assert protocol_down < steps["down"] < protocol_down + 4096 * steps["messages"]
+    assert protocol_up < steps["up"] < protocol_up + 4096 * steps["messages"]
 
 
 def test_methods_outside_a_server_round_are_refused_naming_their_engines(tmp_path: Path) -> None:
@@ -268,6 +293,14 @@ def test_flexlora_with_clients_of_different_ranks_equals_the_simulation(tmp_path
     rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     down = {r["receiver"]: r["bytes"] for r in rows if r["round"] == 0 and r["sender"] == "server"}
     assert len(down) == 2 and down["client0"] != down["client1"], down
+    # Flower's bytes hold the ledger's (the tensors' safetensors bytes) plus its own framing of
+    # each message (metadata, record names, the JSON report): a little more, never less.
+    flower = json.loads((run / STATUS_FILE).read_text())["flower_bytes"]["train"]
+    down_total = sum(r["bytes"] for r in rows if r["sender"] == "server")
+    up_total = sum(r["bytes"] for r in rows if r["receiver"] == "server")
+    assert flower["messages"] == 4  # 2 rounds x 2 clients
+    assert down_total < flower["down"] < down_total + 2048 * flower["messages"], flower
+    assert up_total < flower["up"] < up_total + 2048 * flower["messages"], flower
 
 
 def test_a_supernode_killed_mid_run_leaves_its_client_absent_and_the_run_finishes(

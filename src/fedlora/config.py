@@ -241,6 +241,13 @@ class FederationConfig(Section):
         lt=1,
         description="probability that a sampled client fails to reply in a round (seeded)",
     )
+    dropout_after_masking: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="under secure aggregation: probability that a client vanishes after sending "
+        "its masked input, before the unmasking (seeded; the others' shares recover it)",
+    )
     min_replies: int = Field(
         1,
         ge=1,

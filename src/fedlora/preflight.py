@@ -117,6 +117,12 @@ def check_secure_aggregation(config: Config) -> None:
     method's server step must need nothing else, the aggregator must be the plain mean, and a
     round must have at least two clients and at least ``privacy.threshold``."""
     if not config.privacy.secure_aggregation:
+        if config.federation.dropout_after_masking > 0:
+            raise ConfigError(
+                "federation.dropout_after_masking drops clients between two steps of secure "
+                "aggregation's protocol; set privacy.secure_aggregation = true, or use "
+                "federation.dropout"
+            )
         return
     name, cls = config.method.name, method_class(config.method.name)
     prefix = f"privacy.secure_aggregation: method {name!r}"

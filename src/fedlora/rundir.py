@@ -154,7 +154,8 @@ def reliability_lines(result: RunResult) -> list[str]:
     ]
     skipped = [m["round"] for m in result.metrics if m.get("skipped")]
     rejected = result.ledger.rejections()
-    if not absent and not skipped and not rejected:
+    left = [(m["round"], c) for m in result.metrics for c in m.get("left_after_masking", [])]
+    if not absent and not skipped and not rejected and not left:
         return []
     lines = [
         "",
@@ -162,11 +163,16 @@ def reliability_lines(result: RunResult) -> list[str]:
         "",
         f"{len(rejected)} messages refused by their receiver, {len(absent)} client replies "
         f"missing (dropouts, stragglers, refused messages), {len(skipped)} rounds skipped "
-        f"(fewer accepted replies than federation.min_replies)"
+        f"(fewer accepted replies than federation.min_replies, or a secure sum that failed)"
         + (f": rounds {', '.join(map(str, skipped))}" if skipped else ""),
         "",
     ]
     lines += [f"- round {r}: client {c}: {why}" for r, c, why in absent[:50]]
+    lines += [
+        f"- round {r}: client {c} vanished after its masked input (its input is in the sum, "
+        "recovered from the others' shares)"
+        for r, c in left[:50]
+    ]
     return lines
 
 

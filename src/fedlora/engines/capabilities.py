@@ -30,9 +30,9 @@ PLACEMENTS = {
     ),
     "pool": Capabilities(frozenset({"simulation", "gossip"}), True, "compute.workers > 1"),
     "distributed": Capabilities(
-        frozenset({"simulation", "gossip", "split"}), False, "--engine distributed --nproc N"
+        frozenset({"simulation", "gossip", "split"}), True, "--engine distributed --nproc N"
     ),
-    "flower": Capabilities(frozenset({"simulation"}), False, "fedlora flower-app"),
+    "flower": Capabilities(frozenset({"simulation"}), True, "fedlora flower-app"),
 }
 
 

@@ -12,7 +12,9 @@ no instructions beyond the messages themselves. Bytes cross as point-to-point fr
 
 - Server rounds (``RankHosts``): rank 0 sends each sampled client's download to the rank hosting
   it, with the merged base offset (FLoRA), and receives the answer; it keeps the ledger in the
-  in-process order, so byte counts and ledger files are the same.
+  in-process order, so byte counts and ledger files are the same. Under secure aggregation a
+  rank keeps its clients' replies and answers only the masking protocol's messages, which rank
+  0 sends it step by step (``fedlora.engines.masking``), after the round's report.
 - Gossip (``RankPeers``): a node's message to a neighbour on another rank goes through the
   channel and over point-to-point; mixing is the round's own code. Rank 0 records every rank's
   transfers in edge order.
@@ -36,6 +38,7 @@ What crosses after a round is the mode's (``RankParty``), the round itself is th
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch.distributed as dist
 from rich.progress import Progress
 
-from fedlora.channel import Ledger, MessageError, Transfer
+from fedlora.channel import Ledger, MessageError, Transfer, decode
 from fedlora.checkpoint import FILE as CHECKPOINT
 from fedlora.checkpoint import (
     Checkpoint,
@@ -61,6 +64,7 @@ from fedlora.engines.layout import (
     rank_dir,
 )
 from fedlora.engines.loop import CentralKeeper, RunLoop
+from fedlora.engines.masking import END, KINDS, Answers, MaskingClients, host_report
 from fedlora.engines.server_round import ServerRound
 from fedlora.engines.transport import (
     ProtocolError,
@@ -329,12 +333,61 @@ class RankHosts(RankPlacement):
             return None
         return self.party.per_client_metrics(self.runtime)
 
+    def masking(self) -> RankHosts:
+        """The workers keep their clients' replies: the protocol goes to them."""
+        return self
+
+    # -- secure aggregation's carrier (``fedlora.engines.masking.Carrier``) --------------------
+    def step(self, kind: str, payloads: dict[int, bytes], round_index: int) -> Answers:
+        """Every worker gets the step's header (its clients in it, maybe none) and their
+        messages at once; then each worker's answers, in client order."""
+        owner, sends = self.party.placement.owner, Sends()
+        for peer in self.party.placement.workers():
+            clients = [c for c in payloads if owner(c) == peer]
+            sends.bytes(json.dumps({"kind": kind, "clients": clients}).encode(), peer)
+            for client in clients:
+                sends.bytes(payloads[client], peer)
+        answers = {}
+        for client in payloads:
+            answer, report = recv_bytes(owner(client)), recv_json(owner(client))
+            try:
+                answers[client] = answer, host_report(report)
+            except ValueError as error:
+                raise ProtocolError(f"rank {owner(client)}, client {client}: {error}") from None
+        sends.wait()
+        return answers
+
+    def end(self, round_index: int) -> None:
+        for peer in self.party.placement.workers():
+            send_json({"kind": END}, peer)
+
+
+def serve_masking(masking: MaskingClients, party: RankParty, round_index: int) -> None:
+    """A worker's end of a round's secure aggregation: each step's messages for its clients,
+    answered, until rank 0 says the run is over; then its replies are dropped."""
+    while (kind := (header := recv_json(WRITER)).get("kind")) != END:
+        clients = header.get("clients")
+        mine = isinstance(clients, list) and all(c in party.hosted for c in clients)
+        if kind not in KINDS or not mine:
+            raise ProtocolError(
+                f"rank {party.rank}: rank 0 sent a masking step {header} outside the protocol "
+                f"(steps {KINDS}, this rank's clients {party.hosted})"
+            )
+        payloads = [recv_bytes(WRITER) for _ in clients]
+        for client, payload in zip(clients, payloads, strict=True):
+            answer, report = masking.respond(client, round_index, kind, payload)
+            send_bytes(answer, WRITER)
+            send_json(report, WRITER)
+    masking.end()
+
 
 def serve_clients(loop: RunLoop, party: RankParty) -> None:
-    """A worker's whole run of server rounds: its clients' answers to every round."""
+    """A worker's whole run of server rounds: its clients' answers to every round (under
+    secure aggregation, their replies kept here and only the masking protocol answered)."""
     round_ = loop.round
     assert isinstance(round_, ServerRound)
-    runtime = round_.runtime
+    runtime, secure = round_.runtime, round_.secure
+    masking = MaskingClients(loop.exp, secure, round_.round_weights) if secure else None
     start = party.receive_start(loop)
     for round_index in range(start, loop.exp.config.experiment.rounds):
         if loop.budget_stop(round_index):  # rank 0 stops there too
@@ -342,13 +395,19 @@ def serve_clients(loop: RunLoop, party: RankParty) -> None:
         runtime.apply_offset(recv_tensors(WRITER))
         mine = [c for c in round_.sampled(round_index) if party.placement.owner(c) == party.rank]
         for client in mine:
-            reply, report = runtime.answer(client, recv_bytes(WRITER), round_index)
+            download = recv_bytes(WRITER)
+            reply, report = runtime.answer(client, download, round_index)
+            if masking is not None and reply:  # it stays here, for the masking
+                masking.hold(client, decode(reply), decode(download), round_index)
+                reply = b""
             send_bytes(reply, WRITER)
             send_json(report, WRITER)
         if party.observer:
             send_states(WRITER, mine, runtime)
         else:
             party.report(loop, round_index, {})
+        if masking is not None:
+            serve_masking(masking, party, round_index)
     party.export(runtime)
 
 

@@ -11,10 +11,12 @@ went missing and why. The method decides what moves and how it is combined; the 
 branches on which method it runs, only on the method's declared traits, and never on the
 placement.
 
-Under secure aggregation a reply stays with its client, prepared for masking; only its masked
-form travels, through the masking protocol among the clients that got the download
-(``fedlora.privacy.secure_round``). The protocol's parties run in this process, so the replies
-come back here as the hosts' bytes, unread by the server (outside the ledger).
+Under secure aggregation a reply stays with its client; only its masked form travels, through
+the masking protocol among the clients that got the download (``fedlora.engines.masking``). Hosts
+that keep their clients' replies (torch.distributed ranks) carry the protocol to them
+(``Hosts.masking``); where the replies come back to this process (here, the worker pool: one
+machine), the clients' parties run here, and the replies stay unread by the server (outside
+the ledger).
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ from fedlora.channel import Channel, MessageError, Schema, Transfer, decode
 from fedlora.config import round_size
 from fedlora.engines.client import SERVER, ClientRuntime, client_name, from_outcome, missing
 from fedlora.engines.loop import summarize_clients, sync_base, work_record
+from fedlora.engines.masking import (
+    Carrier,
+    ChannelExchange,
+    LocalCarrier,
+    MaskingClients,
+    secure_aggregation,
+)
 from fedlora.experiment import Experiment
 from fedlora.lora import normalized
-from fedlora.privacy.secagg import ChannelWire, SecureAggregationError
-from fedlora.privacy.secure_round import SecureAggregation, SecureMean
+from fedlora.privacy.secagg import SecureAggregationError
+from fedlora.privacy.secure_round import SecureMean
 from fedlora.streaming import RunningMean
 from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, deadline_steps, derived_seed
@@ -49,6 +58,31 @@ def sample_clients(
     count = round_size(num_clients, per_round, fraction)
     rng = np.random.default_rng(derived_seed(seed, round_index, 0xC1))
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def sampled_clients(exp: Experiment, round_index: int) -> list[int]:
+    """A round's clients: a pure function of the config, so every process agrees."""
+    config = exp.config
+    return sample_clients(
+        len(exp.clients),
+        config.federation.clients_per_round,
+        config.federation.fraction,
+        config.experiment.seed,
+        round_index,
+    )
+
+
+def round_weights(exp: Experiment, round_index: int) -> dict[int, float]:
+    """The aggregation weights over all of a round's sampled clients: what secure
+    aggregation's inputs carry, known to every party before the round."""
+    return weights_of(exp, sampled_clients(exp, round_index))
+
+
+def weights_of(exp: Experiment, clients: list[int]) -> dict[int, float]:
+    """Aggregation weights over ``clients``: by data size or uniform, normalised."""
+    by_size = exp.config.federation.weighting == "size"
+    raw = [float(len(exp.clients[c]) if by_size else 1) for c in clients]
+    return dict(zip(clients, normalized(raw), strict=True))
 
 
 class Hosts(Protocol):
@@ -83,25 +117,28 @@ class Hosts(Protocol):
         (they hold the models); None where this process holds every client's state."""
         return None
 
+    def masking(self) -> Carrier | None:
+        """Secure aggregation: how the protocol reaches hosts that keep their clients' replies;
+        None where the replies come back to this process (their parties run here)."""
+        return None
+
 
 class ServerRound:
     def __init__(self, experiment: Experiment, runtime: ClientRuntime, hosts: Hosts) -> None:
         self.exp = experiment
         self.runtime = runtime
         self.hosts = hosts
-        federation, privacy = experiment.config.federation, experiment.config.privacy
-        self.channel = Channel(limit=federation.max_message_bytes)
+        self.channel = Channel(limit=experiment.config.federation.max_message_bytes)
         self.absent: dict[int, str] = {}  # this round's clients that sent no reply, and why
+        self.gone: list[int] = []  # secure aggregation: summed, then vanished before unmasking
         self.reached: list[int] = []  # this round's clients that accepted the download
         self.expected: dict[int, Schema] = {}  # what the server expects of each one's reply
         self.sent: dict[int, TensorDict] = {}  # under secure aggregation: each one's download
         self.skip_reason = ""  # why this round was skipped, if it was
-        size = round_size(
-            len(experiment.clients), federation.clients_per_round, federation.fraction
-        )
-        central = experiment.privacy.central if experiment.privacy else None
-        self.secure = (
-            SecureAggregation(privacy, size, central) if privacy.secure_aggregation else None
+        self.secure = secure_aggregation(experiment)
+        # under secure aggregation, the replies that come back to this process, and their parties
+        self.held_here = (
+            MaskingClients(experiment, self.secure, self.round_weights) if self.secure else None
         )
         if experiment.method.needs_base_weights:
             weights = experiment.slots.model.state_dict()
@@ -133,15 +170,7 @@ class ServerRound:
         return []
 
     def sampled(self, round_index: int) -> list[int]:
-        """This round's clients: a pure function of the config, so every process agrees."""
-        config = self.exp.config
-        return sample_clients(
-            len(self.exp.clients),
-            config.federation.clients_per_round,
-            config.federation.fraction,
-            config.experiment.seed,
-            round_index,
-        )
+        return sampled_clients(self.exp, round_index)
 
     def scheduled(self, round_index: int) -> dict[int, int]:
         """The clients that will run local steps in the round, and how many: a pure function
@@ -172,6 +201,7 @@ class ServerRound:
     def run(self, round_index: int, progress: Progress, task: TaskID) -> dict:
         sampled = self.sampled(round_index)
         self.absent, self.reached, self.expected, self.skip_reason = {}, [], {}, ""
+        self.gone = []
         self.sent = {}
         progress.update(task, total=len(sampled))
         replies: dict[int, TensorDict] = {}  # each accepted reply, or {} once folded
@@ -252,12 +282,16 @@ class ServerRound:
         None if refused (the ledger holds the reason; the round goes on without it). Under
         secure aggregation the reply stays with its client, prepared for masking."""
         method = self.exp.method
+        if self.held_here is not None and not payload:  # the hosts kept it for the masking
+            self.expected[client], self.sent[client] = method.expected_reply(client, sent), sent
+            return {}
         if not method.communicates or not payload:
             return decode(payload) if payload else {}
         expect = method.expected_reply(client, sent)
-        if self.secure is not None:
+        if self.held_here is not None:
             self.expected[client], self.sent[client] = expect, sent
-            return self.secure.prepare(client, decode(payload), sent)
+            self.held_here.hold(client, decode(payload), sent, round_index)
+            return {}  # it stays with its client, for the masking
         try:
             return self.channel.receive(payload, client_name(client), SERVER, round_index, expect)
         except MessageError as error:
@@ -273,7 +307,10 @@ class ServerRound:
 
     def weights(self, clients: list[int]) -> dict[int, float]:
         """Aggregation weights over the clients whose replies were accepted."""
-        return dict(zip(clients, normalized([self.raw_weight(c) for c in clients]), strict=True))
+        return weights_of(self.exp, clients)
+
+    def round_weights(self, round_index: int) -> dict[int, float]:
+        return round_weights(self.exp, round_index)
 
     def streams(self) -> bool:
         """Whether the server folds each reply into a running sum (``fedlora.streaming``): the
@@ -295,38 +332,59 @@ class ServerRound:
         streamed; under secure aggregation, their securely summed mean); with fewer than
         ``federation.min_replies``, or a secure sum that fails, the round is skipped (the global
         state stays). Returns the clients in the aggregate, None if skipped."""
+        if self.secure is not None:
+            return self._secure_aggregate(round_index, replies)
         if self._too_few(len(replies)):
             return None
         if running is not None:
             self.exp.method.aggregate_mean(round_index, running.mean())
             aggregated = sorted(replies)
-        elif self.secure is None:
+        else:
             self.exp.method.aggregate(round_index, replies, self.weights(sorted(replies)))
             aggregated = sorted(replies)
-        else:
-            secure = self._secure_mean(round_index, replies)
-            if secure is None:
-                return None
-            self.exp.method.aggregate_mean(round_index, secure.mean)
-            aggregated = secure.summed
         sync_base(self.exp)
         return aggregated
 
-    def _secure_mean(self, round_index: int, held: dict[int, TensorDict]) -> SecureMean | None:
-        """The weighted mean of the replies the clients hold, through the masking protocol
-        among the clients that got the download (dropouts and stragglers leave it after
-        ShareKeys); None, with the reason, if it fails or sums too few replies."""
+    def _secure_aggregate(self, round_index: int, held: dict[int, TensorDict]) -> list[int] | None:
+        """The method's step on the weighted mean of the replies the clients hold (``held``:
+        who holds one), through the masking protocol among the clients that got the download
+        (dropouts and stragglers leave it after ShareKeys); the clients summed, or None, with
+        the reason, if it fails or sums too few replies. The hosts always hear that the
+        round's run is over, also when it never began."""
+        assert self.secure is not None and self.held_here is not None
+        carrier = self.hosts.masking() or LocalCarrier(self.held_here)
+        try:
+            if self._too_few(len(held)):
+                return None
+            secure = self._secure_mean(round_index, held, carrier)
+        finally:
+            carrier.end(round_index)
+        if secure is None:
+            return None
+        self.exp.method.aggregate_mean(round_index, secure.mean)
+        sync_base(self.exp)
+        return secure.summed
+
+    def _secure_mean(
+        self, round_index: int, held: dict[int, TensorDict], carrier: Carrier
+    ) -> SecureMean | None:
         assert self.secure is not None
-        wire = ChannelWire(self.channel, round_index, client_name, SERVER)
-        weights = self.weights(self.sampled(round_index))  # known to all before the round
+        exchange = ChannelExchange(self.channel, carrier, round_index)
+        senders = {c: self.expected[c] for c in held}
         try:
             secure = self.secure.mean(
-                round_index, wire, held, self.expected, self.reached, weights, self.reference(held)
+                round_index,
+                exchange,
+                senders,
+                self.reached,
+                self.round_weights(round_index),
+                self.reference(held),
             )
         except SecureAggregationError as error:
             self.skip_reason = str(error)
             return None
         self.absent.update(secure.absent)
+        self.gone = secure.gone
         return None if self._too_few(len(secure.summed)) else secure
 
     def reference(self, held: dict[int, TensorDict]) -> TensorDict:
@@ -351,10 +409,11 @@ class ServerRound:
     ) -> dict:
         """What went missing this round (only when something did): clients without a reply
         and why, the refused messages (sender, reason), the clients aggregated, a skip and
-        why."""
+        why; under secure aggregation, the summed clients that vanished before the unmasking
+        (``left_after_masking``, recovered from the others' shares)."""
         skipped = aggregated is None
         if not self.absent and not skipped:
-            return {}
+            return {"left_after_masking": self.gone} if self.gone else {}
         rejected = [
             {"sender": r.sender, "reason": r.rejected}
             for r in self.channel.ledger.rejections(round_index)
@@ -364,6 +423,8 @@ class ServerRound:
         record: dict = {"aggregated": included, "absent": absent}
         if rejected:
             record["rejected"] = rejected
+        if self.gone:
+            record["left_after_masking"] = self.gone
         if skipped:
             record["skipped"] = True
             record["skip_reason"] = self.skip_reason

@@ -8,8 +8,9 @@ same base model, data split and partition on every node, from the seed), which i
 costs the whole build per message. Either way a client's state is read from and written to the
 node's directory (``node_state``), and the work is the client runtime's (``answer``: the
 method's ``client_start``, the local steps, ``client_reply``; for methods that evaluate each
-client's own model, ``evaluate``). Which clients it may serve is its node config's partition
-(``partition-id``, ``num-partitions``); it answers the server's ``query`` with it.
+client's own model, ``evaluate``; under secure aggregation, the protocol's steps,
+``query.secagg``, which need the runtime). Which clients it may serve is its node config's
+partition (``partition-id``, ``num-partitions``); it answers the server's ``query`` with it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedlora.flower.protocol import (
     RUN_KEY,
     STATE_DIR,
     hosting,
+    join_frames,
 )
 
 app = ClientApp()
@@ -70,6 +72,11 @@ def work(context: Context, request: dict, payload: bytes, offset: bytes) -> tupl
         return node_runtime.ask(root, request, text, payload, offset, timeout)
     except node_runtime.RuntimeAbsent as absent:
         node_runtime.log(f"{absent}: working in this process (correct, but it builds the model)")
+    if request["op"] == "mask":  # the keys and the reply would be in the runtime's memory
+        count = len(clients)
+        return {"reports": [{"failed": node_runtime.COLD_SECURE}] * count}, join_frames(
+            [b""] * count
+        )
     runtime = node_runtime.build_runtime(text)
     if request["op"] == "train":
         answer, report = node_runtime.train(
@@ -100,3 +107,16 @@ def evaluate(message: Message, context: Context) -> Message:
     request = {"op": "evaluate", "clients": clients, "round": int(fields.get("round", 0))}
     answer, _ = work(context, request, b"", bytes(fields["offset"]))
     return reply(message, {"metrics": json.dumps(answer["metrics"])})
+
+
+@app.query("secagg")
+def secagg(message: Message, context: Context) -> Message:
+    """The node's clients' answers to one step of secure aggregation's protocol: their
+    messages in, their answers and reports out (the warm runtime keeps their replies and
+    keys; a cold ClientApp declines)."""
+    fields = message.content[RECORD]
+    clients = [int(c) for c in json.loads(fields["clients"])]
+    request = {"op": "mask", "kind": str(fields["kind"]), "clients": clients,
+               "round": int(fields["round"])}  # fmt: skip
+    answer, answers = work(context, request, bytes(fields["payloads"]), b"")
+    return reply(message, {"answers": answers, "reports": json.dumps(answer["reports"])})

@@ -9,6 +9,8 @@ the replies (``Grid.send_and_receive``); a client whose node answered with an er
 time, is absent from the round with that reason, as a dropped client is in one process. It
 counts the bytes Flower moves per message type (``wire``), to compare with the ledger. The
 clients' state stays on the nodes, so the server's checkpoint holds the server's state only.
+Under secure aggregation the replies stay on the nodes too: each step of the masking protocol is
+one ``query.secagg`` message per node with clients in it (``fedlora.engines.masking``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from rich.console import Console
 
 from fedlora.channel import encode, human_bytes
+from fedlora.engines.masking import Answers, host_report
 from fedlora.engines.server_round import Hosts
 from fedlora.experiment import Experiment
-from fedlora.flower.protocol import RECORD, Hosting
+from fedlora.flower.protocol import RECORD, SECAGG, Hosting, join_frames, split_frames
 from fedlora.tensors import TensorDict
 
 
@@ -160,6 +163,57 @@ class FlowerHosts(Hosts):
             return self.replies[client]
         why = f"no reply from SuperNode {self.owner(client)} within {self.reply_timeout:g} s"
         return b"", {"outcome": None, "reason": why}
+
+    # -- secure aggregation: the protocol goes to the nodes, which keep the replies ------------
+    def masking(self) -> FlowerHosts:
+        return self
+
+    def step(self, kind: str, payloads: dict[int, bytes], round_index: int) -> Answers:
+        """One message per node with the step's messages for its clients; a node that fails
+        or does not answer in time drops its clients at this step, with the reason."""
+        by_node: dict[int, list[int]] = {}
+        for client in payloads:
+            by_node.setdefault(self.owner(client), []).append(client)
+        messages = {}
+        for node, clients in by_node.items():
+            fields = {
+                "kind": kind,
+                "round": round_index,
+                "clients": json.dumps(clients),
+                "payloads": join_frames([payloads[c] for c in clients]),
+            }
+            messages[node] = self._message(node, SECAGG, fields, round_index)
+        replies = self._exchange(messages, self.reply_timeout)
+        answers: Answers = {}
+        for node, clients in by_node.items():
+            try:
+                answers |= self._answers(node, clients, replies.get(node))
+            except ValueError as error:
+                answers |= {c: (b"", {"failed": str(error)}) for c in clients}
+        return answers
+
+    def _answers(self, node: int, clients: list[int], reply: Message | None) -> Answers:
+        """``node``'s answers for ``clients``; ``ValueError`` with the reason if there are
+        none (no reply in time, an error, or a malformed reply)."""
+        if reply is None:
+            raise ValueError(f"no answer from SuperNode {node} within {self.reply_timeout:g} s")
+        if reply.has_error():
+            raise ValueError(f"SuperNode {node} failed: {reply.error.reason}")
+        try:
+            record = reply.content[RECORD]
+            reports = json.loads(str(record["reports"]))
+            frames = split_frames(bytes(record["answers"]), len(clients))
+            if not isinstance(reports, list) or len(reports) != len(clients):
+                raise ValueError(f"{len(clients)} reports expected")
+            return {
+                c: (frame, host_report(report))
+                for c, frame, report in zip(clients, frames, reports, strict=True)
+            }
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"SuperNode {node} sent a malformed answer: {error}") from None
+
+    def end(self, round_index: int) -> None:
+        """Nothing to say: a node drops a round's replies and keys when the next begins."""
 
     # -- evaluation of the clients' own models, on their nodes ---------------------------------
     def client_metrics(self) -> list[dict[str, float]] | None:

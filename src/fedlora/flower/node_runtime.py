@@ -20,7 +20,10 @@ A frame over the limit, a malformed header or a wrong secret is refused with the
 the connection closed; nothing is pickled.
 
 The work itself (``train``, ``evaluate``) is the same code whether the runtime or a cold
-ClientApp runs it.
+ClientApp runs it. Secure aggregation (``mask``) needs the runtime: a client's reply and its
+keys stay in the runtime's memory between the round's messages, never on the wire or on disk,
+so a cold ClientApp declines both its training and its protocol steps (the client is absent
+from the round, with that reason).
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.flower import node_state
+from fedlora.flower.protocol import join_frames, split_frames
 
 if TYPE_CHECKING:
     from fedlora.engines.client import ClientRuntime
+    from fedlora.engines.masking import MaskingClients
 
 SOCKET, SECRET = "runtime.sock", "runtime.secret"
 DEFAULT_LIMIT = 4 * 2**30  # bytes in one frame: a download or reply of a 1B-parameter model
@@ -77,12 +82,21 @@ def _on_base(runtime: ClientRuntime, offset: bytes) -> None:
     runtime.apply_offset(state_from_bytes(offset))
 
 
+COLD_SECURE = (
+    "secure aggregation needs the node's warm fedlora runtime (fedlora flower-node), which "
+    "keeps the client's reply and keys between the protocol's messages; none answers"
+)
+
+
 def train(
     runtime: ClientRuntime, directory: Path, client: int, round_index: int, payload: bytes,
-    offset: bytes,
+    offset: bytes, masking: MaskingClients | None = None,
 ) -> tuple[bytes, dict]:  # fmt: skip
     """One client's round on this node: its state as of the round, the runtime's answer, its
-    state after (when it trained)."""
+    state after (when it trained). Under secure aggregation the reply stays in ``masking``
+    (the warm runtime's); without one (a cold ClientApp) the client declines the round."""
+    if runtime.exp.config.privacy.secure_aggregation and masking is None:
+        return b"", {"outcome": None, "reason": COLD_SECURE}
     _on_base(runtime, offset)
     runtime.stores[client], optimizer = node_state.load(directory, client, round_index)
     runtime.optimizers.pop(client, None)
@@ -92,7 +106,26 @@ def train(
     if report["outcome"] is not None:
         store, kept = runtime.stores[client], runtime.optimizers.get(client, {})
         node_state.save(directory, client, store, kept, round_index + 1)
+    if masking is not None and reply:
+        from fedlora.channel import decode
+
+        masking.hold(client, decode(reply), decode(payload), round_index)
+        reply = b""
     return reply, report
+
+
+def mask(
+    masking: MaskingClients, clients: list[int], kind: str, round_index: int, payload: bytes
+) -> tuple[dict, bytes]:
+    """The node's clients' answers to one step of secure aggregation's protocol (``payload``:
+    their messages, ``join_frames``): their reports, and their answers as frames."""
+    try:
+        messages = split_frames(payload, len(clients))
+    except ValueError as error:
+        raise FrameError(f"the step's messages: {error}") from None
+    pairs = zip(clients, messages, strict=True)
+    answers = [masking.respond(client, round_index, kind, message) for client, message in pairs]
+    return {"reports": [report for _, report in answers]}, join_frames([a for a, _ in answers])
 
 
 def evaluate(
@@ -110,7 +143,7 @@ def evaluate(
 
 # -- frames ---------------------------------------------------------------------------------------
 def send_frames(connection: socket.socket, *frames: bytes) -> None:
-    connection.sendall(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
+    connection.sendall(join_frames(list(frames)))
 
 
 def _exactly(connection: socket.socket, size: int) -> bytes:
@@ -152,6 +185,7 @@ class NodeRuntime:
         self.root = root
         self.limit = limit
         self.runtimes: dict[str, ClientRuntime] = {}  # by the digest of the config's text
+        self.masking: dict[str, MaskingClients] = {}  # secure aggregation's, by run directory
         self.secret = ""
 
     def prepare(self) -> socket.socket:
@@ -206,18 +240,48 @@ class NodeRuntime:
         if digest not in self.runtimes:
             self.runtimes[digest] = build_runtime(text)
         runtime = self.runtimes[digest]
+        masking = self.masking_of(runtime, directory)
         if operation == "train" and isinstance(request.get("client"), int):
             reply, report = train(
-                runtime, Path(directory), request["client"], round_index, payload, offset
+                runtime, Path(directory), request["client"], round_index, payload, offset, masking
             )
             return {"report": report}, reply
         clients = request.get("clients")
-        if operation == "evaluate" and isinstance(clients, list):
+        if operation in ("evaluate", "mask") and isinstance(clients, list):
             if not all(isinstance(c, int) for c in clients):
                 raise FrameError("clients must be integers")
-            metrics = evaluate(runtime, Path(directory), clients, round_index, offset)
-            return {"metrics": metrics}, b""
-        raise FrameError(f"unknown request {operation!r}: train (client) or evaluate (clients)")
+            if operation == "evaluate":
+                metrics = evaluate(runtime, Path(directory), clients, round_index, offset)
+                return {"metrics": metrics}, b""
+            return self._mask(masking, request, clients, round_index, payload)
+        raise FrameError(
+            f"unknown request {operation!r}: train (client), evaluate or mask (clients)"
+        )
+
+    def masking_of(self, runtime: ClientRuntime, directory: str) -> MaskingClients | None:
+        """The run's secure aggregation parties on this node (None without it)."""
+        from fedlora.engines.masking import MaskingClients, secure_aggregation
+        from fedlora.engines.server_round import round_weights
+
+        secure = secure_aggregation(runtime.exp)
+        if secure is None:
+            return None
+        if directory not in self.masking:
+            exp = runtime.exp
+            self.masking[directory] = MaskingClients(exp, secure, lambda r: round_weights(exp, r))
+        return self.masking[directory]
+
+    @staticmethod
+    def _mask(
+        masking: MaskingClients | None, request: dict, clients: list[int], round_index: int,
+        payload: bytes,
+    ) -> tuple[dict, bytes]:  # fmt: skip
+        from fedlora.engines.masking import KINDS
+
+        kind = request.get("kind")
+        if masking is None or kind not in KINDS:
+            raise FrameError(f"a mask request needs secure aggregation and a kind of {KINDS}")
+        return mask(masking, clients, kind, round_index, payload)
 
 
 def run_runtime(root: Path, limit: int = DEFAULT_LIMIT) -> None:

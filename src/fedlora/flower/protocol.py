@@ -10,6 +10,11 @@ counts; nothing is pickled. Scalars travel as JSON text.
 - ``evaluate`` (server -> every node, methods with per-client models): the node's ``clients``
   (JSON), the round whose state to evaluate (the rounds completed) and the base offset. Reply:
   each client's own-model metrics (JSON, by client).
+- ``query.secagg`` (server -> each node with clients in a step of secure aggregation's
+  protocol): the step's ``kind``, the ``round``, the node's ``clients`` in it (JSON) and their
+  messages (``payloads``: one frame each, ``join_frames``). Reply: each one's answer
+  (``answers``, frames in the same order) and its host's report (``reports``, JSON). Under
+  secure aggregation a ``train`` reply carries no bytes: the node's runtime keeps the reply.
 """
 
 from __future__ import annotations
@@ -34,6 +39,27 @@ PARTITIONS = "num-partitions"
 STATE_DIR = "state-dir"  # where the node keeps its clients' state (default: ~/.fedlora/flower)
 
 STATUS_FILE = "flower-status.json"  # in the run directory: how the ServerApp ended
+SECAGG = "query.secagg"  # the message type of a secure aggregation step
+
+
+def join_frames(frames: list[bytes]) -> bytes:
+    """Byte strings as one: each as 8 bytes of length (big-endian), then its bytes."""
+    return b"".join(len(frame).to_bytes(8, "big") + frame for frame in frames)
+
+
+def split_frames(data: bytes, count: int) -> list[bytes]:
+    """The ``count`` frames of ``join_frames``, exactly filling ``data``; ``ValueError``
+    saying what is wrong otherwise."""
+    frames, at = [], 0
+    for _ in range(count):
+        size = int.from_bytes(data[at : at + 8], "big") if at + 8 <= len(data) else -1
+        if size < 0 or at + 8 + size > len(data):
+            raise ValueError(f"{count} frames do not fit in {len(data)} bytes")
+        frames.append(data[at + 8 : at + 8 + size])
+        at += 8 + size
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} bytes follow the {count} frames")
+    return frames
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -377,7 +377,128 @@ class Server:
         return total
 
 
-# -- one round over a wire -------------------------------------------------------------------
+# -- a client's side, driven by its messages -----------------------------------------------------
+# The protocol's steps: (its name, the server's message kind, the client's answer kind).
+STEPS = (
+    ("AdvertiseKeys", "begin", "advertise_keys"),
+    ("ShareKeys", "roster", "share_keys"),
+    ("MaskedInputCollection", "shares", "masked_input"),
+    ("Unmasking", "survivors", "unmasking"),
+)
+
+
+class ClientParty:
+    """One client's side of one protocol run, wherever the client lives: it answers each of
+    the server's messages (``STEPS``) in turn. ``input_of`` gives its uint32 input from the
+    run's opening message (``begin``: the parameters the input depends on, such as central
+    DP's clip norm); ``leaves_after_masking``: it vanishes once its masked input is sent."""
+
+    def __init__(
+        self,
+        index: int,
+        threshold: int,
+        input_of: Callable[[TensorDict], np.ndarray],
+        begin_schema: Schema | None = None,
+        leaves_after_masking: bool = False,
+    ) -> None:
+        self.client = Client(index, threshold)
+        self.input_of = input_of
+        self.begin_schema = begin_schema or {}
+        self.begin: TensorDict = {}
+        self.leaves_after_masking = leaves_after_masking
+
+    def expect(self, kind: str) -> Schema:
+        """What the server's message of ``kind`` must be."""
+        if kind == "begin":
+            return self.begin_schema
+        if kind == "roster":
+            return ROSTER_SCHEMA
+        if kind == "shares":
+            return self.client.shares_schema()
+        return self.client.survivors_schema()
+
+    def respond(self, kind: str, message: TensorDict) -> TensorDict | None:
+        """The answer to the server's (validated) message of ``kind``; None once gone.
+        Raises ``MessageError`` for a message whose content breaks the protocol."""
+        client = self.client
+        if kind == "begin":
+            self.begin = message
+            return client.advertise()
+        if kind == "roster":
+            return client.share_keys(message)
+        if kind == "shares":
+            client.receive_shares(message)
+            return client.masked_input(self.input_of(self.begin))
+        return None if self.leaves_after_masking else client.unmask(message)
+
+
+# -- the server's side of one run ----------------------------------------------------------------
+# A client's answer to one step: its message as the server accepted it, the reason it dropped
+# (a refused or broken message), or None (it vanished without a word).
+Answer = TensorDict | str | None
+
+
+class Exchange(Protocol):
+    """How one step's messages reach the clients and their answers come back: each client of
+    ``messages`` gets its message of kind ``down`` (validated where the client lives) and
+    answers with one of kind ``up``, which the server validates against ``expect``."""
+
+    def __call__(
+        self, down: str, up: str, messages: dict[int, TensorDict], expect: Schema
+    ) -> dict[int, Answer]: ...
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    total: np.ndarray  # Σ x_u mod 2^32 over ``summed``
+    summed: list[int]  # U3: the clients whose inputs are in the total
+    absent: dict[int, str]  # clients the protocol lost, and why (refused messages)
+    gone: list[int]  # clients of U3 that vanished before the unmasking (recovered)
+
+
+def run_protocol(
+    exchange: Exchange,
+    participants: Iterable[int],
+    senders: Collection[int],
+    threshold: int,
+    length: int,
+    begin: Callable[[int], TensorDict] = lambda _: {},
+) -> SecureSum:
+    """The server's side of one run among ``participants`` over ``exchange``: ``senders`` are
+    those expected to send an input (the others take part in rounds 0 and 1, then drop; their
+    masks are recovered from the shares); ``begin``: each client's opening message. A client
+    whose message is refused or breaks the protocol drops at that step. Raises
+    ``SecureAggregationError`` when fewer than ``threshold`` clients remain at any step."""
+    server = Server(threshold, length)
+    absent: dict[int, str] = {}
+
+    def step(index: int, messages: dict[int, TensorDict], expect: Schema) -> dict[int, TensorDict]:
+        name, down, up = STEPS[index]
+        answers = exchange(down, up, messages, expect)
+        for u, answer in answers.items():
+            if isinstance(answer, str):
+                absent[u] = f"secure aggregation, {name}: {answer}"
+        return {u: answer for u, answer in answers.items() if isinstance(answer, dict)}
+
+    for u, message in step(0, {u: begin(u) for u in participants}, ADVERT_SCHEMA).items():
+        server.accept_keys(u, message)
+    roster = server.roster_message()
+    for u, message in step(1, dict.fromkeys(server.roster, roster), server.shares_schema()).items():
+        server.accept_shares(u, message)
+    shares = server.shares_messages()
+    sending = {u: shares[u] for u in server.sharers if u in senders}
+    for u, message in step(2, sending, server.masked_schema()).items():
+        server.accept_masked(u, message)
+    survivors = server.survivors_message()
+    unmasking = dict.fromkeys(sorted(server.masked), survivors)
+    answered = step(3, unmasking, server.unmasking_schema())
+    for u, message in answered.items():
+        server.accept_unmasking(u, message)
+    gone = [u for u in unmasking if u not in answered and u not in absent]
+    return SecureSum(server.total(), sorted(server.masked), absent, gone)
+
+
+# -- every party in one process, over a wire ---------------------------------------------------
 class Wire(Protocol):
     """How the protocol's messages travel between the server and client ``client``; each hop
     checks the message against ``expect`` at the receiver (``MessageError`` if refused)."""
@@ -412,13 +533,24 @@ class ChannelWire:
 
 
 @dataclass(frozen=True)
-class SecureSum:
-    total: np.ndarray  # Σ x_u mod 2^32 over ``summed``
-    summed: list[int]  # U3: the clients whose inputs are in the total
-    absent: dict[int, str]  # clients the protocol lost, and why (refused messages)
+class WireExchange:
+    """Every client's party in this process, each message over ``wire``."""
 
+    wire: Wire
+    parties: Mapping[int, ClientParty]
 
-Result = TypeVar("Result")
+    def __call__(
+        self, down: str, up: str, messages: dict[int, TensorDict], expect: Schema
+    ) -> dict[int, Answer]:
+        answers: dict[int, Answer] = {}
+        for u, message in messages.items():
+            party = self.parties[u]
+            try:
+                answer = party.respond(down, self.wire.down(u, down, message, party.expect(down)))
+                answers[u] = None if answer is None else self.wire.up(u, up, answer, expect)
+            except MessageError as error:
+                answers[u] = str(error)
+        return answers
 
 
 def secure_sum(
@@ -429,51 +561,15 @@ def secure_sum(
     length: int,
     gone_after_masking: Collection[int] = (),
 ) -> SecureSum:
-    """One run of the protocol among ``participants`` over ``wire``. ``inputs``: the uint32
-    vectors (``length`` words) of the clients that send one; a participant without an input
-    takes part in rounds 0 and 1, then drops (its masks are recovered from the shares); one
-    in ``gone_after_masking`` drops after sending its masked input (its input is in the sum).
-    A client whose message is refused drops at that step. Raises ``SecureAggregationError``
-    when fewer than ``threshold`` clients remain at any step."""
-    server = Server(threshold, length)
-    clients = {u: Client(u, threshold) for u in participants}
-    absent: dict[int, str] = {}
-
-    def each(group: Iterable[int], step: str, action: Callable[[int], Result]) -> dict[int, Result]:
-        """``action`` for every client of ``group``; a refusal drops the client, with why."""
-        done = {}
-        for u in group:
-            try:
-                done[u] = action(u)
-            except MessageError as error:
-                absent[u] = f"secure aggregation, {step}: {error}"
-        return done
-
-    def advertise(u: int) -> None:
-        server.accept_keys(u, wire.up(u, "advertise_keys", clients[u].advertise(), ADVERT_SCHEMA))
-
-    def share(u: int) -> None:
-        roster = wire.down(u, "roster", roster_message, ROSTER_SCHEMA)
-        sealed = clients[u].share_keys(roster)
-        server.accept_shares(u, wire.up(u, "share_keys", sealed, server.shares_schema()))
-
-    def mask(u: int) -> None:
-        client = clients[u]
-        client.receive_shares(wire.down(u, "shares", shares[u], client.shares_schema()))
-        masked = client.masked_input(inputs[u])
-        server.accept_masked(u, wire.up(u, "masked_input", masked, server.masked_schema()))
-
-    def unmask(u: int) -> None:
-        client = clients[u]
-        survivors = wire.down(u, "survivors", survivors_message, client.survivors_schema())
-        answer = wire.up(u, "unmasking", client.unmask(survivors), server.unmasking_schema())
-        server.accept_unmasking(u, answer)
-
-    advertised = each(clients, "AdvertiseKeys", advertise)
-    roster_message = server.roster_message()
-    shared = each(advertised, "ShareKeys", share)
-    shares = server.shares_messages()
-    masked = each([u for u in shared if u in inputs], "MaskedInputCollection", mask)
-    survivors_message = server.survivors_message()
-    each([u for u in masked if u not in gone_after_masking], "Unmasking", unmask)
-    return SecureSum(server.total(), sorted(masked), absent)
+    """One run of the protocol among ``participants``, every party in this process, over
+    ``wire``. ``inputs``: the uint32 vectors (``length`` words) of the clients that send one;
+    a participant without an input takes part in rounds 0 and 1, then drops; one in
+    ``gone_after_masking`` drops after sending its masked input (its input is in the sum)."""
+    participants = list(participants)
+    parties = {
+        u: ClientParty(
+            u, threshold, lambda _, u=u: inputs[u], leaves_after_masking=u in gone_after_masking
+        )
+        for u in participants
+    }
+    return run_protocol(WireExchange(wire, parties), participants, inputs, threshold, length)

@@ -9,8 +9,8 @@ accepted, up to the quantization error n·2^(−f−1) / Σ_{U3} p_i per coordin
 
 With central DP (``privacy.mechanism = "central"``) nobody but the client sees its update, so
 the client clips it: ``prepare`` masks Δ̃_i = clip(reply − sent, C) and, with adaptive clipping,
-its bit b_i = 1[‖Δ_i‖ ≤ C] as one more coordinate (C is the server's current clip norm, which a
-deployment would send with the download; here every party reads it from the one ``CentralDP``).
+its bit b_i = 1[‖Δ_i‖ ≤ C] as one more coordinate (C is the server's current clip norm, which
+the server sends each client in the protocol's opening message, ``begin``).
 Central DP weighs the m sampled clients uniformly (p_i = 1/m), so the k summed inputs decode to
 (Σ Δ̃_i / k, Σ b_i / k): ``finish`` multiplies by k and hands the two sums to
 ``CentralDP.release``, which adds the noise and divides by the fixed m, exactly what the server
@@ -28,15 +28,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedlora.channel import Schema
+from fedlora.channel import MessageError, Schema
 from fedlora.config import PrivacyConfig
 from fedlora.privacy import fixed_point
 from fedlora.privacy.central import CentralDP, clip_update
-from fedlora.privacy.secagg import Wire, secure_sum
+from fedlora.privacy.secagg import Exchange, run_protocol
 from fedlora.robust import applied, update_of
 from fedlora.tensors import TensorDict
 
 UNCLIPPED = "privacy.unclipped"  # the coordinate that carries a client's adaptive-clipping bit
+CLIP_NORM = "clip_norm"  # the opening message's one field under central DP
 
 
 def default_threshold(clients: int) -> int:
@@ -83,6 +84,7 @@ class SecureMean:
     mean: TensorDict  # Σ p_i x_i / Σ p_i over ``summed``, after ``finish``
     summed: list[int]
     absent: dict[int, str]  # clients whose input is not in the sum, and why
+    gone: list[int]  # clients whose input is in the sum, who vanished before the unmasking
 
 
 class SecureAggregation:
@@ -112,16 +114,42 @@ class SecureAggregation:
             )
         )
 
+    # -- the opening message: what a client's input depends on that only the server knows ---
+    def begin(self) -> TensorDict:
+        """Under central DP, the server's current clip norm (float64 bytes); else nothing."""
+        if self.central is None:
+            return {}
+        norm = np.array([self.central.clip_norm], dtype="<f8").view(np.uint8)
+        return {CLIP_NORM: torch.from_numpy(norm.copy())}
+
+    def begin_schema(self) -> Schema:
+        return {CLIP_NORM: (8,)} if self.central is not None else {}
+
     # -- client side -----------------------------------------------------------------------
-    def prepare(self, client: int, reply: TensorDict, sent: TensorDict) -> TensorDict:
-        """What client ``client`` masks in place of its reply to ``sent``: the reply itself,
-        or under central DP its clipped update (and its bit, with adaptive clipping)."""
+    def prepare(self, reply: TensorDict, sent: TensorDict, begin: TensorDict) -> TensorDict:
+        """What a client masks in place of its reply to ``sent``: the reply itself, or under
+        central DP its update clipped to the clip norm of ``begin`` (and its bit, with
+        adaptive clipping)."""
         if self.central is None:
             return reply
-        clipped, unclipped = clip_update(update_of(reply, sent), self.central.clip_norm)
+        norm = float(np.ascontiguousarray(begin[CLIP_NORM].numpy()).view("<f8")[0])
+        if not (math.isfinite(norm) and norm > 0):
+            raise MessageError(f"the clip norm must be a positive number, got {norm}")
+        clipped, unclipped = clip_update(update_of(reply, sent), norm)
         if self.central.adaptive is not None:
             clipped[UNCLIPPED] = torch.tensor([float(unclipped)])
         return clipped
+
+    def client_input(
+        self, reply: TensorDict, sent: TensorDict, weight: float, summands: int, begin: TensorDict
+    ) -> np.ndarray:
+        """A client's uint32 input: its prepared reply, times its weight, in the fixed-point
+        code for ``summands`` summands. ``MessageError`` if it cannot be coded."""
+        try:
+            vector = flatten(self.prepare(reply, sent, begin))
+            return fixed_point.encode(vector, weight, self.bits, summands)
+        except fixed_point.FixedPointError as error:
+            raise MessageError(f"its reply cannot be masked: {error}") from None
 
     def shapes(self, schemas: dict[int, Schema]) -> Shapes:
         """The names and shapes of every masked input: the replies' common schema, and the
@@ -149,33 +177,29 @@ class SecureAggregation:
     def mean(
         self,
         round_index: int,
-        wire: Wire,
-        held: dict[int, TensorDict],
-        schemas: dict[int, Schema],
+        exchange: Exchange,
+        senders: dict[int, Schema],
         participants: list[int],
         weights: dict[int, float],
         reference: TensorDict,
     ) -> SecureMean:
-        """One protocol run: the ``held`` (prepared) replies, each client's with its weight of
-        ``weights`` (over at least all ``participants``), masked, summed, unmasked and turned
-        into their weighted mean. ``schemas``: what the server expects of each held reply;
-        participants without one drop after ShareKeys. ``reference``: what the server sent
-        (central DP's updates are relative to it). Raises ``SecureAggregationError``."""
-        shapes = self.shapes({c: schemas[c] for c in held})
-        summands = len(weights)
-        inputs, absent = {}, {}
-        for client, reply in held.items():
-            try:
-                vector = flatten(reply)
-                inputs[client] = fixed_point.encode(vector, weights[client], self.bits, summands)
-            except fixed_point.FixedPointError as error:
-                absent[client] = f"its reply cannot be masked: {error}"
+        """One protocol run over ``exchange`` among ``participants`` (the clients that got the
+        download): ``senders``, the clients that hold a reply, each with the schema the server
+        expects of it (the others drop after ShareKeys); each input carries its client's
+        weight of ``weights`` (over at least all participants); the unmasked sum becomes their
+        weighted mean. ``reference``: what the server sent (central DP's updates are relative
+        to it). Raises ``SecureAggregationError``."""
+        shapes = self.shapes(senders)
         length = sum(math.prod(shape) for shape in shapes.values())
-        outcome = secure_sum(wire, participants, inputs, self.threshold, length)
+        begin = self.begin()
+        outcome = run_protocol(
+            exchange, participants, senders, self.threshold, length, lambda _: begin
+        )
         total = sum(weights[c] for c in outcome.summed)
         mean = unflatten(fixed_point.decode(outcome.total, self.bits) / total, shapes)
         return SecureMean(
             self.finish(round_index, mean, outcome.summed, reference),
             outcome.summed,
-            absent | outcome.absent,
+            outcome.absent,
+            outcome.gone,
         )

@@ -1,0 +1,89 @@
+"""Secure aggregation across processes (issue 33): ``--engine distributed`` ranks keep their
+clients' replies and answer only the masking protocol's messages, which rank 0 sends them step
+by step.
+
+Tolerance: none against the in-process secure run. Every party computes the same fixed-point
+inputs from the same replies, the masks cancel exactly mod 2^32, and the protocol's messages
+cross as the same channel bytes, recorded in the same order, so metrics, ledger and adapter are
+bit-identical (one intra-op thread in both, as in tests/test_distributed.py). That the secure
+sum is the plain weighted mean within the fixed-point bound is tests/test_secure_aggregation.py.
+
+What rank 0 was sent is read back from the transport's frame record (tests/frames.py, decoded
+with json and safetensors only): no reply, only the protocol's byte messages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import ADAPTIVE_CENTRAL, read_metrics
+from tests.frames import received
+from tests.test_distributed import assert_same_run, finish, launch, reference
+
+# Seed 1 with these rates gives, over the three rounds (a pure function of the seed): round 1,
+# one client drops after ShareKeys, its masks recovered; round 2, one vanishes after its masked
+# input, its input recovered; round 3, a drop and two vanishings leave one answer to the
+# unmasking, fewer than t = 3 of 4, so the round is skipped, never summed wrong.
+DROPS = [
+    "privacy.secure_aggregation=true",
+    "experiment.rounds=3",
+    "experiment.seed=1",
+    "federation.dropout=0.2",
+    "federation.dropout_after_masking=0.2",
+]
+CENTRAL = ["privacy.secure_aggregation=true", "privacy.noise_source=seeded", *ADAPTIVE_CENTRAL]
+# What the masking protocol's messages carry; a client's reply would carry adapter tensors.
+PROTOCOL_KEYS = {
+    "cipher_key",
+    "mask_key",
+    "ciphertexts",
+    "masked",
+    "seed_shares",
+    "key_shares",
+}
+
+
+def settings(values: list[str]) -> list[str]:
+    return [part for value in values for part in ("--set", value)]
+
+
+def test_secure_aggregation_on_three_processes_equals_the_in_process_secure_run(
+    tmp_path: Path,
+) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    record = {"FEDLORA_RECORD_FRAMES": str(frames)}
+    three = ("--nproc", "3")
+    drops = launch("fedit.toml", tmp_path / "drops", tmp_path / "drops.log", *three,
+                   *settings(DROPS), env=record)  # fmt: skip
+    central = launch(
+        "fedit.toml", tmp_path / "central", tmp_path / "central.log", *three, *settings(CENTRAL)
+    )
+    drops_reference = reference("fedit.toml", tmp_path / "drops_ref", *settings(DROPS))
+    central_reference = reference("fedit.toml", tmp_path / "central_ref", *settings(CENTRAL))
+    finish(drops, tmp_path / "drops.log")
+    finish(central, tmp_path / "central.log")
+    assert_same_run(drops_reference, tmp_path / "drops")
+    assert_same_run(central_reference, tmp_path / "central")
+
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "drops")}
+    assert rounds[1]["absent"] == {"0": "dropout"} and "skipped" not in rounds[1]
+    assert rounds[1]["aggregated"] == [1, 2, 3]
+    assert rounds[2]["left_after_masking"] == [1] and "skipped" not in rounds[2]
+    assert rounds[3]["skipped"] and "fewer than the threshold t = 3" in rounds[3]["skip_reason"]
+    assert rounds[3]["test_loss"] == rounds[2]["test_loss"]  # the global model stayed
+    summary = (tmp_path / "drops" / "summary.md").read_text()
+    assert "round 2: client 1 vanished after its masked input" in summary
+
+    # Rank 0 (the server) was sent the protocol's byte messages and scalar reports, never a
+    # reply: every tensor frame it received holds protocol keys only, the masked inputs among
+    # them (one per client that sent one: 3 + 4 + 3 over the three rounds).
+    got = received(frames, 0)
+    tensor_frames = [f for f in got if f.kind == "tensors"]
+    assert tensor_frames and all(set(f.keys) <= PROTOCOL_KEYS for f in tensor_frames)
+    assert sum(f.keys == ("masked",) for f in tensor_frames) == 10
+    ledger = [json.loads(line) for line in (tmp_path / "drops" / "ledger.jsonl").open()]
+    uploads = {row["kind"] for row in ledger if row["receiver"] == "server"}
+    assert uploads == {f"secagg.{k}" for k in ("advertise_keys", "share_keys", "masked_input",
+                                                "unmasking")}  # fmt: skip
