@@ -1,0 +1,125 @@
+"""Secure aggregation's round time across processes (issue 33): torch.distributed ranks and Flower
+SuperNodes, each with and without ``privacy.secure_aggregation``.
+
+    python -P benchmarks/secure_rounds.py [--config configs/default.toml] [--rounds 3]
+        [--workers 2]
+
+For each placement, back to back on this machine, plain then secure:
+
+- ``fedlora run CONFIG --engine distributed --nproc WORKERS+1`` (rank 0 the server, WORKERS
+  ranks hosting the clients, one thread each);
+- Flower on loopback: a SuperLink and WORKERS warm SuperNodes (``fedlora flower-node``), then
+  ``fedlora flower-run`` of the app ``fedlora flower-app`` wrote.
+
+A round's time is its ``train_seconds`` in metrics.jsonl: the server's whole round (downloads,
+the clients' local steps on their hosts, the replies or the masking protocol, the aggregation),
+without the evaluation, which is the same in both arms and runs once, after the last round.
+The table gives the median over the rounds, the secure/plain ratio, and the ledger's bytes per
+round. Each secure run is checked against the one-thread in-process secure run of the same
+config (its metrics and ledger, bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fedlora.flower.loopback import federation
+from fedlora.offline import use_offline_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "train_seconds", "eval_seconds", "server_seconds")
+
+
+def fedlora(*args: str, env: dict[str, str] | None = None) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "fedlora", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=REPO,
+        env=env,
+    )
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows(run)]
+
+
+def round_seconds(run: Path) -> float:
+    return statistics.median(r["train_seconds"] for r in rows(run) if r["round"] >= 1)
+
+
+def bytes_per_round(run: Path, rounds: int) -> int:
+    ledger = (run / "ledger.jsonl").read_text().splitlines()
+    return sum(json.loads(line)["bytes"] for line in ledger) // rounds
+
+
+def on_flower(config: Path, workers: int, work: Path, tag: str, sets: list[str]) -> Path:
+    app, run = work / f"app-{tag}", work / f"flower-{tag}"
+    fedlora("flower-app", str(config), "--out", str(app), "--run-dir", str(run), *sets)
+    with federation(work / f"federation-{tag}") as fed:
+        for partition in range(workers):
+            fed.node(partition, workers)
+        fedlora("flower-run", str(app), env=fed.env)
+    return run
+
+
+def measure(config: Path, rounds: int, workers: int, work: Path) -> str:
+    common = ["experiment.rounds=" + str(rounds), f"eval.every={rounds}"]
+    arms = {"plain": common, "secure": [*common, "privacy.secure_aggregation=true"]}
+    runs: dict[tuple[str, str], Path] = {}
+    for arm, values in arms.items():
+        sets = [part for value in values for part in ("--set", value)]
+        out = work / f"distributed-{arm}"
+        fedlora("run", str(config), "--out", str(out), "--quiet", "--engine", "distributed",
+                "--nproc", str(workers + 1), *sets)  # fmt: skip
+        runs[("torch.distributed", arm)] = out
+        runs[("Flower", arm)] = on_flower(config, workers, work, arm, sets)
+    reference = work / "in-process-secure"
+    sets = [part for value in arms["secure"] for part in ("--set", value)]
+    fedlora("run", str(config), "--out", str(reference), "--quiet", "--set", "compute.threads=1",
+            *sets)  # fmt: skip
+    lines = [
+        f"{config.relative_to(REPO)}, {rounds} rounds, {workers} client hosts",
+        "",
+        "| placement | plain round s | secure round s | × | plain bytes/round | "
+        "secure bytes/round | × | secure run = in-process secure run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for placement in ("torch.distributed", "Flower"):
+        plain, secure = runs[(placement, "plain")], runs[(placement, "secure")]
+        seconds = round_seconds(plain), round_seconds(secure)
+        sizes = bytes_per_round(plain, rounds), bytes_per_round(secure, rounds)
+        same = (
+            untimed(secure) == untimed(reference)
+            and (secure / "ledger.jsonl").read_text() == (reference / "ledger.jsonl").read_text()
+        )
+        lines.append(
+            f"| {placement} | {seconds[0]:.2f} | {seconds[1]:.2f} | {seconds[1] / seconds[0]:.2f} "
+            f"| {sizes[0]:,} | {sizes[1]:,} | {sizes[1] / sizes[0]:.3f} | {same} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.toml")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="ranks or SuperNodes with clients")
+    args = parser.parse_args()
+    use_offline_defaults()
+    with tempfile.TemporaryDirectory() as work:
+        print(measure(args.config.resolve(), args.rounds, args.workers, Path(work)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
