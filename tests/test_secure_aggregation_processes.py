@@ -24,13 +24,18 @@ from tests.test_distributed import assert_same_run, finish, launch, reference
 # Seed 1 with these rates gives, over the three rounds (a pure function of the seed): round 1,
 # one client drops after ShareKeys, its masks recovered; round 2, one vanishes after its masked
 # input, its input recovered; round 3, a drop and two vanishings leave one answer to the
-# unmasking, fewer than t = 3 of 4, so the round is skipped, never summed wrong.
+# unmasking, fewer than t = 3 of 4, so the round is skipped, never summed wrong. The clients
+# train with DP-SGD (seeded noise, so the in-process run can repeat it): secure aggregation
+# sums their noised replies.
 DROPS = [
     "privacy.secure_aggregation=true",
     "experiment.rounds=3",
     "experiment.seed=1",
     "federation.dropout=0.2",
     "federation.dropout_after_masking=0.2",
+    "privacy.mechanism=dp_sgd",
+    "privacy.noise_multiplier=1.0",
+    "privacy.noise_source=seeded",
 ]
 CENTRAL = ["privacy.secure_aggregation=true", "privacy.noise_source=seeded", *ADAPTIVE_CENTRAL]
 # What the masking protocol's messages carry; a client's reply would carry adapter tensors.
@@ -73,6 +78,7 @@ def test_secure_aggregation_on_three_processes_equals_the_in_process_secure_run(
     assert rounds[2]["left_after_masking"] == [1] and "skipped" not in rounds[2]
     assert rounds[3]["skipped"] and "fewer than the threshold t = 3" in rounds[3]["skip_reason"]
     assert rounds[3]["test_loss"] == rounds[2]["test_loss"]  # the global model stayed
+    assert rounds[3]["epsilon"] > rounds[1]["epsilon"] > 0  # DP-SGD's budget, spent each round
     summary = (tmp_path / "drops" / "summary.md").read_text()
     assert "round 2: client 1 vanished after its masked input" in summary
 
