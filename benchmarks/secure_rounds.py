@@ -1,7 +1,7 @@
 """Secure aggregation's round time across processes (issue 33): torch.distributed ranks and Flower
 SuperNodes, each with and without ``privacy.secure_aggregation``.
 
-    python -P benchmarks/secure_rounds.py [--config configs/default.toml] [--rounds 3]
+    python -m benchmarks.secure_rounds [--config configs/default.toml] [--rounds 3]
         [--workers 2]
 
 For each placement, back to back on this machine, plain then secure:
@@ -24,34 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.flower_overhead import REPO, fedlora, metrics
 from fedlora.flower.loopback import federation
 from fedlora.offline import use_offline_defaults
-
-REPO = Path(__file__).resolve().parents[1]
-TIMING = ("seconds", "train_seconds", "eval_seconds", "server_seconds")
-
-
-def fedlora(*args: str, env: dict[str, str] | None = None) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "fedlora", *args],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        cwd=REPO,
-        env=env,
-    )
 
 
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(run: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows(run)]
 
 
 def round_seconds(run: Path) -> float:
@@ -100,7 +82,7 @@ def measure(config: Path, rounds: int, workers: int, work: Path) -> str:
         seconds = round_seconds(plain), round_seconds(secure)
         sizes = bytes_per_round(plain, rounds), bytes_per_round(secure, rounds)
         same = (
-            untimed(secure) == untimed(reference)
+            metrics(secure) == metrics(reference)
             and (secure / "ledger.jsonl").read_text() == (reference / "ledger.jsonl").read_text()
         )
         lines.append(
