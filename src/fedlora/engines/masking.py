@@ -115,8 +115,10 @@ class MaskingClients:
         party = self.parties.get(client) if round_index == self.round else None
         if party is None:
             return b"", {"failed": f"no protocol run of round {round_index} holds this client"}
+        expect = party.expect(kind)
+        if not payload and expect:
+            return b"", {"refused": f"an empty {kind!r} message; expected {sorted(expect)}"}
         try:
-            expect = party.expect(kind)
             message = self.channel.unpack(payload, expect, torch.uint8) if payload else {}
         except MessageError as error:
             return b"", {"refused": str(error)}

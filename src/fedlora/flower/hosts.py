@@ -38,6 +38,28 @@ def message_bytes(message: Message) -> int:
     return sum(len(o.deflate()) for o in get_all_nested_objects(message).values())
 
 
+def node_answers(node: int, clients: list[int], reply: Message | None, timeout: float) -> Answers:
+    """``node``'s answers to one step of secure aggregation for ``clients``; ``ValueError``
+    with the reason if there are none (no reply within ``timeout`` s, an error, or a reply
+    outside the protocol: its clients then drop at this step)."""
+    if reply is None:
+        raise ValueError(f"no answer from SuperNode {node} within {timeout:g} s")
+    if reply.has_error():
+        raise ValueError(f"SuperNode {node} failed: {reply.error.reason}")
+    try:
+        record = reply.content[RECORD]
+        reports = json.loads(str(record["reports"]))
+        frames = split_frames(bytes(record["answers"]), len(clients))
+        if not isinstance(reports, list) or len(reports) != len(clients):
+            raise ValueError(f"{len(clients)} reports expected")
+        return {
+            c: (frame, host_report(report))
+            for c, frame, report in zip(clients, frames, reports, strict=True)
+        }
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"SuperNode {node} sent a malformed answer: {error}") from None
+
+
 class FlowerError(RuntimeError):
     """The deployment cannot run: a partition never connected, or nodes disagree about it."""
 
@@ -187,30 +209,10 @@ class FlowerHosts(Hosts):
         answers: Answers = {}
         for node, clients in by_node.items():
             try:
-                answers |= self._answers(node, clients, replies.get(node))
+                answers |= node_answers(node, clients, replies.get(node), self.reply_timeout)
             except ValueError as error:
                 answers |= {c: (b"", {"failed": str(error)}) for c in clients}
         return answers
-
-    def _answers(self, node: int, clients: list[int], reply: Message | None) -> Answers:
-        """``node``'s answers for ``clients``; ``ValueError`` with the reason if there are
-        none (no reply in time, an error, or a malformed reply)."""
-        if reply is None:
-            raise ValueError(f"no answer from SuperNode {node} within {self.reply_timeout:g} s")
-        if reply.has_error():
-            raise ValueError(f"SuperNode {node} failed: {reply.error.reason}")
-        try:
-            record = reply.content[RECORD]
-            reports = json.loads(str(record["reports"]))
-            frames = split_frames(bytes(record["answers"]), len(clients))
-            if not isinstance(reports, list) or len(reports) != len(clients):
-                raise ValueError(f"{len(clients)} reports expected")
-            return {
-                c: (frame, host_report(report))
-                for c, frame, report in zip(clients, frames, reports, strict=True)
-            }
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"SuperNode {node} sent a malformed answer: {error}") from None
 
     def end(self, round_index: int) -> None:
         """Nothing to say: a node drops a round's replies and keys when the next begins."""
