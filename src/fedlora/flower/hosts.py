@@ -60,6 +60,9 @@ def node_answers(node: int, clients: list[int], reply: Message | None, timeout: 
         raise ValueError(f"SuperNode {node} sent a malformed answer: {error}") from None
 
 
+PULL_INTERVAL = 0.1  # seconds between the ServerApp's pulls for replies
+
+
 class FlowerError(RuntimeError):
     """The deployment cannot run: a partition never connected, or nodes disagree about it."""
 
@@ -145,7 +148,7 @@ class FlowerHosts(Hosts):
         if not messages:
             return {}
         sent = list(messages.values())
-        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        replies = self._send_and_receive(sent, timeout)
         kind = sent[0].metadata.message_type
         counts = self.wire.setdefault(kind, {"messages": 0, "down": 0, "up": 0})
         counts["messages"] += len(sent)
@@ -153,6 +156,21 @@ class FlowerHosts(Hosts):
         counts["up"] += sum(map(message_bytes, replies))
         by_id = {m.metadata.message_id: key for key, m in messages.items()}
         return {by_id[r.metadata.reply_to_message_id]: r for r in replies}
+
+    def _send_and_receive(self, sent: list[Message], timeout: float) -> list[Message]:
+        """``Grid.send_and_receive`` with a short pull interval: flwr's sleeps 3 s between
+        pulls, which every message exchange of a round pays (secure aggregation's protocol
+        has four after the training)."""
+        waiting = set(self.grid.push_messages(sent))
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(PULL_INTERVAL)
+        return replies
 
     def _base(self) -> bytes:
         """The merged base offset every party trains and evaluates on (FLoRA), or nothing."""
