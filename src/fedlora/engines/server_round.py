@@ -280,18 +280,17 @@ class ServerRound:
     ) -> TensorDict | None:
         """A client's reply as the server decoded it against the method's expected schema, or
         None if refused (the ledger holds the reason; the round goes on without it). Under
-        secure aggregation the reply stays with its client, prepared for masking."""
+        secure aggregation the reply stays with its client, for the masking: on hosts that keep
+        it (no bytes came), or here, where the hosts hand it back (one process, the pool)."""
         method = self.exp.method
-        if self.held_here is not None and not payload:  # the hosts kept it for the masking
+        if self.held_here is not None:
             self.expected[client], self.sent[client] = method.expected_reply(client, sent), sent
+            if payload:
+                self.held_here.hold(client, decode(payload), sent, round_index)
             return {}
         if not method.communicates or not payload:
             return decode(payload) if payload else {}
         expect = method.expected_reply(client, sent)
-        if self.held_here is not None:
-            self.expected[client], self.sent[client] = expect, sent
-            self.held_here.hold(client, decode(payload), sent, round_index)
-            return {}  # it stays with its client, for the masking
         try:
             return self.channel.receive(payload, client_name(client), SERVER, round_index, expect)
         except MessageError as error:
