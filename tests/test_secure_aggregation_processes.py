@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedlora.checkpoint import load_checkpoint
 from tests.conftest import ADAPTIVE_CENTRAL, read_metrics
 from tests.frames import received
-from tests.test_distributed import assert_same_run, finish, launch, reference
+from tests.test_distributed import assert_same_run, finish, kill_mid_run, launch, reference
 
 # Seed 1 with these rates gives, over the three rounds (a pure function of the seed): round 1,
 # one client drops after ShareKeys, its masks recovered; round 2, one vanishes after its masked
@@ -93,3 +94,24 @@ def test_secure_aggregation_on_three_processes_equals_the_in_process_secure_run(
     uploads = {row["kind"] for row in ledger if row["receiver"] == "server"}
     assert uploads == {f"secagg.{k}" for k in ("advertise_keys", "share_keys", "masked_input",
                                                 "unmasking")}  # fmt: skip
+
+
+def test_a_rank_killed_under_secure_aggregation_stops_the_run_and_resume_equals_it(
+    tmp_path: Path,
+) -> None:
+    """A worker rank is killed (SIGKILL) once the first checkpoint exists, mid-run: the run
+    stops naming it; ``--resume`` on the same processes continues from each rank's own files
+    (the replies a killed round held are gone; the round is replayed), and the run equals the
+    uninterrupted in-process secure run."""
+    values = ["privacy.secure_aggregation=true", "experiment.rounds=4", "train.local_steps=20"]
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    run = launch("fedit.toml", out, log, "--nproc", "3", *settings(values))
+    expected = reference("fedit.toml", tmp_path / "ref", *settings(values))
+    kill_mid_run(run, out, log, rank=1)
+    completed = load_checkpoint(out).completed_rounds
+    assert 1 <= completed < 4, "the kill must land before the run finished"
+    resumed = finish(
+        launch("fedit.toml", out, log, "--nproc", "3", "--resume", *settings(values)), log
+    )
+    assert f"resuming after round {completed}" in resumed
+    assert_same_run(expected, out)
