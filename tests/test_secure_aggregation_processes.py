@@ -104,9 +104,9 @@ def test_a_rank_killed_under_secure_aggregation_stops_the_run_and_resume_equals_
     (the replies a killed round held are gone; the round is replayed), and the run equals the
     uninterrupted in-process secure run."""
     values = ["privacy.secure_aggregation=true", "experiment.rounds=4", "train.local_steps=20"]
+    expected = reference("fedit.toml", tmp_path / "ref", *settings(values))
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     run = launch("fedit.toml", out, log, "--nproc", "3", *settings(values))
-    expected = reference("fedit.toml", tmp_path / "ref", *settings(values))
     kill_mid_run(run, out, log, rank=1)
     completed = load_checkpoint(out).completed_rounds
     assert 1 <= completed < 4, "the kill must land before the run finished"
