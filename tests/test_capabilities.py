@@ -54,4 +54,3 @@ def test_every_combination_is_a_clear_refusal_or_a_run(
     flat = " ".join(output.split())
     assert "runs with" in flat and any(p.how in flat for p in PLACEMENTS.values()), flat
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything ran
-

@@ -263,6 +263,7 @@ def mean_only_methods() -> list[str]:
 def test_the_methods_that_support_secure_aggregation() -> None:
     assert mean_only_methods() == [
         "dwa",
+        "feddpa",
         "fedftg",
         "fedftg_code_compat",
         "fedit",

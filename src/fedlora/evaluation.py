@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from fedlora.scoring import (
 from fedlora.tensors import TensorDict
 from fedlora.training import to_device
 
+RowSelector = Callable[[TokenizedSet, list[int]], None]
+
 
 class Evaluator:
     def __init__(
@@ -52,6 +55,7 @@ class Evaluator:
         self.max_new_tokens = config.max_new_tokens
         self.pattern = re.compile(config.answer_pattern) if config.answer_pattern else None
         self._rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self._select: RowSelector | None = None
 
     def _chunks(self, count: int) -> list[list[int]]:
         rows = list(range(count))
@@ -63,16 +67,26 @@ class Evaluator:
         cut = data.prompt_batch(rows) if prompts else data.batch(rows)
         return to_device(cut, self.compute.device)
 
-    def evaluate(self, state: TensorDict) -> dict[str, float]:
-        """The test metrics, and the validation set's as ``val_<metric>`` when there is one."""
-        with torch.no_grad(), self.compute.autocast():
-            self.slots.load(state)
-            self.slots.model.eval()
-            metrics = self._evaluate(self.test)
-            if self.validation is not None:
-                scored = self._evaluate(self.validation)
-                metrics.update({f"val_{key}": value for key, value in scored.items()})
-            return metrics
+    def evaluate(self, state: TensorDict, rows: RowSelector | None = None) -> dict[str, float]:
+        """The test metrics, and the validation set's as ``val_<metric>`` when there is one.
+        ``rows``, if given, is told the split and data rows of every forward's batch rows
+        before it runs (per-example adapter weights follow them, ``fedlora.mixing``)."""
+        self._select = rows
+        try:
+            with torch.no_grad(), self.compute.autocast():
+                self.slots.load(state)
+                self.slots.model.eval()
+                metrics = self._evaluate(self.test)
+                if self.validation is not None:
+                    scored = self._evaluate(self.validation)
+                    metrics.update({f"val_{key}": value for key, value in scored.items()})
+                return metrics
+        finally:
+            self._select = None
+
+    def _see(self, data: TokenizedSet, rows: list[int]) -> None:
+        if self._select is not None:
+            self._select(data, rows)
 
     def _evaluate(self, data: TokenizedSet) -> dict[str, float]:
         """The metrics of one split under the loaded state."""
@@ -81,6 +95,7 @@ class Evaluator:
             predictions, labels, losses = [], [], []
             for rows in self._chunks(len(data)):
                 batch = self._batch(data, rows)
+                self._see(data, rows)
                 out = model(**batch)
                 losses.append(float(out.loss) * len(rows))
                 predictions.extend(out.logits.argmax(-1).tolist())
@@ -127,6 +142,7 @@ class Evaluator:
         keep |= {len(c) - 1 for c in contexts} if shared else set()
         positions = sorted(keep)
         device = self.compute.device
+        self._see(data, rows)
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -145,8 +161,12 @@ class Evaluator:
         if not data.multiple_choice:
             return float(loss), tokens, [[] for _ in rows]
         assert data.continuations is not None
+
+        def items(chosen: list[int]) -> None:  # the rows of a continuation forward
+            self._see(data, [rows[i] for i in chosen])
+
         if not shared:
-            return float(loss), tokens, choice_loglikelihoods(model, data, rows, device)
+            return float(loss), tokens, choice_loglikelihoods(model, data, rows, device, items)
         lengths = torch.tensor([len(c) for c in contexts], device=device)
         column = torch.tensor([positions.index(len(c) - 1) for c in contexts], device=device)
         first = logits[torch.arange(len(rows), device=device), column]
@@ -154,7 +174,7 @@ class Evaluator:
         return (
             float(loss),
             tokens,
-            cached_choice_scores(model, out.past_key_values, lengths, first, tails),
+            cached_choice_scores(model, out.past_key_values, lengths, first, tails, items),
         )
 
     def _generation(self, model: torch.nn.Module, data: TokenizedSet) -> dict[str, float]:
@@ -166,6 +186,7 @@ class Evaluator:
         matches, f1s, rouges = [], [], []
         for rows in self._chunks(count):
             batch = self._batch(data, rows, prompts=True)
+            self._see(data, rows)
             generated = model.generate(
                 **batch,
                 max_new_tokens=self.max_new_tokens,

@@ -76,10 +76,10 @@ def export_client_adapters(
     method, written = experiment.method, []
     if method.per_client_eval:
         for client, store in stores.items():
-            own = method.client_model(client, store)
-            if own is not None:
-                experiment.slots.export(own, out / "adapters" / f"client_{client}")
-                written.append(out / "adapters" / f"client_{client}")
+            for folder, adapter in method.client_exports(client, store).items():
+                target = out / "adapters" / f"client_{client}" / folder
+                experiment.slots.export(adapter, target)
+                written.append(target)
     return written
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -75,8 +76,15 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+ItemsHook = Callable[[list[int]], None]  # told which items (positions in the batch) a forward holds
+
+
 def choice_loglikelihoods(
-    model: torch.nn.Module, data: TokenizedSet, rows: list[int], device: torch.device
+    model: torch.nn.Module,
+    data: TokenizedSet,
+    rows: list[int],
+    device: torch.device,
+    on_items: ItemsHook | None = None,
 ) -> list[list[float]]:
     """Per item of ``rows``, each choice's summed log-probability given the item's context:
     one forward of the contexts, then ``cached_choice_scores``."""
@@ -85,6 +93,8 @@ def choice_loglikelihoods(
     ids, mask = right_padded(contexts, data.pad_id)
     lengths = torch.tensor([len(c) for c in contexts])
     last = sorted(set((lengths - 1).tolist()))  # only these positions' logits are needed
+    if on_items is not None:
+        on_items(list(range(len(rows))))
     out = model(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -94,7 +104,9 @@ def choice_loglikelihoods(
     column = torch.tensor([last.index(n - 1) for n in lengths.tolist()], device=device)
     first = out.logits[torch.arange(len(rows), device=device), column]
     tails = [data.continuations[r] for r in rows]
-    return cached_choice_scores(model, out.past_key_values, lengths.to(device), first, tails)
+    return cached_choice_scores(
+        model, out.past_key_values, lengths.to(device), first, tails, on_items
+    )
 
 
 def cached_choice_scores(
@@ -103,17 +115,21 @@ def cached_choice_scores(
     lengths: torch.Tensor,
     first: torch.Tensor,
     tails: list[list[list[int]]],
+    on_items: ItemsHook | None = None,
 ) -> list[list[float]]:
     """Each choice's log-probability given its item's context, where item i's context is the
     first ``lengths[i]`` columns of row i of ``cache`` (later columns, padding or a reference
     answer, are masked out) and ``first[i]`` holds the logits after it. A choice's first
     token is read off ``first``; its later tokens run against a copy of the cache rows they
-    need, ``CONTINUATION_ROWS`` choices per forward."""
+    need, ``CONTINUATION_ROWS`` choices per forward; ``on_items`` is told the item of each
+    row of every such forward."""
     logprobs = torch.log_softmax(first.float(), dim=-1)
     scores = [[float(logprobs[i, tail[0]]) for tail in row] for i, row in enumerate(tails)]
     longer = [(i, j) for i, row in enumerate(tails) for j, tail in enumerate(row) if len(tail) > 1]
     for start in range(0, len(longer), CONTINUATION_ROWS):
         pairs = longer[start : start + CONTINUATION_ROWS]
+        if on_items is not None:
+            on_items([i for i, _ in pairs])
         values = continuation_scores(model, cache, lengths, pairs, [tails[i][j] for i, j in pairs])
         for (i, j), value in zip(pairs, values, strict=True):
             scores[i][j] += value

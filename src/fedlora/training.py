@@ -198,11 +198,14 @@ class LocalTrainer:
         optimizer_state: TensorDict | None = None,
         regularizer: Callable[[dict[str, torch.nn.Parameter]], torch.Tensor] | None = None,
         max_steps: int | None = None,
+        phase: int = 0,
     ) -> LocalResult:
         """``regularizer``, if given, is a penalty on the named trainable tensors added to the
         loss once per optimizer step (HetLoRA's self-pruning term); the reported loss excludes
         it. ``max_steps`` cuts the round short (a straggler at its deadline); the schedule
-        still counts the full round's steps."""
+        still counts the full round's steps. ``phase`` > 0 names a further training of the
+        same client in the same round (FedDPA's personal adapter) and gives it batches,
+        dropout and noise of its own; phase 0 draws what a single-phase round always drew."""
         config = self.config
         self.slots.load(start)
         params = self.slots.parameters(trainable)
@@ -215,9 +218,10 @@ class LocalTrainer:
         total = steps * self.rounds
         schedule_steps = steps
         steps = min(steps, max_steps) if max_steps is not None else steps
-        torch.manual_seed(derived_seed(self.seed, round_index, client, 1))  # dropout
+        stream = (round_index, client) if phase == 0 else (round_index, client, phase)
+        torch.manual_seed(derived_seed(self.seed, *stream, 1))  # dropout
         scaler = self.compute.grad_scaler()  # float16 only; a fresh one per client turn
-        step_gradient = self._gradients(params, rows, round_index, client, scaler)
+        step_gradient = self._gradients(params, rows, stream, scaler)
         losses = []
         examples = 0
         for step in range(steps):
@@ -251,13 +255,13 @@ class LocalTrainer:
         self,
         params: list[tuple[str, torch.nn.Parameter]],
         rows: list[int],
-        round_index: int,
-        client: int,
+        stream: tuple[int, ...],
         scaler: torch.amp.GradScaler | None,
     ) -> Callable[[], tuple[list[float], int]]:
         """What puts one step's gradient into ``.grad``: the plain batch gradient, or DP-SGD's
-        over samples of ``rows`` with the client's noise stream."""
-        samples_seed = derived_seed(self.seed, round_index, client, 2)
+        over samples of ``rows`` with the client's noise stream (``stream``: round, client and
+        phase, if any)."""
+        samples_seed = derived_seed(self.seed, *stream, 2)
         if self.dp is None:
             return partial(
                 self._plain_gradient,
@@ -269,9 +273,9 @@ class LocalTrainer:
         return partial(
             self._private_gradient,
             PerExampleGradients(self.slots.model, params, self.dp.causal_attention),
-            private_batches(self.dp.sampling, rows, logical, seeds.seed(round_index, client, 2)),
+            private_batches(self.dp.sampling, rows, logical, seeds.seed(*stream, 2)),
             min(logical, len(rows)),
-            generator(seeds.seed(round_index, client, 3)),
+            generator(seeds.seed(*stream, 3)),
         )
 
     def _plain_gradient(

@@ -21,6 +21,8 @@ import numpy as np
 from fedlora.attack import tamper
 from fedlora.channel import Channel, MessageError, encode
 from fedlora.experiment import Experiment
+from fedlora.methods.base import PersonalPhase
+from fedlora.mixing import branches, mixture_metrics
 from fedlora.tensors import TensorDict
 from fedlora.training import LocalResult, derived_seed, steps_per_round, withheld
 
@@ -82,7 +84,11 @@ class ClientRuntime:
         """One client's half of a round, from the decoded message to the reply it sends back
         (a peer's round: from its own model, the message empty)."""
         exp, method, config = self.exp, self.exp.method, self.exp.config
-        start = method.client_start(client, message, self.stores[client])
+        store = self.stores[client]
+        phase = method.personal_phase(client, message, store, round_index)
+        if phase is not None:
+            method.keep_personal(client, self._personal_steps(client, phase, round_index), store)
+        start = method.client_start(client, message, store)
         keep = self.keeps_optimizer()
         with exp.slots.scaled(method.client_scales(client)):
             result = exp.trainer.train(
@@ -97,10 +103,27 @@ class ClientRuntime:
             )
         if keep:
             self.optimizers[client] = result.optimizer_state
-        reply = method.client_reply(client, result.state, message, self.stores[client])
+        reply = method.client_reply(client, result.state, message, store)
         seed = config.experiment.seed
         reported = withheld(result) if exp.withholds_client_stats else result
         return tamper(reply, message, config.attack, client, seed, round_index), reported
+
+    def _personal_steps(self, client: int, phase: PersonalPhase, round_index: int) -> TensorDict:
+        """The client's steps on its personal adapter (``Method.personal_phase``): a fresh
+        optimizer, batches and dropout of their own, the round's schedule."""
+        exp = self.exp
+        own = {m.key: phase.weight * m.scale for m in exp.slots.modules}
+        with exp.slots.scaled(own), branches(exp.slots, phase.added):
+            result = exp.trainer.train(
+                phase.start,
+                exp.clients[client],
+                round_index,
+                client,
+                phase.trainable,
+                max_steps=exp.config.federation.deadline_steps,
+                phase=1,
+            )
+        return result.state
 
     def answer(self, client: int, payload: bytes, round_index: int) -> tuple[bytes, dict]:
         """The client's work on a download's bytes: the reply's bytes and a report of scalars,
@@ -126,6 +149,9 @@ class ClientRuntime:
     def metrics(self, client: int) -> dict[str, float]:
         """Client ``client``'s own model on the test set (methods with ``per_client_eval``)."""
         method = self.exp.method
+        mixture = method.client_mixture(client, self.stores[client])
+        if mixture is not None:
+            return mixture_metrics(self.exp, client, mixture)
         own = method.own_model(client, self.stores[client])
         with self.exp.slots.scaled(method.client_scales(client)):
             return self.exp.evaluator.evaluate(own)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,6 +30,9 @@ from fedlora.lazy import torch
 from fedlora.privacy.central import CentralDP
 from fedlora.tensors import LoraModule, TensorDict
 from fedlora.training import standard_optimizer
+
+if TYPE_CHECKING:
+    from fedlora.mixing import Branch, Mixture
 
 MEAN = -1  # the client index ``aggregate_mean`` gives the mean of the replies
 
@@ -65,6 +68,20 @@ def store_under(store: TensorDict, prefix: str, state: TensorDict) -> None:
 
 
 Regularizer = Callable[[dict[str, "torch.nn.Parameter"]], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class PersonalPhase:
+    """Local steps on an adapter the client keeps to itself, run before the round's own
+    training (FedDPA's local adapter): from ``start``, on the tensors ``trainable`` selects,
+    the slots' own LoRA output weighted by ``weight`` and the ``added`` branches in the
+    forward (``fedlora.mixing``). Its result goes to ``Method.keep_personal``, never on the
+    wire."""
+
+    start: TensorDict
+    trainable: Callable[[str], bool]
+    weight: float
+    added: list[Branch]
 
 
 class Method(ABC):
@@ -166,6 +183,28 @@ class Method(ABC):
     def client_model(self, client: int, store: TensorDict) -> TensorDict | None:
         """The client's own model for per-client evaluation (``per_client_eval``)."""
         return None
+
+    def client_exports(self, client: int, store: TensorDict) -> dict[str, TensorDict]:
+        """The client's adapters to export, by subfolder of ``adapters/client_<i>`` ("" for the
+        folder itself): its own model by default."""
+        own = self.client_model(client, store)
+        return {"": own} if own is not None else {}
+
+    def client_mixture(self, client: int, store: TensorDict) -> Mixture | None:
+        """Two adapters the client's model mixes per test example (FedDPA), evaluated by
+        ``fedlora.mixing.mixture_metrics`` instead of ``own_model``; None for one adapter."""
+        return None
+
+    def personal_phase(
+        self, client: int, message: TensorDict, store: TensorDict, round_index: int
+    ) -> PersonalPhase | None:
+        """Local steps before the round's own training, on an adapter that never leaves the
+        client; None (the default): none."""
+        return None
+
+    def keep_personal(self, client: int, trained: TensorDict, store: TensorDict) -> None:
+        """Keep the result of ``personal_phase`` in the client's ``store``."""
+        raise NotImplementedError(f"method {self.name} has no personal phase")
 
     def own_model(self, client: int, store: TensorDict) -> TensorDict:
         """The client's own model, or the common init before it has trained."""
