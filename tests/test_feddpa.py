@@ -282,7 +282,7 @@ def test_the_global_adapter_follows_fedit_exactly_and_the_local_one_never_travel
     fedit = tmp_path / "fedit"
     code, output = run_cli(
         "run", str(TINY / "feddpa.toml"), "--out", str(fedit), "--quiet", *ONE,
-        "--set", "method.name=fedit",
+        "--set", "method.name=fedit", "--set", "eval.own_test_share=false",
     )  # fmt: skip
     assert code == 0, output
     assert ledger(dpa) == ledger(fedit)  # the same bytes, message by message
@@ -300,6 +300,7 @@ def test_the_global_adapter_follows_fedit_exactly_and_the_local_one_never_travel
     assert any(f"/{LOCAL}" in k for k in stores) and any(f"/{GLOBAL}" in k for k in stores)
     final = read_metrics(dpa)[-1]
     assert {"accuracy", "accuracy_std", "accuracy_min"} <= set(final)  # per client
+    assert {"own_accuracy", "own_accuracy_std", "own_accuracy_min"} <= set(final)
     assert math.isfinite(final["accuracy"]) and math.isfinite(final["test_loss"])
 
 
@@ -362,3 +363,43 @@ def test_feddpa_composes_with_dp_sgd_and_secure_aggregation(tmp_path: Path) -> N
     )
     assert code == 0, output
     assert math.isfinite(read_metrics(tmp_path)[-1]["epsilon"])
+
+
+# -- each client's own test share ------------------------------------------------------------------
+
+
+def test_own_test_share_scores_each_clients_model_on_its_share(tmp_path: Path) -> None:
+    """FedSA-LoRA with ``eval.own_test_share``: own_accuracy is the mean over clients of each
+    client's own model's accuracy on its share, computed here from the logits."""
+    out = tmp_path / "fedsa"
+    code, output = run_cli(
+        "run", str(TINY / "fedsa.toml"), "--out", str(out), "--quiet", *ONE,
+        "--set", "eval.own_test_share=true",
+    )  # fmt: skip
+    assert code == 0, output
+    exp = build(load_config(out / "config.toml"))
+    checkpoint = load_checkpoint(out)
+    assert checkpoint is not None and exp.own_tests is not None
+    accuracies = []
+    for client, share in enumerate(exp.own_tests):
+        assert len(share) > 0
+        exp.slots.load(exp.method.own_model(client, checkpoint.stores[client]))
+        exp.slots.model.eval()
+        batch = share.batch(list(range(len(share))))
+        with torch.no_grad():
+            predicted = exp.slots.model(**batch).logits.argmax(-1)
+        accuracies.append(float((predicted == batch["labels"]).double().mean()))
+    final = read_metrics(out)[-1]
+    assert final["own_accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+    assert final["own_accuracy_min"] == pytest.approx(min(accuracies), abs=1e-12)
+    rows = [len(share) for share in exp.own_tests]
+    assert sum(rows) <= len(exp.evaluator.test)  # disjoint shares of the test set
+
+
+def test_own_test_share_is_refused_for_a_method_with_one_global_model(tmp_path: Path) -> None:
+    code, output = run_cli(
+        "run", str(TINY / "fedit.toml"), "--out", str(tmp_path), "--quiet",
+        "--set", "eval.own_test_share=true",
+    )  # fmt: skip
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "evaluates one global model" in errors[0], output

@@ -7,7 +7,7 @@ import pytest
 from datasets import ClassLabel, Dataset
 
 from fedlora.config import ConfigError, PartitionConfig
-from fedlora.data.partition import label_histograms, partition
+from fedlora.data.partition import label_histograms, own_test_shares, partition
 
 
 def labelled(n_per_class: int = 60, classes: int = 5) -> Dataset:
@@ -119,3 +119,34 @@ def test_quantity_skew_sizes_grow() -> None:
 def test_impossible_partitions_are_clear_errors(config: PartitionConfig, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         partition(labelled(), config, 5, 0)
+
+
+def test_own_test_shares_mirror_each_clients_share_of_every_class() -> None:
+    """Client i's own test rows of class c number its share n_i(c)/n(c) of c's test rows, cut
+    at the rounded cumulative shares (a hand computation over the histograms); the shares are
+    disjoint and hold only test rows of classes someone trained on."""
+    rng = np.random.default_rng(7)
+    train = rng.integers(0, 4, size=300).tolist()
+    test = rng.integers(0, 5, size=97).tolist()  # class 4 never seen in training
+    clients = [sorted(c.tolist()) for c in np.array_split(rng.permutation(300), 3)]
+    clients[0] = [r for r in clients[0] if train[r] != 2]  # client 0 holds no class 2
+    shares = own_test_shares(train, clients, test, seed=3)
+    flat = [r for share in shares for r in share]
+    assert len(flat) == len(set(flat))
+    assert {test[r] for r in flat} <= {0, 1, 2, 3}
+    for c in range(4):
+        held = [sum(train[r] == c for r in rows) for rows in clients]
+        total = sum(t == c for t in test)
+        cumulative = [round(total * sum(held[: i + 1]) / sum(held)) for i in range(3)]
+        expected = np.diff([0, *cumulative]).tolist()
+        got = [sum(test[r] == c for r in share) for share in shares]
+        assert got == expected, (c, got, expected)
+    assert not any(test[r] == 2 for r in shares[0])
+    assert own_test_shares(train, clients, test, seed=3) == shares  # seeded
+
+
+def test_a_natural_partitions_own_test_share_is_its_groups_test_rows() -> None:
+    train = ["a", "b", "c", "a", "b", "c", "a"]
+    test = ["c", "a", "a", "b", "d", "c"]
+    clients = [[0, 3, 6], [1, 4], [2, 5]]  # one group each
+    assert own_test_shares(train, clients, test, seed=0) == [[1, 2], [3], [0, 5]]

@@ -381,6 +381,12 @@ class EvalConfig(Section):
         description="instruction data: test answers generated for exact match, F1 and ROUGE-L",
     )
     max_new_tokens: int = Field(32, ge=1, description="causal LMs: generation length, in tokens")
+    own_test_share: bool = Field(
+        False,
+        description="methods that evaluate each client's own model: also on the client's own "
+        "share of the test set, cut from each class (or `natural` group) in the client's share "
+        "of its training examples; reported as `own_<metric>`",
+    )
     lm_eval_tasks: list[Annotated[str, Field(min_length=1)]] = Field(
         [],
         description="lm-evaluation-harness tasks run on the final adapter after the last round "

@@ -67,8 +67,11 @@ class Evaluator:
         cut = data.prompt_batch(rows) if prompts else data.batch(rows)
         return to_device(cut, self.compute.device)
 
-    def evaluate(self, state: TensorDict, rows: RowSelector | None = None) -> dict[str, float]:
-        """The test metrics, and the validation set's as ``val_<metric>`` when there is one.
+    def evaluate(
+        self, state: TensorDict, rows: RowSelector | None = None, own: TokenizedSet | None = None
+    ) -> dict[str, float]:
+        """The test metrics, the validation set's as ``val_<metric>`` when there is one, and
+        with ``own`` (a client's own share of the test set) its metrics as ``own_<metric>``.
         ``rows``, if given, is told the split and data rows of every forward's batch rows
         before it runs (per-example adapter weights follow them, ``fedlora.mixing``)."""
         self._select = rows
@@ -77,12 +80,17 @@ class Evaluator:
                 self.slots.load(state)
                 self.slots.model.eval()
                 metrics = self._evaluate(self.test)
-                if self.validation is not None:
-                    scored = self._evaluate(self.validation)
-                    metrics.update({f"val_{key}": value for key, value in scored.items()})
+                for prefix, data in (("val_", self.validation), ("own_", own)):
+                    if data is not None:
+                        scored = self._evaluate(data)
+                        metrics.update({prefix + key: value for key, value in scored.items()})
                 return metrics
         finally:
             self._select = None
+
+    def splits(self, own: TokenizedSet | None = None) -> list[TokenizedSet]:
+        """The sets ``evaluate`` scores: test, then validation and ``own`` where given."""
+        return [d for d in (self.test, self.validation, own) if d is not None]
 
     def _see(self, data: TokenizedSet, rows: list[int]) -> None:
         if self._select is not None:

@@ -12,7 +12,7 @@ from fedlora.adapters import AdapterSlots
 from fedlora.compute import Compute
 from fedlora.config import Config, ConfigError
 from fedlora.data.chat import Rendering
-from fedlora.data.partition import label_histograms, partition
+from fedlora.data.partition import label_histograms, own_test_shares, partition
 from fedlora.data.sources import SplitData, load_split
 from fedlora.data.token_cache import tokenize_cached
 from fedlora.data.tokenized import TokenizedSet
@@ -35,6 +35,8 @@ from fedlora.privacy.plan import central_of, dp_sgd_of, plan_privacy
 from fedlora.ranks import client_ranks
 from fedlora.training import LocalTrainer, derived_seed
 
+OWN_TEST_STREAM = 0x0575  # the shuffle that cuts the clients' own test shares
+
 
 @dataclass
 class Experiment:
@@ -50,6 +52,13 @@ class Experiment:
     evaluator: Evaluator
     compute: Compute
     privacy: PrivacyBudget | None = None  # [privacy] with a mechanism
+    own_tests: list[TokenizedSet] | None = None  # eval.own_test_share: each client's share
+
+    def own_test(self, client: int) -> TokenizedSet | None:
+        """Client ``client``'s own share of the test set (``eval.own_test_share``), if it has
+        one with rows."""
+        share = self.own_tests[client] if self.own_tests is not None else None
+        return share if share is not None and len(share) > 0 else None
 
     @property
     def withholds_client_stats(self) -> bool:
@@ -166,6 +175,11 @@ def build(config: Config, deployed: bool = False) -> Experiment:
         dp_sgd_of(plan, config, causal_attention=base.config.model_type not in ENCODERS),
     )
     evaluator = Evaluator(slots, test_set, tokenizer, config.eval, compute, validation_set)
+    own_tests = (
+        own_test_sets(config, split, clients, test_set)
+        if config.eval.own_test_share and cls.per_client_eval
+        else None
+    )
     return Experiment(
         config,
         spec,
@@ -179,4 +193,22 @@ def build(config: Config, deployed: bool = False) -> Experiment:
         evaluator,
         compute,
         PrivacyBudget(plan, central) if plan is not None else None,
+        own_tests,
     )
+
+
+def own_test_sets(
+    config: Config, split: SplitData, clients: list[list[int]], test_set: TokenizedSet
+) -> list[TokenizedSet]:
+    """Each client's own share of the test set (``own_test_shares``), by the key the training
+    data was partitioned by: the ``natural`` partition's column, else the label."""
+    natural = config.partition.kind == "natural"
+    key = (config.partition.column or "label") if natural else "label"
+    if key not in split.test.column_names:
+        raise ConfigError(
+            f"eval.own_test_share: the test data has no column {key!r} to cut the clients' "
+            "shares by; add it to the test records or set eval.own_test_share = false"
+        )
+    seed = derived_seed(config.experiment.seed, OWN_TEST_STREAM)
+    shares = own_test_shares(list(split.train[key]), clients, list(split.test[key]), seed)
+    return [test_set.select(rows) for rows in shares]

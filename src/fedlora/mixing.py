@@ -188,26 +188,29 @@ class Mixture:
     weighted: Literal["local", "shared"]
 
 
-def instance_weights(exp: Experiment, client: int, mixture: Mixture) -> RowWeights:
-    """w(x) for every row of the evaluator's splits, from ``client``'s own training examples."""
+def instance_weights(
+    exp: Experiment, client: int, mixture: Mixture, own: TokenizedSet | None = None
+) -> RowWeights:
+    """w(x) for every row of the evaluator's splits (and the client's ``own`` test share),
+    from ``client``'s own training examples."""
     slots, evaluator = exp.slots, exp.evaluator
     with torch.no_grad():
         slots.load({**mixture.shared, **lora_only(mixture.local)})
         slots.model.eval()
-        own = exp.clients[client]
-        splits = [evaluator.test] + ([evaluator.validation] if evaluator.validation else [])
+        mine = exp.clients[client]  # the client's training rows
+        splits = evaluator.splits(own)
         seed = exp.config.experiment.seed
         draws = {
             id(data): draw_references(
-                len(data), len(own), mixture.instances, derived_seed(seed, client, tag, STREAM)
+                len(data), len(mine), mixture.instances, derived_seed(seed, client, tag, STREAM)
             )
             for tag, data in enumerate(splits)
         }
         needed = sorted({int(i) for d in draws.values() for i in d.flatten()})
         embedded = last_token_embeddings(
-            slots, exp.train_set, [own[i] for i in needed], evaluator.batch_size
+            slots, exp.train_set, [mine[i] for i in needed], evaluator.batch_size
         )
-        pool = embedded.new_zeros(len(own), embedded.shape[1])  # rows never drawn stay 0
+        pool = embedded.new_zeros(len(mine), embedded.shape[1])  # rows never drawn stay 0
         pool[needed] = embedded
         by_split = {
             id(data): similarity_weights(
@@ -221,14 +224,16 @@ def instance_weights(exp: Experiment, client: int, mixture: Mixture) -> RowWeigh
     return RowWeights(by_split)
 
 
-def mixture_metrics(exp: Experiment, client: int, mixture: Mixture) -> dict[str, float]:
-    """The metrics of ``client``'s mixed model: each test (and validation) example under its
-    own weights w(x) on the two adapters."""
-    weights = instance_weights(exp, client, mixture)
+def mixture_metrics(
+    exp: Experiment, client: int, mixture: Mixture, own: TokenizedSet | None = None
+) -> dict[str, float]:
+    """The metrics of ``client``'s mixed model: each test (validation, own test share)
+    example under its own weights w(x) on the two adapters."""
+    weights = instance_weights(exp, client, mixture, own)
     on_shared = mixture.weighted == "shared"
     added = [
         Branch(lora_only(mixture.local), PerRow(weights, complement=on_shared)),
         Branch(lora_only(mixture.shared), PerRow(weights, complement=not on_shared)),
     ]
     with branches(exp.slots, added):
-        return exp.evaluator.evaluate(silenced(mixture.shared), rows=weights.select)
+        return exp.evaluator.evaluate(silenced(mixture.shared), weights.select, own)

@@ -34,6 +34,12 @@ def check_config(config: Config) -> None:
             "client at lora.rank; use a heterogeneous-rank method or profile 'homo'"
         )
     client_ranks(config, 1)  # range check of ranks.values against lora.rank
+    if config.eval.own_test_share and not cls.per_client_eval:
+        raise ConfigError(
+            f"eval.own_test_share: method {config.method.name!r} evaluates one global model; "
+            "a client's own test share needs a method that evaluates each client's own model "
+            "(fedsa, feddpa, local, declora, dlora)"
+        )
     if config.model.quantize_4bit and cls.full_weights:
         raise ConfigError(
             f"model.quantize_4bit: method {config.method.name!r} fine-tunes the full target "

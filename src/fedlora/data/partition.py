@@ -185,3 +185,26 @@ def label_histograms(
     for client, rows in enumerate(clients):
         counts[client] = np.bincount(array[rows], minlength=num_classes)
     return counts.tolist()
+
+
+def own_test_shares(
+    train_keys: list, clients: list[list[int]], test_keys: list, seed: int
+) -> list[list[int]]:
+    """Each client's own share of the test set, cut the way its training data was cut: of the
+    test rows of every key (a class, or a ``natural`` group), client i takes the fraction it
+    holds of that key's training rows; the rows are shuffled by ``seed`` and cut at the
+    cumulative fractions. The shares are disjoint; test rows of a key no client trained on
+    belong to none."""
+    rng = np.random.default_rng(seed)
+    train = np.asarray(train_keys, dtype=object)
+    test = np.asarray(test_keys, dtype=object)
+    shares: list[list[int]] = [[] for _ in clients]
+    for key in sorted(set(test_keys), key=str):
+        held = np.asarray([np.sum(train[rows] == key) for rows in clients], dtype=np.float64)
+        if held.sum() == 0:
+            continue
+        members = rng.permutation(np.flatnonzero(test == key))
+        cuts = np.round(np.cumsum(held / held.sum())[:-1] * len(members)).astype(int)
+        for client, chunk in enumerate(np.split(members, cuts)):
+            shares[client].extend(int(i) for i in chunk)
+    return [sorted(share) for share in shares]

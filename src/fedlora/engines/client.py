@@ -147,14 +147,16 @@ class ClientRuntime:
             self.exp.slots.merge_into_base(offset)
 
     def metrics(self, client: int) -> dict[str, float]:
-        """Client ``client``'s own model on the test set (methods with ``per_client_eval``)."""
-        method = self.exp.method
+        """Client ``client``'s own model on the test set, and on its own share of it with
+        ``eval.own_test_share`` (methods with ``per_client_eval``)."""
+        exp, method = self.exp, self.exp.method
+        share = exp.own_test(client)  # eval.own_test_share
         mixture = method.client_mixture(client, self.stores[client])
         if mixture is not None:
-            return mixture_metrics(self.exp, client, mixture)
+            return mixture_metrics(exp, client, mixture, share)
         own = method.own_model(client, self.stores[client])
-        with self.exp.slots.scaled(method.client_scales(client)):
-            return self.exp.evaluator.evaluate(own)
+        with exp.slots.scaled(method.client_scales(client)):
+            return exp.evaluator.evaluate(own, own=share)
 
     def export(self, clients: list[int], out: Path) -> list[Path]:
         """The hosted clients' own adapters under ``out/adapters/client_<i>``."""

@@ -96,8 +96,9 @@ class Round(Protocol):
 def summarize_clients(per_client: list[dict[str, float]]) -> dict[str, float]:
     """Mean and spread of per-client metrics (methods that evaluate each client's own model)."""
     summary: dict[str, float] = {}
-    for key in per_client[0]:
-        values = np.asarray([m[key] for m in per_client])
+    keys = dict.fromkeys(key for metrics in per_client for key in metrics)  # in first-seen order
+    for key in keys:  # a client without an own test share has no own_<metric>
+        values = np.asarray([m[key] for m in per_client if key in m])
         summary[key] = float(values.mean())
         summary[f"{key}_std"] = float(values.std())
         summary[f"{key}_min"] = float(values.min())
