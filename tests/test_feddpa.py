@@ -46,6 +46,7 @@ from fedlora.models import load_base_model, load_tokenizer
 from fedlora.tensors import TensorDict, wire_name
 from fedlora.training import derived_seed
 from tests.conftest import ONE, TINY, read_metrics, run_cli
+from tests.test_distributed import assert_same_run, finish, launch
 from tests.test_methods_2026 import assert_resumes_exactly, ledger
 from tests.test_methods_2026 import straight as straight  # the tiny runs, once per module
 from tests.test_methods_server import framed
@@ -403,3 +404,13 @@ def test_own_test_share_is_refused_for_a_method_with_one_global_model(tmp_path: 
     )  # fmt: skip
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "evaluates one global model" in errors[0], output
+
+
+def test_feddpa_on_three_processes_equals_the_in_process_run(straight, tmp_path: Path) -> None:
+    """torch.distributed, each rank hosting its clients: their local phases, mixed-model
+    evaluations (own shares too) and both exported adapters equal the in-process run's."""
+    out, log = tmp_path / "dist", tmp_path / "dist.log"
+    run = launch("feddpa.toml", out, log, "--nproc", "3", *ONE)
+    finish(run, log)
+    assert_same_run(straight("feddpa"), out)
+    assert (out / "adapters" / "client_3" / "local" / "adapter_model.safetensors").is_file()
