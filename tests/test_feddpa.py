@@ -45,9 +45,9 @@ from fedlora.mixing import (
 from fedlora.models import load_base_model, load_tokenizer
 from fedlora.tensors import TensorDict, wire_name
 from fedlora.training import derived_seed
-from tests.conftest import ONE, TINY, read_metrics, run_cli
+from tests.conftest import ADAPTIVE_CENTRAL, ONE, TINY, read_metrics, run_cli
 from tests.test_distributed import assert_same_run, finish, launch
-from tests.test_methods_2026 import assert_resumes_exactly, ledger
+from tests.test_methods_2026 import assert_refused, assert_resumes_exactly, ledger
 from tests.test_methods_2026 import straight as straight  # the tiny runs, once per module
 from tests.test_methods_server import framed
 
@@ -332,7 +332,39 @@ def test_each_client_exports_its_local_and_global_adapters_as_peft_adapters(stra
 
 
 def test_a_resumed_feddpa_run_ends_where_the_straight_run_does(straight, tmp_path: Path) -> None:
-    assert_resumes_exactly("feddpa", straight("feddpa"), tmp_path / "part")
+    """Stopped after round 2, when every client holds a trained local adapter (its store is
+    checkpointed), then resumed to round 3."""
+    assert_resumes_exactly("feddpa", straight("feddpa"), tmp_path / "part", first_rounds=2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["privacy.mechanism=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.delta=1e-5",
+         "privacy.secure_aggregation=true"],
+        ADAPTIVE_CENTRAL,
+        ["federation.aggregator=median"],
+    ],
+    ids=["dp-sgd+secure-aggregation", "central-dp", "median"],
+)  # fmt: skip
+def test_feddpa_runs_under_its_declared_privacy_and_robust_combinations(
+    overrides: list[str], tmp_path: Path
+) -> None:
+    args = [a for o in [*overrides, "experiment.rounds=2"] for a in ("--set", o)]
+    code, output = run_cli(
+        "run", str(TINY / "feddpa.toml"), "--out", str(tmp_path), "--quiet", *ONE, *args
+    )
+    assert code == 0, output
+    final = read_metrics(tmp_path)[-1]
+    assert math.isfinite(final["own_accuracy"])
+    if "privacy.mechanism=dp_sgd" in overrides or overrides == ADAPTIVE_CENTRAL:
+        assert math.isfinite(final["epsilon"])
+
+
+def test_feddpa_refuses_heterogeneous_ranks(tmp_path: Path) -> None:
+    assert_refused(
+        "feddpa", ["ranks.profile=uniform"], "trains every client at lora.rank", tmp_path
+    )
 
 
 @pytest.mark.parametrize("weight_on", ["local", "global"])
@@ -348,22 +380,6 @@ def test_weight_on_chooses_which_adapter_w_multiplies(weight_on: str) -> None:
     alone = each_row_alone(exp, {**shared, **lora_only(local)}, shared, on_local)
     together = mixture_metrics(exp, 0, mixture)
     assert together["loss"] == pytest.approx(np.mean(alone["loss"]), rel=1e-5)
-
-
-def test_feddpa_composes_with_dp_sgd_and_secure_aggregation(tmp_path: Path) -> None:
-    overrides = [
-        "privacy.mechanism=dp_sgd",
-        "privacy.noise_multiplier=1.0",
-        "privacy.delta=1e-5",
-        "privacy.secure_aggregation=true",
-        "experiment.rounds=2",
-    ]
-    args = [a for o in overrides for a in ("--set", o)]
-    code, output = run_cli(
-        "run", str(TINY / "feddpa.toml"), "--out", str(tmp_path), "--quiet", *ONE, *args
-    )
-    assert code == 0, output
-    assert math.isfinite(read_metrics(tmp_path)[-1]["epsilon"])
 
 
 # -- each client's own test share ------------------------------------------------------------------

@@ -323,12 +323,12 @@ def test_a_resumed_run_ends_where_the_straight_run_does(
     assert_resumes_exactly(name, straight(name), tmp_path / "part")
 
 
-def assert_resumes_exactly(name: str, whole: Path, part: Path) -> None:
-    """Run ``name``'s tiny config for 1 round into ``part``, resume it to the 2 rounds of the
-    straight run ``whole``: the same metrics, ledger and checkpoint tensors."""
+def assert_resumes_exactly(name: str, whole: Path, part: Path, first_rounds: int = 1) -> None:
+    """Run ``name``'s tiny config for ``first_rounds`` rounds into ``part``, resume it to the
+    rounds of the straight run ``whole``: the same metrics, ledger and checkpoint tensors."""
     config = str(TINY / f"{name}.toml")
     args = ("--out", str(part), "--quiet", *ONE)
-    assert run_cli("run", config, *args, "--set", "experiment.rounds=1")[0] == 0
+    assert run_cli("run", config, *args, "--set", f"experiment.rounds={first_rounds}")[0] == 0
     (part / "config.toml").write_text((whole / "config.toml").read_text())
     code, output = run_cli("run", config, *args, "--resume")
     assert code == 0, output
