@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fedlora.lazy import torch
-from fedlora.scoring import right_padded
 from fedlora.tensors import ADAPTER, TensorDict, is_head, wire_name
 from fedlora.training import derived_seed
 
@@ -142,6 +141,8 @@ def last_token_embeddings(
 ) -> torch.Tensor:
     """e(x) per row (rows × hidden, float32): the last layer's hidden state at the query's last
     token, under the adapter state loaded in the slots."""
+    from fedlora.scoring import right_padded  # transformers: only once a model is evaluated
+
     model, device = slots.model, next(slots.model.parameters()).device
     out = []
     with torch.no_grad():
