@@ -60,7 +60,6 @@ import torch
 import torch.distributed as dist
 from rich.progress import Progress, TaskID
 
-from fedlora import experiment as experiments
 from fedlora.channel import Channel, MessageError, Transfer
 from fedlora.checkpoint import FILE as CHECKPOINT
 from fedlora.checkpoint import CheckpointError
@@ -74,7 +73,7 @@ from fedlora.dlora.split import (
     _Pending,
     head_kind,
 )
-from fedlora.engines.client import ClientRuntime, client_name
+from fedlora.engines.client import client_name
 from fedlora.engines.distributed import (
     WRITER,
     RankParty,
@@ -83,7 +82,7 @@ from fedlora.engines.distributed import (
     send_states,
 )
 from fedlora.engines.loop import RunLoop, summarize_clients
-from fedlora.engines.split import SCHEDULE, SplitRound, _User
+from fedlora.engines.split import SCHEDULE, LocalLinks, SplitRound, User
 from fedlora.engines.transport import (
     ProtocolError,
     recv_any,
@@ -407,22 +406,18 @@ ROLES = (
 )
 
 
-class DistributedSplitRound(SplitRound):
-    """The split round with each user's link cut at the process boundary: rank 0 the cloud
-    (it runs the loop), ranks 1..N-1 the edges (``serve_edge``). Every rank builds the same
-    round, an edge with only its users; each rank's links are its own end (``_link``), and the
-    edge steps with ``edge_step`` (``_step``)."""
+class RankLinks(LocalLinks):
+    """Where a split round's users live across ranks: rank 0 the cloud (it runs the loop),
+    ranks 1..N-1 the edges (``serve_edge``). Every rank builds the same ``SplitRound`` with these
+    links, an edge with only its users; each rank's links are its own end (``link``), and an
+    edge steps with ``edge_step`` (``step``)."""
 
-    def __init__(
-        self, experiment: experiments.Experiment, runtime: ClientRuntime, party: RankParty
-    ) -> None:
-        # Before the round builds the users: ``_link`` needs them.
+    def __init__(self, party: RankParty, device: torch.device) -> None:
         self.party = party
         self.on_cloud = party.rank == CLOUD_RANK
         self.endpoint = Endpoint(CLOUD_RANK)  # an edge's; the cloud has one per user's link
         # The users' per-step files are written by the observer, or in a deployment by the edges.
         self.user_files = party.observer if self.on_cloud else not party.observer
-        super().__init__(experiment, runtime, party.directory())
         workers = party.placement.workers()
         if dist.get_backend() == "nccl" and len(workers) > 1:
             raise ConfigError(
@@ -431,29 +426,29 @@ class DistributedSplitRound(SplitRound):
                 "(it receives from one named rank); run the ranks on gloo (compute.device = "
                 "'cpu', or more ranks than GPUs) or with one edge (--nproc 2)"
             )
-        self.streams = Streams(self.exp.compute.device)
+        self.streams = Streams(device)  # the cloud's: one dropout stream per user
         self.edge_losses: list[float] = []  # the round's [sum, count] of the edges' step losses
 
-    def _user_indices(self) -> list[int]:
-        return super()._user_indices() if self.on_cloud else self.party.hosted
+    def user_indices(self, split: SplitRound) -> list[int]:
+        return super().user_indices(split) if self.on_cloud else self.party.hosted
 
-    def _link(self, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
+    def link(self, split: SplitRound, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
         placement = self.party.placement
         end, peer = (CloudEnd, placement.owner(index)) if self.on_cloud else (EdgeEnd, WRITER)
         return end(
             client_name(index),
             edge,
-            self.wire,
-            self.method.opts.killed_forward,
+            split.wire,
+            split.method.opts.killed_forward,
             Endpoint(peer),
-            self.exp.compute.device,
+            split.exp.compute.device,
         )
 
     # -- the run around the rounds, on the cloud ----------------------------------------------
-    def open(self, start_round: int, run_dir: Path) -> None:
-        self.party.start(start_round, self.runtime)
+    def open(self, split: SplitRound, start_round: int, run_dir: Path) -> None:
+        self.party.start(start_round, split.runtime)
 
-    def close(self) -> list[str]:
+    def close(self, split: SplitRound) -> list[str]:
         if self.party.observer:
             return []
         return [
@@ -464,42 +459,44 @@ class DistributedSplitRound(SplitRound):
             "user's active set and the killed modules' factors it was sent.",
         ]
 
-    def initial(self) -> None:
+    def initial(self, split: SplitRound) -> None:
         if not self.party.observer:
             self.party.collect()
 
     # -- an edge (ranks 1..N-1) ------------------------------------------------------------
-    def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:
-        self.endpoint.post("begin", user.link.user)  # the cloud seeds the block's dropout
-        return super()._train_block(user, round_index)
+    def begin_block(self, split: SplitRound, user: User) -> None:
+        if not self.on_cloud:
+            self.endpoint.post("begin", user.link.user)  # the cloud seeds the block's dropout
 
-    def _step(self, link: CloudEdgeLink, batch: dict[str, torch.Tensor], weight: float) -> float:
+    def step(
+        self, split: SplitRound, link: CloudEdgeLink, batch: dict[str, torch.Tensor], weight: float
+    ) -> float:
         assert isinstance(link, EdgeEnd)
-        return edge_step(link, batch, self.method.opts.head_on, weight)
+        return edge_step(link, batch, split.method.opts.head_on, weight)
 
-    def serve_edge(self, loop: RunLoop) -> None:
+    def serve_edge(self, split: SplitRound, loop: RunLoop) -> None:
         """An edge's whole run: its users' steps each round, then the round's report (and,
         to an observer, the users' state)."""
         party = self.party
         start = party.receive_start(loop)
-        self.restored(start)
+        split.restored(start)
         with Progress(disable=True) as progress:
-            for round_index in range(start, self.exp.config.experiment.rounds):
-                task = progress.add_task("", total=len(self.users), status="")
-                losses, steps, examples = self._train_users(round_index, progress, task)
+            for round_index in range(start, split.exp.config.experiment.rounds):
+                task = progress.add_task("", total=len(split.users), status="")
+                losses, steps, examples = split.train_here(round_index, progress, task)
                 self.endpoint.post("end")
                 self._await_round_end(round_index)
                 counts = {"steps": steps, "examples": examples}
                 if party.observer:
-                    self._send_users(round_index, losses, counts)
+                    self._send_users(split, round_index, losses, counts)
                     continue
-                self._write_user_files()
+                split.write_user_files()
                 every = [value for user in losses.values() for value in user]
                 report = {"loss": [math.fsum(every), len(every)], **counts}
-                party.report(loop, round_index, report | {"sums": self._round_sums(round_index)})
+                party.report(loop, round_index, report | {"sums": split.sums_here(round_index)})
         if not party.observer:
-            self._write_run_files()
-        party.export(self.runtime)
+            split.write_run_files()
+        party.export(split.runtime)
 
     def _await_round_end(self, round_index: int) -> None:
         """Wait until the cloud has served every edge this round: until then it takes frames
@@ -510,30 +507,34 @@ class DistributedSplitRound(SplitRound):
             )
 
     def _send_users(
-        self, round_index: int, losses: dict[int, list[float]], counts: dict[str, int]
+        self,
+        split: SplitRound,
+        round_index: int,
+        losses: dict[int, list[float]],
+        counts: dict[str, int],
     ) -> None:
         """To the observer: everything the in-process engine holds after the round."""
         report = {
             "losses": {str(user): values for user, values in losses.items()},
             # exact values (ints stay ints), so rank 0 writes the same steps.csv
-            "account": [[r for r in u.account if r[1] == round_index] for u in self.users],
-            "traffic": self.traffic_rows,
+            "account": [[r for r in u.account if r[1] == round_index] for u in split.users],
+            "traffic": split.traffic_rows,
             **counts,
         }
         send_json(report, CLOUD_RANK)
-        send_states(CLOUD_RANK, [u.index for u in self.users], self.runtime)
-        self.traffic_rows = []
+        send_states(CLOUD_RANK, [u.index for u in split.users], split.runtime)
+        split.traffic_rows = []
 
     # -- the cloud (rank 0) ----------------------------------------------------------------
-    def _train_users(
-        self, round_index: int, progress: Progress, task: TaskID
+    def train_users(
+        self, split: SplitRound, round_index: int, progress: Progress, task: TaskID
     ) -> tuple[dict[int, list[float]], int, int]:
         if not self.on_cloud:
-            return super()._train_users(round_index, progress, task)
-        self._serve_edges(round_index, progress, task)
-        self._fold_ledger(round_index)
+            return split.train_here(round_index, progress, task)
+        self._serve_edges(split, round_index, progress, task)
+        split.fold_ledger(round_index)
         if self.party.observer:
-            return self._receive_users(round_index, progress, task)
+            return self._receive_users(split, progress, task)
         self.party.collect()
         reports = self.party.reports.values()
         self.edge_losses = [
@@ -541,19 +542,22 @@ class DistributedSplitRound(SplitRound):
             sum(r["loss"][1] for r in reports),
         ]
         status = f"loss {self.edge_losses[0] / self.edge_losses[1]:.4f}"
-        progress.update(task, completed=len(self.users), status=status)
+        progress.update(task, completed=len(split.users), status=status)
         return {}, sum(r["steps"] for r in reports), sum(r["examples"] for r in reports)
 
-    def _serve_edges(self, round_index: int, progress: Progress, task: TaskID) -> None:
+    def _serve_edges(
+        self, split: SplitRound, round_index: int, progress: Progress, task: TaskID
+    ) -> None:
         """The cloud's part of a round: every edge's requests in the order they arrive, one
         step at a time, until each edge has ended its round."""
-        users = {u.link.user: u for u in self.users}
+        users = {u.link.user: u for u in split.users}
         placement = self.party.placement
         edges = placement.workers()
         waiting, begun = set(edges), 0
-        self.streams.states.clear()
-        head_on = self.method.opts.head_on
-        self.cloud.model.train()
+        streams = self.streams
+        streams.states.clear()
+        head_on = split.method.opts.head_on
+        split.cloud.model.train()
         while waiting:
             peer, message = take_from(edges)
             if message.kind == "end" and peer in waiting:
@@ -571,11 +575,11 @@ class DistributedSplitRound(SplitRound):
                 begun += 1
                 progress.update(task, completed=begun - 1)
                 link.round = round_index
-                self._seed_dropout(user.index, round_index)
-                self.streams.begin(user.index)
-            elif message.kind == "embeddings" and user.index in self.streams.states:
-                with self.streams.of(user.index):
-                    link.serve_step(self.cloud, message, head_on)
+                split.seed_dropout(user.index, round_index)
+                streams.begin(user.index)
+            elif message.kind == "embeddings" and user.index in streams.states:
+                with streams.of(user.index):
+                    link.serve_step(split.cloud, message, head_on)
             elif message.kind == "kill":
                 link.kill(message.module)
             elif message.kind == "revive":
@@ -585,12 +589,12 @@ class DistributedSplitRound(SplitRound):
                     f"rank {CLOUD_RANK}: rank {peer} sent {message.kind!r} of {message.user}, "
                     "which is not part of the protocol here"
                 )
-        self.cloud.model.eval()
+        split.cloud.model.eval()
         for edge in edges:
             send_json({"served": round_index}, edge)
 
     def _receive_users(
-        self, round_index: int, progress: Progress, task: TaskID
+        self, split: SplitRound, progress: Progress, task: TaskID
     ) -> tuple[dict[int, list[float]], int, int]:
         """The observer's end of the round: each edge's users as the in-process engine would
         hold them after it."""
@@ -599,65 +603,62 @@ class DistributedSplitRound(SplitRound):
         for edge in self.party.placement.workers():
             report = recv_json(edge)
             hosted = self.party.placement.hosted(edge)
-            recv_states(edge, hosted, self.runtime)
+            recv_states(edge, hosted, split.runtime)
             for index, rows in zip(hosted, report["account"], strict=True):
-                user = self.users[index]
+                user = split.users[index]
                 user.account.extend(rows)
-                user.schedule = list(self.stores[index][SCHEDULE].to(torch.bool))
+                user.schedule = list(split.stores[index][SCHEDULE].to(torch.bool))
             losses.update({int(user): values for user, values in report["losses"].items()})
             traffic += report["traffic"]
             steps, examples = steps + int(report["steps"]), examples + int(report["examples"])
-        self.traffic_rows.extend(sorted(traffic, key=lambda row: row[0]))  # in user order
+        split.traffic_rows.extend(sorted(traffic, key=lambda row: row[0]))  # in user order
         status = f"loss {np.mean([v for u in losses.values() for v in u]):.4f}"
-        progress.update(task, completed=len(self.users), status=status)
+        progress.update(task, completed=len(split.users), status=status)
         return losses, steps, examples
 
-    def _round_sums(self, round_index: int) -> dict[str, float]:
+    def round_sums(self, split: SplitRound, round_index: int) -> dict[str, float]:
         if self.party.observer or not self.on_cloud:
-            return super()._round_sums(round_index)
+            return split.sums_here(round_index)
         sums = [report["sums"] for report in self.party.reports.values()]
         return {name: sum(s[name] for s in sums) for name in sums[0]}
 
-    def _round_record(
-        self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
-    ) -> dict:
-        record = super()._round_record(round_index, clients, losses, steps, examples)
+    def train_loss(self) -> float | None:
         if self.on_cloud and not self.party.observer:  # the edges' sums, not the steps' losses
-            record["train_loss"] = self.edge_losses[0] / self.edge_losses[1]
-        return record
+            return self.edge_losses[0] / self.edge_losses[1]
+        return None
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, split: SplitRound) -> dict[str, float]:
         if self.party.observer:
-            return super().evaluate()
-        return summarize_clients(self.party.per_client_metrics(self.runtime))
+            return split.evaluate_here()
+        return summarize_clients(self.party.per_client_metrics(split.runtime))
 
     # -- what the cloud keeps of each user in a deployment -----------------------------------
-    def own_state(self) -> tuple[dict[int, TensorDict], dict[int, TensorDict]]:
+    def own_state(self, split: SplitRound) -> tuple[dict[int, TensorDict], dict[int, TensorDict]]:
         """What this rank's deployment checkpoint keeps: an edge its users' state, the cloud
         what it was told of each user."""
         if not self.on_cloud:
-            return own_clients(self.party, self.runtime)()
-        return {u.index: self._cloud_state(u.link) for u in self.users}, {}
+            return own_clients(self.party, split.runtime)()
+        return {u.index: self._cloud_state(split, u.link) for u in split.users}, {}
 
-    def _cloud_state(self, link: CloudEdgeLink) -> TensorDict:
+    def _cloud_state(self, split: SplitRound, link: CloudEdgeLink) -> TensorDict:
         """The user's active set and its killed modules' factors, as the cloud was told."""
-        active = torch.tensor([key in link.active for key in self.keys], dtype=torch.uint8)
+        active = torch.tensor([key in link.active for key in split.keys], dtype=torch.uint8)
         state = {CLOUD_ACTIVE: active}
         for key, factors in link.cloud_factors.items():
             state |= {f"{CLOUD_FACTORS}{key}.{name}": t.to("cpu") for name, t in factors.items()}
         return state
 
-    def _restore_user(self, user: _User) -> None:
+    def restore_user(self, split: SplitRound, user: User) -> None:
         if not self.on_cloud or self.party.observer:
-            super()._restore_user(user)
+            split.restore_here(user)
             return
-        store, link = self.stores[user.index], user.link
+        store, link = split.stores[user.index], user.link
         if CLOUD_ACTIVE not in store:
             raise CheckpointError(
-                f"checkpoint {self.run_dir / CHECKPOINT}: no cloud state of {link.user}"
+                f"checkpoint {split.run_dir / CHECKPOINT}: no cloud state of {link.user}"
             )
         mask = store[CLOUD_ACTIVE].tolist()
-        link.active = {key for key, on in zip(self.keys, mask, strict=True) if on}
+        link.active = {key for key, on in zip(split.keys, mask, strict=True) if on}
         link.cloud_factors = {}
         for name, tensor in stored(store, CLOUD_FACTORS).items():
             key, part = name.rsplit(".", 1)

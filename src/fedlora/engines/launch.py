@@ -50,11 +50,12 @@ from fedlora.engines.distributed import (
     serve_clients,
     serve_peers,
 )
-from fedlora.engines.distributed_split import ROLES, DistributedSplitRound, split_users
+from fedlora.engines.distributed_split import ROLES, RankLinks, split_users
 from fedlora.engines.gossip import GossipRound
 from fedlora.engines.layout import Placement, check_deployment, rank_dir, refuse_deployment
 from fedlora.engines.loop import RunLoop
 from fedlora.engines.server_round import ServerRound
+from fedlora.engines.split import SplitRound
 from fedlora.engines.transport import connect, launched, set_limit
 from fedlora.methods import method_class
 from fedlora.session import configure_runtime, run_experiment
@@ -92,7 +93,7 @@ def rank_run(
     runtime = ClientRuntime(experiment)
     engine = experiment.method.engine
     if engine == "simulation":
-        round_: ServerRound | GossipRound | DistributedSplitRound = ServerRound(
+        round_: ServerRound | GossipRound | SplitRound = ServerRound(
             experiment, runtime, RankHosts(party, runtime)
         )
         keeper = RankKeeper(party, own_clients(party, runtime))
@@ -104,9 +105,10 @@ def rank_run(
         keeper = RankKeeper(party, own_clients(party, runtime))
         loop = RunLoop(round_, run_dir, console, keeper)
         return RankRun(loop, partial(serve_peers, loop, party, peers))
-    split = DistributedSplitRound(experiment, runtime, party)
-    loop = RunLoop(split, run_dir, console, RankKeeper(party, split.own_state))
-    return RankRun(loop, partial(split.serve_edge, loop))
+    links = RankLinks(party, experiment.compute.device)
+    split = SplitRound(experiment, runtime, party.directory(), links)
+    loop = RunLoop(split, run_dir, console, RankKeeper(party, partial(links.own_state, split)))
+    return RankRun(loop, partial(links.serve_edge, split, loop))
 
 
 RANK_THREADS = 1  # N ranks share the cores; more threads each only oversubscribe

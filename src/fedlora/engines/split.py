@@ -5,8 +5,9 @@ own device, step by step, through ``fedlora.dlora.split``. Kill-and-Revive decid
 active modules. A round is a block of ``train.local_steps`` steps per user, so the run loop's
 checkpoints, resume, metrics and evaluation carry over; each user's device state,
 Kill-and-Revive state, schedule and per-step accounting live in its ``store`` and so are
-checkpointed with it. The cloud and the devices share this process; across processes,
-``fedlora.engines.distributed_split`` cuts each user's link at the process boundary.
+checkpointed with it. The round is written once; where the cloud and the devices live is its
+``links``: ``LocalLinks`` (here, one process) or ``fedlora.engines.distributed_split``'s
+``RankLinks``, which cuts each user's link at the process boundary.
 
 Besides the usual run files this round writes ``schedule.json`` and ``schedule_client<i>.png``
 (active modules per step), ``steps.csv`` (per step: loss, active modules, traffic, device
@@ -86,7 +87,7 @@ TRAFFIC_FIELDS = (
 
 
 @dataclass
-class _User:
+class User:
     index: int
     rows: list[int]
     link: CloudEdgeLink
@@ -103,12 +104,72 @@ def round_sums(rows: list[list[float]]) -> dict[str, float]:
     return sums | {"rows": len(rows)}
 
 
-class SplitRound:
+class LocalLinks:
+    """The cloud and every user's device in this process: a split round's default placement.
+    Every hook receives the round (``SplitRound``); ``RankLinks`` is the other placement."""
+
     # Whether this process writes the users' per-step files (steps.csv, traffic.csv, schedules,
     # accounting.json): the one process here; across processes, whichever holds the users' rows.
     user_files = True
 
-    def __init__(self, experiment: Experiment, runtime: ClientRuntime, run_dir: Path) -> None:
+    def user_indices(self, split: SplitRound) -> list[int]:
+        """The users this process trains (all of them here)."""
+        return list(range(split.method.user_count))
+
+    def link(self, split: SplitRound, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
+        """The wire between the cloud and user ``index``'s device (both in this process here)."""
+        opts = split.method.opts
+        device = split.exp.compute.device
+        return CloudEdgeLink(client_name(index), edge, split.wire, opts.killed_forward, device)
+
+    def open(self, split: SplitRound, start_round: int, run_dir: Path) -> None:
+        """Nothing to start: the cloud and the devices are here."""
+
+    def close(self, split: SplitRound) -> list[str]:
+        return []
+
+    def initial(self, split: SplitRound) -> None:
+        """Nothing before round 0 beyond the evaluation."""
+
+    def begin_block(self, split: SplitRound, user: User) -> None:
+        """Before a user's block of steps: nothing to announce here."""
+
+    def step(
+        self, split: SplitRound, link: CloudEdgeLink, batch: dict[str, torch.Tensor], weight: float
+    ) -> float:
+        """One forward/backward of one user through the cloud; returns the loss."""
+        return split_step(split.cloud, link, batch, split.method.opts.head_on, weight)
+
+    def train_users(
+        self, split: SplitRound, round_index: int, progress: Progress, task: TaskID
+    ) -> tuple[dict[int, list[float]], int, int]:
+        return split.train_here(round_index, progress, task)
+
+    def round_sums(self, split: SplitRound, round_index: int) -> dict[str, float]:
+        return split.sums_here(round_index)
+
+    def train_loss(self) -> float | None:
+        """The round's train_loss when it is not the mean of the steps' losses here."""
+        return None
+
+    def evaluate(self, split: SplitRound) -> dict[str, float]:
+        return split.evaluate_here()
+
+    def restore_user(self, split: SplitRound, user: User) -> None:
+        split.restore_here(user)
+
+
+class SplitRound:
+    """One round of the split for every user, written once; ``links`` says where the cloud and
+    the devices are (``LocalLinks``: here)."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        runtime: ClientRuntime,
+        run_dir: Path,
+        links: LocalLinks | None = None,
+    ) -> None:
         if not isinstance(experiment.method, DLoRA):
             raise TypeError(f"split rounds run DLoRA, not {type(experiment.method).__name__}")
         self.exp = experiment
@@ -116,6 +177,7 @@ class SplitRound:
         self.run_dir = run_dir
         self.channel = Channel()  # the run's ledger: one row per (sender, receiver) and round
         self.method: DLoRA = experiment.method
+        self.links = links or LocalLinks()
         slots = experiment.slots
         self.cloud = CloudModel(
             slots.model.get_base_model(),
@@ -127,29 +189,19 @@ class SplitRound:
         self.keys = [m.key for m in slots.modules]
         self.wire = Channel()  # per-message ledger of the current round, folded into self.channel
         self.traffic_rows: list[list] = []
-        self.users = [self._new_user(u) for u in self._user_indices()]
+        self.users = [self._new_user(u) for u in self.links.user_indices(self)]
 
-    def _user_indices(self) -> list[int]:
-        """The users this process trains (all of them here)."""
-        return list(range(self.method.user_count))
+    @property
+    def user_files(self) -> bool:
+        return self.links.user_files
 
-    def _new_user(self, index: int) -> _User:
+    def _new_user(self, index: int) -> User:
         edge = self.cloud.edge(self.method.context.initial, self.exp.config.lora.dropout)
-        link = self._link(index, edge)
+        link = self.links.link(self, index, edge)
         kr = KillRevive(len(self.keys), self.method.rule(index))
         kr.start([edge.flat(k) for k in self.keys])
         optimizer = standard_optimizer(list(edge.params.items()), self.exp.config.train)
-        return _User(index, self.exp.clients[index], link, kr, optimizer)
-
-    def _link(self, index: int, edge: EdgeAdapters) -> CloudEdgeLink:
-        """The wire between the cloud and user ``index``'s device (both in this process here)."""
-        return CloudEdgeLink(
-            client_name(index),
-            edge,
-            self.wire,
-            self.method.opts.killed_forward,
-            self.exp.compute.device,
-        )
+        return User(index, self.exp.clients[index], link, kr, optimizer)
 
     # -- state in the stores (checkpointed by the simulation engine) --------------------------
     @property
@@ -165,13 +217,13 @@ class SplitRound:
 
     # -- the run around the rounds ----------------------------------------------------------
     def open(self, start_round: int, run_dir: Path) -> None:
-        """Nothing to start: the cloud and the devices are here."""
+        self.links.open(self, start_round, run_dir)
 
     def close(self) -> list[str]:
-        return []
+        return self.links.close(self)
 
     def initial(self) -> None:
-        """Nothing before round 0 beyond the evaluation."""
+        self.links.initial(self)
 
     def scheduled(self, round_index: int) -> dict[int, int]:
         """Every user trains every round, its round's steps."""
@@ -181,7 +233,7 @@ class SplitRound:
             for u in range(len(self.exp.clients))
         }
 
-    def _save_user(self, user: _User) -> None:
+    def _save_user(self, user: User) -> None:
         store: TensorDict = {EDGE + k: v for k, v in user.link.edge.state().items()}
         store.update({KR + k: v.to("cpu") for k, v in user.kr.state_dict().items()})
         store[SCHEDULE] = torch.stack(user.schedule).to(torch.uint8)
@@ -193,7 +245,7 @@ class SplitRound:
         """After ``start`` rounds: each user from its store, and traffic.csv without the rows
         of a round that did not complete."""
         for user in self.users if start else []:
-            self._restore_user(user)
+            self.links.restore_user(self, user)
         traffic = self.run_dir / "traffic.csv"
         if start and self.user_files and traffic.is_file():
             with traffic.open() as handle:
@@ -201,7 +253,7 @@ class SplitRound:
             self.traffic_rows = []
             self._write_traffic([r for r in rows if int(r[1]) < start], mode="w")
 
-    def _restore_user(self, user: _User) -> None:
+    def restore_here(self, user: User) -> None:
         """A user's device, Kill-and-Revive state, optimizer and records from its store."""
         store = self.stores[user.index]
         user.link.edge.load({k[len(EDGE) :]: v for k, v in store.items() if k.startswith(EDGE)})
@@ -216,16 +268,20 @@ class SplitRound:
 
     # -- evaluation: each user's own adapter ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        return self.links.evaluate(self)
+
+    def evaluate_here(self) -> dict[str, float]:
         return summarize_clients([self.runtime.metrics(u.index) for u in self.users])
 
     # -- one block of steps per user -----------------------------------------------------------
-    def _train_block(self, user: _User, round_index: int) -> tuple[list[float], int, int]:
+    def _train_block(self, user: User, round_index: int) -> tuple[list[float], int, int]:
+        self.links.begin_block(self, user)
         config = self.exp.config
         train, seed, rounds = config.train, config.experiment.seed, config.experiment.rounds
         link, kr, edge = user.link, user.kr, user.link.edge
         modules = self.exp.slots.modules
         steps = steps_per_round(train, len(user.rows))
-        self._seed_dropout(user.index, round_index)
+        self.seed_dropout(user.index, round_index)
         batches = batch_stream(
             user.rows, train.batch_size, derived_seed(seed, round_index, user.index, 2)
         )
@@ -243,7 +299,7 @@ class SplitRound:
             tokens, step_losses = 0, []
             for _ in range(train.grad_accum):
                 batch = to_device(self.exp.train_set.batch(next(batches)), edge.device)
-                step_losses.append(self._step(link, batch, 1 / train.grad_accum))
+                step_losses.append(self.links.step(self, link, batch, 1 / train.grad_accum))
                 tokens += batch["input_ids"].numel()
                 examples += len(batch["input_ids"])
             if train.max_grad_norm is not None:
@@ -276,17 +332,13 @@ class SplitRound:
         model.eval()
         return losses, steps, examples
 
-    def _seed_dropout(self, user: int, round_index: int) -> None:
+    def seed_dropout(self, user: int, round_index: int) -> None:
         """One generator for a user's block of steps: the base's and the adapters' dropout."""
         torch.manual_seed(derived_seed(self.exp.config.experiment.seed, round_index, user, 1))
 
-    def _step(self, link: CloudEdgeLink, batch: dict[str, torch.Tensor], weight: float) -> float:
-        """One forward/backward of one user through the cloud; returns the loss."""
-        return split_step(self.cloud, link, batch, self.method.opts.head_on, weight)
-
     def _account(
         self,
-        user: _User,
+        user: User,
         step: int,
         round_index: int,
         mask: torch.Tensor,
@@ -322,7 +374,7 @@ class SplitRound:
             flops["head"],
         ]
 
-    def _fold_ledger(self, round_index: int) -> None:
+    def fold_ledger(self, round_index: int) -> None:
         """The round's messages into the run ledger, one row per (sender, receiver): a DLoRA
         round has hundreds of messages per step; per-message detail is in traffic.csv."""
         totals: dict[tuple[str, str], list[int]] = {}
@@ -334,11 +386,11 @@ class SplitRound:
             self.channel.ledger.add(Transfer(round_index, sender, receiver, count, tensors))
         self.wire.ledger.records.clear()
 
-    def _train_users(
+    def train_here(
         self, round_index: int, progress: Progress, task: TaskID
     ) -> tuple[dict[int, list[float]], int, int]:
-        """Every user's block of steps, into the stores and the ledger: (each user's step
-        losses, steps, examples)."""
+        """Every user of this process's block of steps, into the stores and the ledger: (each
+        user's step losses, steps, examples)."""
         losses: dict[int, list[float]] = {}
         steps, examples = 0, 0
         for user in self.users:
@@ -348,19 +400,22 @@ class SplitRound:
             self._save_user(user)
             status = f"loss {np.mean([v for u in losses.values() for v in u]):.4f}"
             progress.update(task, advance=1, status=status)
-        self._fold_ledger(round_index)
+        self.fold_ledger(round_index)
         return losses, steps, examples
 
-    def _round_sums(self, round_index: int) -> dict[str, float]:
+    def sums_here(self, round_index: int) -> dict[str, float]:
         return round_sums([r for u in self.users for r in u.account if int(r[1]) == round_index])
 
     def run(self, round_index: int, progress: Progress, task: TaskID) -> dict:
         progress.update(task, total=len(self.users))
-        losses, steps, examples = self._train_users(round_index, progress, task)
-        sums = self._round_sums(round_index)
+        losses, steps, examples = self.links.train_users(self, round_index, progress, task)
+        sums = self.links.round_sums(self, round_index)
         clients = list(range(self.method.user_count))
         in_order = [value for user in sorted(losses) for value in losses[user]]
-        record = self._round_record(round_index, clients, in_order, steps, examples)
+        ledger = self.channel.ledger
+        record = work_record(self.exp, ledger, round_index, clients, in_order, steps, examples)
+        if (loss := self.links.train_loss()) is not None:  # the edges' sums, not the steps'
+            record["train_loss"] = loss
         record |= {
             "active_fraction": sums["active"] / (sums["rows"] * len(self.keys)),
             "module_values": sums["module_values"],
@@ -369,14 +424,6 @@ class SplitRound:
             "device_flops_all_active": sums["module_flops_all_active"] + sums["head_flops"],
         }
         return record
-
-    def _round_record(
-        self, round_index: int, clients: list[int], losses: list[float], steps: int, examples: int
-    ) -> dict:
-        """Who trained, how much, and the bytes sent."""
-        return work_record(
-            self.exp, self.channel.ledger, round_index, clients, losses, steps, examples
-        )
 
     # -- files ---------------------------------------------------------------------------------
     def _write_traffic(self, rows: list[list], mode: str = "a") -> None:
@@ -390,9 +437,9 @@ class SplitRound:
 
     def write_round_files(self, run_dir: Path) -> None:
         if self.user_files:
-            self._write_user_files()
+            self.write_user_files()
 
-    def _write_user_files(self) -> None:
+    def write_user_files(self) -> None:
         """The users' per-step records so far: traffic.csv (appended), steps.csv, schedule."""
         self._write_traffic(self.traffic_rows)
         self.traffic_rows = []
@@ -445,9 +492,9 @@ class SplitRound:
         }
 
     def finish(self, run_dir: Path, metrics: list[dict]) -> list[str]:
-        return self.summary_lines(self._write_run_files()) if self.user_files else []
+        return self.summary_lines(self.write_run_files()) if self.user_files else []
 
-    def _write_run_files(self) -> dict:
+    def write_run_files(self) -> dict:
         """The end of the run: each user's schedule plot and accounting.json; the totals."""
         for user in self.users:
             plot_schedule(
