@@ -2,7 +2,7 @@
 SuperNodes, each with and without ``privacy.secure_aggregation``.
 
     python -m benchmarks.secure_rounds [--config configs/default.toml] [--rounds 3]
-        [--workers 2]
+        [--workers 2] [--poll-interval S] [--placements torch.distributed Flower]
 
 For each placement, back to back on this machine, plain then secure:
 
@@ -10,6 +10,9 @@ For each placement, back to back on this machine, plain then secure:
   ranks hosting the clients, one thread each);
 - Flower on loopback: a SuperLink and WORKERS warm SuperNodes (``fedlora flower-node``), then
   ``fedlora flower-run`` of the app ``fedlora flower-app`` wrote.
+
+With ``--poll-interval S`` the SuperNodes run with their waits capped at S seconds
+(``fedlora flower-node --poll-interval``).
 
 A round's time is its ``train_seconds`` in metrics.jsonl: the server's whole round (downloads,
 the clients' local steps on their hosts, the replies or the masking protocol, the aggregation),
@@ -45,39 +48,54 @@ def bytes_per_round(run: Path, rounds: int) -> int:
     return sum(json.loads(line)["bytes"] for line in ledger) // rounds
 
 
-def on_flower(config: Path, workers: int, work: Path, tag: str, sets: list[str]) -> Path:
+def on_flower(
+    config: Path, workers: int, work: Path, tag: str, sets: list[str], poll: float | None
+) -> Path:
     app, run = work / f"app-{tag}", work / f"flower-{tag}"
     fedlora("flower-app", str(config), "--out", str(app), "--run-dir", str(run), *sets)
-    with federation(work / f"federation-{tag}") as fed:
+    with federation(work / f"federation-{tag}", poll=poll) as fed:
         for partition in range(workers):
             fed.node(partition, workers)
         fedlora("flower-run", str(app), env=fed.env)
     return run
 
 
-def measure(config: Path, rounds: int, workers: int, work: Path) -> str:
+PLACEMENTS = ("torch.distributed", "Flower")
+
+
+def measure(
+    config: Path,
+    rounds: int,
+    workers: int,
+    work: Path,
+    poll: float | None = None,
+    placements: tuple[str, ...] = PLACEMENTS,
+) -> str:
     common = ["experiment.rounds=" + str(rounds), f"eval.every={rounds}"]
     arms = {"plain": common, "secure": [*common, "privacy.secure_aggregation=true"]}
     runs: dict[tuple[str, str], Path] = {}
     for arm, values in arms.items():
         sets = [part for value in values for part in ("--set", value)]
-        out = work / f"distributed-{arm}"
-        fedlora("run", str(config), "--out", str(out), "--quiet", "--engine", "distributed",
-                "--nproc", str(workers + 1), *sets)  # fmt: skip
-        runs[("torch.distributed", arm)] = out
-        runs[("Flower", arm)] = on_flower(config, workers, work, arm, sets)
+        if "torch.distributed" in placements:
+            out = work / f"distributed-{arm}"
+            fedlora("run", str(config), "--out", str(out), "--quiet", "--engine", "distributed",
+                    "--nproc", str(workers + 1), *sets)  # fmt: skip
+            runs[("torch.distributed", arm)] = out
+        if "Flower" in placements:
+            runs[("Flower", arm)] = on_flower(config, workers, work, arm, sets, poll)
     reference = work / "in-process-secure"
     sets = [part for value in arms["secure"] for part in ("--set", value)]
     fedlora("run", str(config), "--out", str(reference), "--quiet", "--set", "compute.threads=1",
             *sets)  # fmt: skip
+    capped = f", SuperNode waits capped at {poll} s" if poll else ""
     lines = [
-        f"{config.relative_to(REPO)}, {rounds} rounds, {workers} client hosts",
+        f"{config.relative_to(REPO)}, {rounds} rounds, {workers} client hosts{capped}",
         "",
         "| placement | plain round s | secure round s | × | plain bytes/round | "
         "secure bytes/round | × | secure run = in-process secure run |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for placement in ("torch.distributed", "Flower"):
+    for placement in placements:
         plain, secure = runs[(placement, "plain")], runs[(placement, "secure")]
         seconds = round_seconds(plain), round_seconds(secure)
         sizes = bytes_per_round(plain, rounds), bytes_per_round(secure, rounds)
@@ -97,10 +115,20 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.toml")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="ranks or SuperNodes with clients")
+    parser.add_argument("--poll-interval", type=float, help="cap the SuperNodes' waits (s)")
+    parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
     args = parser.parse_args()
     use_offline_defaults()
     with tempfile.TemporaryDirectory() as work:
-        print(measure(args.config.resolve(), args.rounds, args.workers, Path(work)), flush=True)
+        table = measure(
+            args.config.resolve(),
+            args.rounds,
+            args.workers,
+            Path(work),
+            args.poll_interval,
+            tuple(args.placements),
+        )
+        print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -36,6 +37,9 @@ from tests.test_methods_server import framed
 
 TWO_CLIENTS = ["--set", "partition.num_clients=2"]
 RUN_TIMEOUT = 600  # seconds for one `fedlora flower-run` on two busy cores
+# The SuperNodes' waits between polls capped (`fedlora flower-node --poll-interval`), in every
+# federation but the killed-SuperNode one, which keeps flwr's own timing.
+POLL = 0.2
 
 
 def reference(config: str, out: Path, *overrides: str) -> Path:
@@ -130,7 +134,7 @@ def test_secure_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation
     keys = {name: make_node_key(tmp_path / "keys", name) for name in ("node0", "node1", "intruder")}
     secure = [part for value in SECURE for part in ("--set", value)]
     app, run = make_app("fedit.toml", tmp_path, *secure)
-    with federation(tmp_path / "flower", tls=tls, auth=True) as fed:
+    with federation(tmp_path / "flower", tls=tls, auth=True, poll=POLL) as fed:
         for name in ("node0", "node1"):
             registered = fed.flwr("supernode", "register", str(keys[name][1]))
             assert registered.returncode == 0, registered.stdout + registered.stderr
@@ -183,6 +187,20 @@ def test_flower_run_refuses_a_directory_that_is_not_an_app(tmp_path: Path) -> No
     assert code == 2 and "fedlora flower-app" in output and "Traceback" not in output
 
 
+@pytest.mark.parametrize("args", [["abc"], ["0"], ["-1", "--insecure"], []])
+def test_a_capped_supernode_refuses_a_bad_interval(args: list[str]) -> None:
+    command = [sys.executable, "-m", "fedlora.flower.supernode", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "SECONDS must be a positive number" in result.stdout
+
+
+def test_flower_node_refuses_a_bad_poll_interval() -> None:
+    code, output = run_cli(
+        "flower-node", "--partition-id", "0", "--num-partitions", "1", "--poll-interval", "0"
+    )
+    assert code == 2 and "--poll-interval must be a positive number" in output
+
+
 def wait_for_round(fed, run: Path, launched: subprocess.Popen, round_number: int) -> None:
     """Until ``run``'s metrics hold round ``round_number`` (the run still going)."""
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -231,7 +249,7 @@ def test_fedsa_on_the_nodes_survives_a_killed_server_app_and_equals_the_simulati
     clients), ledger and each node's exported adapters equal the in-process run's bit for bit."""
     rounds = ["--set", "experiment.rounds=2", "--set", "eval.every=2"]  # evaluated at 0 and 2
     app, run = make_app("fedsa.toml", tmp_path, *TWO_CLIENTS, *rounds)
-    with federation(tmp_path / "flower") as fed:
+    with federation(tmp_path / "flower", poll=POLL) as fed:
         launched = running_on_two_nodes(fed, app, run)
         # this federation's ServerApp (tests beside it run their own)
         (server_app,) = pids(f"flwr-serverapp --runtime-api-address 127.0.0.1:{fed.link_port}")
@@ -265,7 +283,7 @@ def test_flora_on_a_node_whose_runtime_dies_works_cold_and_equals_the_simulation
     uploads differ in size, and Flower's bytes hold the ledger's."""
     rounds = ["--set", "experiment.rounds=3"]  # round 3 is cold even if round 2 began warm
     app, run = make_app("flora.toml", tmp_path, *TWO_CLIENTS, *rounds)
-    with federation(tmp_path / "flower") as fed:
+    with federation(tmp_path / "flower", poll=POLL) as fed:
         launched = running_on_two_nodes(fed, app, run)
         (runtime,) = pids(f"flower-runtime --state-dir {tmp_path / 'flower' / 'node1'}")
         os.kill(runtime, signal.SIGKILL)

@@ -171,6 +171,13 @@ def flower_node(
         Path | None,
         typer.Option(help="the node's state (default ~/.fedlora/flower/partition-<id>)"),
     ] = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="cap the SuperNode's waits between polls at this many seconds (flwr's own: "
+            "3 s when idle, 0.5 s for a reply)"
+        ),
+    ] = None,
 ) -> None:
     """Start a SuperNode with its warm fedlora runtime: `flower-supernode` with this partition's
     node config and the remaining arguments (e.g. --superlink HOST:PORT --insecure)."""
@@ -178,7 +185,10 @@ def flower_node(
 
     if not 0 <= partition_id < num_partitions:
         fail(f"--partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    raise typer.Exit(run_node(partition_id, num_partitions, state_dir, list(context.args)))
+    if poll_interval is not None and not poll_interval > 0:
+        fail(f"--poll-interval must be a positive number of seconds, got {poll_interval}")
+    arguments = list(context.args)
+    raise typer.Exit(run_node(partition_id, num_partitions, state_dir, arguments, poll_interval))
 
 
 @app.command("flower-runtime")

@@ -57,14 +57,28 @@ def flwr_command(name: str = "flwr") -> str:
     return found
 
 
-def run_node(partition: int, partitions: int, state_dir: Path | None, arguments: list[str]) -> int:
+def supernode_command(poll_interval: float | None) -> list[str]:
+    """``flower-supernode``, or with ``poll_interval`` the same SuperNode with its waits capped
+    at that many seconds (``fedlora.flower.supernode``)."""
+    if poll_interval is None:
+        return [flwr_command("flower-supernode")]
+    return [sys.executable, "-m", "fedlora.flower.supernode", str(poll_interval)]
+
+
+def run_node(
+    partition: int,
+    partitions: int,
+    state_dir: Path | None,
+    arguments: list[str],
+    poll_interval: float | None = None,
+) -> int:
     """``fedlora flower-node``: the node's runtime, then ``flower-supernode`` with this
-    partition's node config and ``arguments``; the runtime stops with the SuperNode. Returns
-    the SuperNode's exit code."""
+    partition's node config and ``arguments`` (its waits capped at ``poll_interval``); the
+    runtime stops with the SuperNode. Returns the SuperNode's exit code."""
     require("flwr", "flower", "fedlora flower-node")
     root = node_state.node_root(str(state_dir) if state_dir else None, partition)
     config = f'{PARTITION}={partition} {PARTITIONS}={partitions} {STATE_DIR}="{root}"'
-    supernode = [flwr_command("flower-supernode"), *arguments, "--node-config", config]
+    supernode = [*supernode_command(poll_interval), *arguments, "--node-config", config]
     environment = {**os.environ, **OFFLINE}
     runtime = subprocess.Popen(
         [sys.executable, "-m", "fedlora", "flower-runtime", "--state-dir", str(root)],

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.engines.launch import free_port
-from fedlora.flower.launch import OFFLINE
+from fedlora.flower.launch import OFFLINE, supernode_command
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, fedlora
 
@@ -32,6 +32,7 @@ class Federation:
     env: dict[str, str]
     link_port: int
     tls: dict[str, Path] | None
+    poll: float | None = None  # the SuperNodes' waits capped (``fedlora.flower.supernode``)
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # by partition
     processes: list[subprocess.Popen] = field(default_factory=list)
 
@@ -64,13 +65,14 @@ class Federation:
         if key is not None:
             command += ["--auth-supernode-private-key", str(key)]
         if warm:
+            poll = ["--poll-interval", str(self.poll)] if self.poll else []
             command = [
                 str(BIN / "fedlora"), "flower-node", "--partition-id", str(partition),
-                "--num-partitions", str(partitions), "--state-dir", str(state), *command,
+                "--num-partitions", str(partitions), "--state-dir", str(state), *poll, *command,
             ]  # fmt: skip
         else:
             config = f'partition-id={partition} num-partitions={partitions} state-dir="{state}"'
-            command = [str(BIN / "flower-supernode"), *command, "--node-config", config]
+            command = [*supernode_command(self.poll), *command, "--node-config", config]
         process = self.start(f"node{partition}{tag}", command)
         self.nodes[partition] = process
         return process
@@ -115,10 +117,11 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) ->
 
 @contextmanager
 def federation(
-    home: Path, tls: dict[str, Path] | None = None, auth: bool = False
+    home: Path, tls: dict[str, Path] | None = None, auth: bool = False, poll: float | None = None
 ) -> Iterator[Federation]:
     """A SuperLink (TLS with ``tls``'s ca/cert/key, SuperNode authentication with ``auth``);
-    the test starts its SuperNodes with ``Federation.node``."""
+    the test starts its SuperNodes with ``Federation.node`` (their waits capped at ``poll``
+    seconds, else flwr's own)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, **OFFLINE, "FLWR_HOME": str(home / "flwr")}
@@ -129,7 +132,7 @@ def federation(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
         f"{security}\n"
     )
-    fed = Federation(home, env, port, tls)
+    fed = Federation(home, env, port, tls, poll)
     command = [str(BIN / "flower-superlink"), "--port", str(port)]
     if tls is None:
         command += ["--insecure"]
