@@ -80,6 +80,7 @@ METHOD_COLOURS = {
     "fedsvd": "#e6ab02",
     "fedrot": "#1b9e77",
     "ravan": "#66a61e",
+    "feddpa": "#e7298a",
 }
 UNKNOWN_COLOUR = "#555555"  # a run whose config names no known method
 # An arm's variant within its method: line style and marker, in order of first appearance.
