@@ -87,3 +87,52 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         "run", str(TINY / "fedit.toml"), "--out", str(tmp_path / "none"), "--resume"
     )
     assert code == 2 and "no checkpoint" in output
+
+
+def saved_run(tmp_path: Path, edit) -> tuple[Path, object]:
+    """A run directory holding a checkpoint file and the tiny config as ``edit`` rewrites it."""
+    import tomllib
+
+    import tomli_w
+
+    from fedlora.checkpoint import FILE
+    from fedlora.config import load_config
+
+    config = load_config(TINY / "fedit.toml")
+    data = config.model_dump(exclude_none=True)
+    edit(data)
+    out = tmp_path / "run"
+    out.mkdir(parents=True)
+    (out / FILE).write_bytes(b"")
+    (out / "config.toml").write_text(tomli_w.dumps(data))
+    assert tomllib.loads((out / "config.toml").read_text()) == data
+    return out, config
+
+
+def test_resume_accepts_a_config_saved_before_a_setting_existed(tmp_path: Path) -> None:
+    """A run saved by a fedlora without ``eval.own_test_share`` resumes: the missing key takes its
+    default, the same value the current config holds."""
+    from fedlora import rundir
+
+    out, config = saved_run(tmp_path, lambda data: data["eval"].pop("own_test_share"))
+    assert "own_test_share" not in (out / "config.toml").read_text()
+    rundir.prepare(out, config, resume=True)
+    assert "own_test_share = false" in (out / "config.toml").read_text()
+
+
+def test_resume_under_another_config_names_the_keys(tmp_path: Path) -> None:
+    import pytest
+
+    from fedlora import rundir
+    from fedlora.config import ConfigError
+
+    def edit(data: dict) -> None:
+        data["train"]["lr"] = data["train"]["lr"] * 2
+        data["experiment"]["rounds"] += 1
+
+    out, config = saved_run(tmp_path, edit)
+    with pytest.raises(ConfigError, match=r"in experiment\.rounds, train\.lr; resume with"):
+        rundir.prepare(out, config, resume=True)
+    out2, config = saved_run(tmp_path / "b", lambda data: data["train"].update(speed=1))
+    with pytest.raises(ConfigError, match=r"no longer valid: train\.speed"):
+        rundir.prepare(out2, config, resume=True)

@@ -24,7 +24,7 @@ import tomli_w
 from fedlora.channel import human_bytes
 from fedlora.checkpoint import FILE as CHECKPOINT
 from fedlora.checkpoint import remove_partial
-from fedlora.config import Config, ConfigError
+from fedlora.config import Config, ConfigError, load_config
 from fedlora.engines.loop import RunResult
 from fedlora.experiment import Experiment
 from fedlora.harness import after_run
@@ -49,13 +49,42 @@ def prepare(out: Path, config: Config, resume: bool) -> None:
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
     if resume:
-        saved = (out / "config.toml").read_text()
-        if saved != tomli_w.dumps(config.model_dump(exclude_none=True)):
-            raise ConfigError(
-                f"--resume: the config differs from the one saved in {out}/config.toml"
-            )
+        check_same_config(out / "config.toml", config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(tomli_w.dumps(config.model_dump(exclude_none=True)))
+
+
+def check_same_config(saved_path: Path, config: Config) -> None:
+    """Refuse to resume under a config other than the saved one, naming the keys that differ.
+
+    Both are compared after validation, so a run saved before fedlora gained a setting (whose
+    default the saved file therefore lacks) resumes as long as the setting keeps its default."""
+    try:
+        saved = load_config(saved_path)
+    except ConfigError as error:
+        raise ConfigError(
+            f"--resume: the config saved in {saved_path} is no longer valid: {error}"
+        ) from None
+    changed = differing_keys(saved.model_dump(), config.model_dump())
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        shown = ", ".join(changed[:5]) + more
+        raise ConfigError(
+            f"--resume: the config differs from the one saved in {saved_path} in {shown}; "
+            "resume with the saved config, or start a new run in another --out"
+        )
+
+
+def differing_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dumps."""
+    keys = []
+    for key in sorted(saved.keys() | current.keys()):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def export_adapters(experiment: Experiment, result: RunResult, out: Path) -> list[Path]:
