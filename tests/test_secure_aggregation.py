@@ -234,6 +234,35 @@ def test_dropouts_after_sharekeys_and_after_masking_still_give_the_exact_sum() -
     assert (refused.sender, refused.kind) == ("client6", "secagg.masked_input")
 
 
+class TruncatingWire(ChannelWire):
+    """A wire on which one client's answer to one step arrives a byte short: a broken peer."""
+
+    def __init__(self, channel: Channel, client: int, kind: str) -> None:
+        super().__init__(channel, 0, lambda c: f"client{c}", "server")
+        self.broken = client, kind
+
+    def up(self, client: int, kind: str, tensors: dict, expect: dict) -> dict:
+        if (client, kind) == self.broken:
+            tensors = {k: v.flatten()[:-1] for k, v in tensors.items()}
+        return super().up(client, kind, tensors, expect)
+
+
+def test_a_refused_unmasking_answer_leaves_the_input_in_the_sum_and_the_client_not_absent() -> None:
+    """Client 4 sends its masked input, then an unmasking answer that is refused: its input is
+    already in the sum and its self-mask is rebuilt from the others' shares, so it is one of the
+    clients that left after masking, not an absent one (whose input the sum lacks)."""
+    rng = np.random.default_rng(5)
+    n, t, length = 5, 3, 64
+    vectors = {u: random_words(rng, length) for u in range(n)}
+    channel = Channel()
+    wire = TruncatingWire(channel, 4, "unmasking")
+    outcome = secure_sum(wire, range(n), vectors, t, length)
+    assert outcome.summed == [0, 1, 2, 3, 4] and outcome.gone == [4] and outcome.absent == {}
+    assert list(outcome.total) == list(sum_mod(list(vectors.values())))
+    (refused,) = channel.ledger.rejections()
+    assert (refused.sender, refused.kind) == ("client4", "secagg.unmasking")
+
+
 def test_too_few_clients_at_a_step_fail_the_round_with_the_reason() -> None:
     rng = np.random.default_rng(4)
     n, t, length = 5, 4, 64

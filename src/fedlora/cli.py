@@ -182,7 +182,12 @@ def flower_node(
     """Start a SuperNode with its warm fedlora runtime: `flower-supernode` with this partition's
     node config and the remaining arguments (e.g. --superlink HOST:PORT --insecure)."""
     from fedlora.flower.launch import run_node
+    from fedlora.flower.node_runtime import drill_from_env
 
+    try:
+        drill_from_env()  # its runtime would refuse it; say so before anything starts
+    except ConfigError as error:
+        fail(str(error))
     if not 0 <= partition_id < num_partitions:
         fail(f"--partition-id {partition_id} is outside 0..{num_partitions - 1}")
     if poll_interval is not None and not poll_interval > 0:
@@ -199,7 +204,10 @@ def flower_runtime(
     STATE_DIR/runtime.sock until stopped."""
     from fedlora.flower.node_runtime import run_runtime
 
-    run_runtime(state_dir.expanduser())
+    try:
+        run_runtime(state_dir.expanduser())
+    except ConfigError as error:
+        fail(str(error))
 
 
 @app.command()

@@ -36,10 +36,16 @@ class Federation:
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # by partition
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(
+        self, name: str, command: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.processes.append(process)
@@ -52,10 +58,12 @@ class Federation:
         key: Path | None = None,
         tag: str = "",
         warm: bool = True,
+        drill: str | None = None,
     ) -> subprocess.Popen:
         """Start a SuperNode hosting ``partition`` (with ``key``: authenticating with it);
         ``warm``: with its fedlora runtime (``fedlora flower-node``), else the bare SuperNode,
-        whose ClientApps build the experiment for every message."""
+        whose ClientApps build the experiment for every message; ``drill``: its runtime's fault
+        drill (``FEDLORA_DRILL_EXIT``, STEP@ROUND)."""
         state = self.home / f"node{partition}{tag}"
         command = ["--superlink", f"127.0.0.1:{self.link_port}", "--port", str(free_port())]
         if self.tls is None:
@@ -73,7 +81,8 @@ class Federation:
         else:
             config = f'partition-id={partition} num-partitions={partitions} state-dir="{state}"'
             command = [*supernode_command(self.poll), *command, "--node-config", config]
-        process = self.start(f"node{partition}{tag}", command)
+        drilled = {"FEDLORA_DRILL_EXIT": drill} if drill else None
+        process = self.start(f"node{partition}{tag}", command, drilled)
         self.nodes[partition] = process
         return process
 

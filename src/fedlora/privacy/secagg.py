@@ -494,7 +494,11 @@ def run_protocol(
     answered = step(3, unmasking, server.unmasking_schema())
     for u, message in answered.items():
         server.accept_unmasking(u, message)
-    gone = [u for u in unmasking if u not in answered and u not in absent]
+    # Whoever sent a masked input is in the sum, whether it then vanished, failed or sent a
+    # refused answer: its input is recovered from the others' shares, so it is not absent.
+    gone = [u for u in unmasking if u not in answered]
+    for u in gone:
+        absent.pop(u, None)
     return SecureSum(server.total(), sorted(server.masked), absent, gone)
 
 
