@@ -296,3 +296,41 @@ def test_tables_report_the_best_run_point_while_an_edge_step_is_pending(tmp_path
     assert choose(study, arm) is None  # 4e-3 must run before the choice stands
     assert reported_point(study, arm) == ("train.lr=0.002",)
     assert "train.lr=0.002 (**edge step pending**" in results_table(study)
+
+
+def test_runs_saved_before_a_setting_existed_still_pair_and_group(tmp_path: Path) -> None:
+    """A run saved by an older fedlora lacks the settings added since (their defaults keep its
+    behaviour): it still pairs by seed with a newer run of the same layout, and ``fedlora
+    report`` draws it in the same arm as a newer run of the same config."""
+    from benchmarks.study import claims_table, load_study
+    from fedlora.config import load_config
+    from fedlora.report import arms_of, read_run
+
+    study_file = write_study(
+        tmp_path / "versions.toml",
+        'name = "versions"\nseeds = [0, 1, 2]\nmetrics = ["accuracy"]\n'
+        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
+        '[[arms]]\nlabel = "FFA"\nconfig = "CONFIG"\nset = ["method.name=ffa"]\n'
+        '[[claims]]\nclaim = "FFA beats FedIT"\narm = "FFA"\nreference = "FedIT"\n',
+    )
+    study = load_study(study_file, root=tmp_path / "runs")
+    fedit, ffa = study.arms
+    for seed in range(3):
+        for arm, name, final in ((fedit, "fedit", REFERENCE[seed]), (ffa, "ffa", ARM[seed])):
+            out = study.run_dir(arm, seed)
+            write_run(out, [0.3, 0.6, 0.8, final, final, final, final], seed=seed)
+            config = load_config(TINY / "fedit.toml", [f"experiment.seed={seed}"])
+            saved = config.model_dump(mode="json", exclude_none=True)
+            saved["method"]["name"] = name
+            if name == "ffa":  # saved before these data settings existed
+                for key in ("chat_template", "list_choices", "truncation"):
+                    del saved["data"][key]
+            (out / "config.toml").write_text(tomli_w.dumps(saved))
+    row = next(line for line in claims_table(study).splitlines() if "| FFA beats FedIT |" in line)
+    assert "paired, 3 seeds" in row, row
+
+    old = [read_run(study.run_dir(ffa, seed)) for seed in range(3)]
+    new = [read_run(study.run_dir(fedit, seed)) for seed in range(3)]
+    for run in old:  # the same config as a newer FFA-LoRA run: one arm
+        run.config["method"]["name"] = "fedit"
+    assert len(arms_of([*old, *new])) == 1

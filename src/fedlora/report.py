@@ -161,9 +161,21 @@ def read_run(path: Path) -> RunView:
     label, config = path.name, {}
     config_file = path / "config.toml"
     if config_file.is_file():
-        config = tomllib.loads(config_file.read_text())
+        config = resolved(tomllib.loads(config_file.read_text()))
         label = f"{path.name} ({config.get('method', {}).get('name', '?')})"
     return RunView(path, label, metrics, config, stated_test_examples(path))
+
+
+def resolved(config: dict) -> dict:
+    """A run's saved config with the defaults of the settings added since it was saved, so that
+    runs made by two fedlora versions compare equal where their settings are; as saved if it no
+    longer validates (a setting since removed)."""
+    from fedlora.config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(config).model_dump(mode="json", exclude_none=True)
+    except ConfigError:
+        return config
 
 
 def stated_test_examples(path: Path) -> int | None:
