@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora.compat import PROTOCOL, stamp
 from fedlora.config import load_config
 from fedlora.flower import node_runtime
 from fedlora.flower.app_dir import config_text
@@ -66,8 +67,14 @@ def test_requests_without_the_secret_or_outside_the_protocol_are_refused(served:
     missing = json.dumps(header).encode()
     assert raw(served, missing, b"", b"", b"")["refused"] == "wrong secret: refused"
     assert "not JSON" in raw(served, b"{oops", b"", b"", b"")["refused"]
-    unknown = json.dumps({**header, "op": "delete", "secret": secret}).encode()
+    unknown = json.dumps({**header, **stamp(), "op": "delete", "secret": secret}).encode()
     assert "unknown request 'delete'" in raw(served, unknown, b"", b"", b"")["refused"]
+    # a ClientApp of another fedlora (an upgrade beside a runtime still running the old one)
+    for stated in ({}, {"protocol": PROTOCOL + 1, "fedlora": "9.9.9"}):
+        other = json.dumps({**header, **stated, "secret": secret}).encode()
+        refused = raw(served, other, b"", b"", b"")["refused"]
+        assert f"(protocol {PROTOCOL})" in refused and "restart fedlora flower-node" in refused
+    assert f"runs fedlora 9.9.9 (message protocol {PROTOCOL + 1})" in refused
     # a frame announcing more than the limit is refused before anything is read into memory
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         connection.connect(str(served / SOCKET))

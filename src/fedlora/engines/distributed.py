@@ -55,6 +55,7 @@ from fedlora.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
+from fedlora.compat import mismatch, stamp
 from fedlora.engines.client import ClientRuntime, from_outcome, outcome
 from fedlora.engines.gossip import GossipRound, node_name
 from fedlora.engines.layout import (
@@ -100,6 +101,18 @@ def recv_states(peer: int, clients: list[int], runtime: ClientRuntime) -> None:
 OwnState = Callable[[], tuple[dict[int, TensorDict], dict[int, TensorDict]]]
 
 
+def start_round(message: dict, rank: int) -> int:
+    """The round rank 0's opening message says to start from; a ``ProtocolError`` if rank 0
+    runs another fedlora protocol or the message is not an opening one."""
+    why = mismatch("rank 0", message)
+    if why is not None:
+        raise ProtocolError(f"rank {rank}: {why}")
+    start = message.get("start")
+    if not isinstance(start, int) or start < 0:
+        raise ProtocolError(f"rank {rank}: rank 0's opening message has no start round: {message}")
+    return start
+
+
 class RankParty:
     """This rank's place in a launched run and the two modes' ends of a round.
 
@@ -131,7 +144,7 @@ class RankParty:
     # -- rank 0 ------------------------------------------------------------------------------
     def start(self, start_round: int, runtime: ClientRuntime) -> None:
         for peer in self.placement.workers():
-            send_json({"start": start_round}, peer)
+            send_json({"start": start_round, **stamp()}, peer)
             if self.observer:
                 send_states(peer, self.placement.hosted(peer), runtime)
 
@@ -172,7 +185,7 @@ class RankParty:
         """A worker's start: the round, and its clients' state (observer) or its own files;
         on a fresh deployment, its report of round 0."""
         runtime = loop.round.runtime
-        start = int(recv_json(WRITER)["start"])
+        start = start_round(recv_json(WRITER), self.rank)
         if self.observer:
             recv_states(WRITER, self.hosted, runtime)
         else:

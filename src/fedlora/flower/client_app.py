@@ -21,6 +21,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.compat import stamp
 from fedlora.flower import node_runtime, node_state
 from fedlora.flower.protocol import (
     CONFIG_TEXT,
@@ -41,9 +42,9 @@ def reply(message: Message, fields: dict) -> Message:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Which partition this node hosts (from its node config)."""
+    """Which partition this node hosts (from its node config), and which fedlora it runs."""
     hosted = hosting(dict(context.node_config))
-    return reply(message, {"hosting": json.dumps(vars(hosted))})
+    return reply(message, {"hosting": json.dumps(vars(hosted)), "fedlora": json.dumps(stamp())})
 
 
 def hosted(context: Context, clients: list[int]) -> tuple[Path, Path]:

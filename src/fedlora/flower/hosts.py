@@ -24,6 +24,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from rich.console import Console
 
 from fedlora.channel import encode, human_bytes
+from fedlora.compat import mismatch
 from fedlora.engines.masking import Answers, host_report
 from fedlora.engines.server_round import Hosts
 from fedlora.experiment import Experiment
@@ -58,6 +59,21 @@ def node_answers(node: int, clients: list[int], reply: Message | None, timeout: 
         }
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"SuperNode {node} sent a malformed answer: {error}") from None
+
+
+def node_hosting(node: int, record: dict) -> Hosting:
+    """The partition a node's ``query`` reply names; ``FlowerError`` if the node runs another
+    fedlora protocol (a node of a fedlora before protocol versions states none) or the reply
+    is malformed."""
+    try:
+        stated = json.loads(str(record.get("fedlora", "{}")))
+        why = mismatch(f"SuperNode {node}", stated if isinstance(stated, dict) else {})
+        if why is not None:
+            raise FlowerError(why)
+        got = json.loads(str(record["hosting"]))
+        return Hosting(int(got["partition"]), int(got["partitions"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise FlowerError(f"SuperNode {node} sent a malformed query reply: {error!r}") from None
 
 
 PULL_INTERVAL = 0.1  # seconds between the ServerApp's pulls for replies
@@ -104,8 +120,7 @@ class FlowerHosts(Hosts):
             for node, reply in self._exchange(query, self.node_wait).items():
                 if reply.has_error():
                     raise FlowerError(f"SuperNode {node} refused: {reply.error.reason}")
-                got = json.loads(reply.content[RECORD]["hosting"])
-                hosting[node] = Hosting(got["partition"], got["partitions"])
+                hosting[node] = node_hosting(node, dict(reply.content[RECORD]))
             counts = {h.partitions for h in hosting.values()}
             if len(counts) > 1:
                 raise FlowerError(f"SuperNodes disagree on num-partitions: {sorted(counts)}")

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedlora.compat import mismatch, stamp
 from fedlora.flower import node_state
 from fedlora.flower.protocol import join_frames, split_frames
 
@@ -267,6 +268,9 @@ class NodeRuntime:
             request = header_of(header)
             if not hmac.compare_digest(str(request.get("secret", "")), self.secret):
                 raise FrameError("wrong secret: refused")
+            why = mismatch("the ClientApp", request)
+            if why is not None:  # a newer install beside a runtime still running the old one
+                raise FrameError(f"{why}; restart fedlora flower-node")
             report, reply = self.work(request, text.decode(), payload, offset)
         except FrameError as error:
             with contextlib.suppress(OSError):
@@ -361,7 +365,7 @@ def ask(
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(timeout)
             connection.connect(str(root / SOCKET))
-            header = json.dumps({**request, "secret": secret}).encode()
+            header = json.dumps({**request, **stamp(), "secret": secret}).encode()
             send_frames(connection, header, text.encode(), payload, offset)
             report, reply = recv_frames(connection, 2, DEFAULT_LIMIT)
     except (OSError, FrameError) as error:
