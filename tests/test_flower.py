@@ -243,7 +243,7 @@ def test_flower_node_refuses_a_malformed_fault_drill(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv("FEDLORA_DRILL_EXIT", drill)
         code, output = run_cli("flower-node", "--partition-id", "0", "--num-partitions", "1")
         assert code == 2 and "Traceback" not in output, output
-        assert "expected STEP@ROUND" in output and "masked_input" in output, output
+        assert "STEP@ROUND" in output and "masked_input" in output, output
 
 
 def test_methods_outside_a_server_round_are_refused_naming_their_engines(tmp_path: Path) -> None:

@@ -181,11 +181,11 @@ def flower_node(
 ) -> None:
     """Start a SuperNode with its warm fedlora runtime: `flower-supernode` with this partition's
     node config and the remaining arguments (e.g. --superlink HOST:PORT --insecure)."""
+    from fedlora.drill import drills_from_env
     from fedlora.flower.launch import run_node
-    from fedlora.flower.node_runtime import drill_from_env
 
     try:
-        drill_from_env()  # its runtime would refuse it; say so before anything starts
+        drills_from_env()  # its runtime would refuse it; say so before anything starts
     except ConfigError as error:
         fail(str(error))
     if not 0 <= partition_id < num_partitions:

@@ -280,6 +280,12 @@ class FederationConfig(Section):
     max_message_bytes: int = Field(
         16 * 2**30, ge=1, description="the largest message a party accepts, in bytes (16 GiB)"
     )
+    lost_ranks: Literal["stop", "continue"] = Field(
+        "stop",
+        description="`--engine distributed`, server rounds: a worker rank that dies `stop`s the "
+        "run (`--resume` continues it), or the run `continue`s without it (its clients absent "
+        "from then on, with the reason)",
+    )
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:

@@ -41,7 +41,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch.distributed as dist
 from rich.progress import Progress
@@ -56,6 +58,7 @@ from fedlora.checkpoint import (
     save_checkpoint,
 )
 from fedlora.compat import mismatch, stamp
+from fedlora.drill import ANSWERING, Drills
 from fedlora.engines.client import ClientRuntime, from_outcome, outcome
 from fedlora.engines.gossip import GossipRound, node_name
 from fedlora.engines.layout import (
@@ -68,6 +71,7 @@ from fedlora.engines.loop import CentralKeeper, RunLoop
 from fedlora.engines.masking import END, KINDS, Answers, MaskingClients, host_report
 from fedlora.engines.server_round import ServerRound
 from fedlora.engines.transport import (
+    PeerError,
     ProtocolError,
     Sends,
     recv_bytes,
@@ -98,6 +102,7 @@ def recv_states(peer: int, clients: list[int], runtime: ClientRuntime) -> None:
             runtime.optimizers[client] = optimizer
 
 
+T = TypeVar("T")
 OwnState = Callable[[], tuple[dict[int, TensorDict], dict[int, TensorDict]]]
 
 
@@ -125,12 +130,36 @@ class RankParty:
     previous checkpoint as well, for the round rank 0 may lag behind).
     """
 
-    def __init__(self, clients: int, rank0_hosts: bool, observer: bool, out: Path) -> None:
+    def __init__(
+        self, clients: int, rank0_hosts: bool, observer: bool, out: Path, keep_going: bool = False
+    ) -> None:
         self.rank = dist.get_rank()
         self.observer = observer
         self.out = out
         self.placement = Placement(clients, dist.get_world_size(), rank0_hosts)
         self.reports: dict[int, dict] = {}  # this round's report of each worker (deployment)
+        self.keep_going = keep_going  # federation.lost_ranks = "continue"
+        self.lost: dict[int, str] = {}  # workers that died, and how (with keep_going)
+
+    def reach(self, peer: int, exchange: Callable[[], T]) -> T | None:
+        """``exchange()`` with worker ``peer``; None if ``peer`` is lost. A peer whose
+        connection fails is lost from then on where the run keeps going without it; else the
+        failure stops the run (as a peer that breaks the protocol always does)."""
+        if peer in self.lost:
+            return None
+        try:
+            return exchange()
+        except ProtocolError:
+            raise
+        except PeerError as error:
+            if not self.keep_going:
+                raise
+            cause = str(error).split(". ")[0].rsplit(": ", 1)[-1].rstrip(")")  # gloo's is long
+            self.lost[peer] = f"rank {peer} was lost ({cause})"
+            return None
+
+    def alive(self) -> list[int]:
+        return [peer for peer in self.placement.workers() if peer not in self.lost]
 
     @property
     def hosted(self) -> list[int]:
@@ -150,7 +179,8 @@ class RankParty:
 
     def collect(self) -> None:
         """Rank 0's end of a deployment round: every worker's report, in rank order."""
-        self.reports = {peer: recv_json(peer) for peer in self.placement.workers()}
+        reports = {peer: self.reach(peer, partial(recv_json, peer)) for peer in self.alive()}
+        self.reports = {peer: report for peer, report in reports.items() if report is not None}
 
     def per_client_metrics(self, runtime: ClientRuntime) -> list[dict[str, float]]:
         """Every client's own-model metrics in client order: rank 0's hosted clients evaluated
@@ -178,6 +208,11 @@ class RankParty:
             "checkpoints (rank 0 here, rank k in `rank<k>/`), evaluated their own models and "
             "exported their adapters; only protocol messages and per-round scalars reached "
             "rank 0.",
+            *(
+                f"\nLost during the run (federation.lost_ranks = 'continue'): {why}; its files "
+                "stop at the last round it completed."
+                for why in self.lost.values()
+            ),
         ]
 
     # -- a worker ----------------------------------------------------------------------------
@@ -320,19 +355,23 @@ class RankHosts(RankPlacement):
 
     def dispatch(self, downloads: dict[int, bytes], offset: TensorDict, round_index: int) -> None:
         # The merged base (FLoRA) is shared by all parties in one process; here workers get it.
-        placement = self.party.placement
-        for peer in placement.workers():
-            send_tensors(offset, peer)
+        party, owner = self.party, self.party.placement.owner
+        for peer in party.alive():
+            party.reach(peer, partial(send_tensors, offset, peer))
         self.sends = Sends()
         for client, payload in downloads.items():
-            self.sends.bytes(payload, placement.owner(client))
+            party.reach(owner(client), partial(self.sends.bytes, payload, owner(client)))
 
     def answer(self, client: int, round_index: int) -> tuple[bytes, dict]:
         owner = self.party.placement.owner(client)
-        return recv_bytes(owner), recv_json(owner)
+        got = self.party.reach(owner, lambda: (recv_bytes(owner), recv_json(owner)))
+        return got if got is not None else (b"", {"outcome": None, "reason": self._lost(owner)})
+
+    def _lost(self, peer: int) -> str:
+        return self.party.lost[peer]
 
     def close_round(self, sampled: list[int], round_index: int) -> None:
-        self.sends.wait()
+        self.sends.wait(self.party.reach)
         party = self.party
         if not party.observer:
             party.collect()
@@ -354,28 +393,36 @@ class RankHosts(RankPlacement):
     def step(self, kind: str, payloads: dict[int, bytes], round_index: int) -> Answers:
         """Every worker gets the step's header (its clients in it, maybe none) and their
         messages at once; then each worker's answers, in client order."""
-        owner, sends = self.party.placement.owner, Sends()
-        for peer in self.party.placement.workers():
+        party, owner, sends = self.party, self.party.placement.owner, Sends()
+        for peer in party.alive():
             clients = [c for c in payloads if owner(c) == peer]
-            sends.bytes(json.dumps({"kind": kind, "clients": clients}).encode(), peer)
-            for client in clients:
-                sends.bytes(payloads[client], peer)
+            header = json.dumps({"kind": kind, "clients": clients}).encode()
+            messages = [header, *(payloads[client] for client in clients)]
+            party.reach(peer, lambda peer=peer, messages=messages: [
+                sends.bytes(message, peer) for message in messages
+            ])  # fmt: skip
         answers = {}
         for client in payloads:
-            answer, report = recv_bytes(owner(client)), recv_json(owner(client))
+            peer = owner(client)
+            got = party.reach(peer, lambda peer=peer: (recv_bytes(peer), recv_json(peer)))
+            if got is None:  # its rank is lost: the client drops at this step
+                answers[client] = b"", {"failed": self._lost(peer)}
+                continue
             try:
-                answers[client] = answer, host_report(report)
+                answers[client] = got[0], host_report(got[1])
             except ValueError as error:
-                raise ProtocolError(f"rank {owner(client)}, client {client}: {error}") from None
-        sends.wait()
+                raise ProtocolError(f"rank {peer}, client {client}: {error}") from None
+        sends.wait(party.reach)
         return answers
 
     def end(self, round_index: int) -> None:
-        for peer in self.party.placement.workers():
-            send_json({"kind": END}, peer)
+        for peer in self.party.alive():
+            self.party.reach(peer, partial(send_json, {"kind": END}, peer))
 
 
-def serve_masking(masking: MaskingClients, party: RankParty, round_index: int) -> None:
+def serve_masking(
+    masking: MaskingClients, party: RankParty, round_index: int, drills: Drills
+) -> None:
     """A worker's end of a round's secure aggregation: each step's messages for its clients,
     answered, until rank 0 says the run is over; then its replies are dropped."""
     while (kind := (header := recv_json(WRITER)).get("kind")) != END:
@@ -391,6 +438,7 @@ def serve_masking(masking: MaskingClients, party: RankParty, round_index: int) -
             answer, report = masking.respond(client, round_index, kind, payload)
             send_bytes(answer, WRITER)
             send_json(report, WRITER)
+        drills.after(ANSWERING[kind], round_index)
     masking.end()
 
 
@@ -401,7 +449,7 @@ def serve_clients(loop: RunLoop, party: RankParty) -> None:
     assert isinstance(round_, ServerRound)
     runtime, secure = round_.runtime, round_.secure
     masking = MaskingClients(loop.exp, secure, round_.round_weights) if secure else None
-    start = party.receive_start(loop)
+    start, drills = party.receive_start(loop), Drills(party.rank)
     for round_index in range(start, loop.exp.config.experiment.rounds):
         if loop.budget_stop(round_index):  # rank 0 stops there too
             break
@@ -415,12 +463,13 @@ def serve_clients(loop: RunLoop, party: RankParty) -> None:
                 reply = b""
             send_bytes(reply, WRITER)
             send_json(report, WRITER)
+            drills.after("train", round_index)
         if party.observer:
             send_states(WRITER, mine, runtime)
         else:
             party.report(loop, round_index, {})
         if masking is not None:
-            serve_masking(masking, party, round_index)
+            serve_masking(masking, party, round_index, drills)
     party.export(runtime)
 
 

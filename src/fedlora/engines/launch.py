@@ -89,7 +89,8 @@ def rank_run(
 ) -> RankRun:
     """The round and loop every rank builds, with the ranks as the placement."""
     placement = placement_for(experiment.config, dist.get_world_size())
-    party = RankParty(placement.clients, placement.rank0_hosts, observer, run_dir)
+    keep_going = experiment.config.federation.lost_ranks == "continue"
+    party = RankParty(placement.clients, placement.rank0_hosts, observer, run_dir, keep_going)
     runtime = ClientRuntime(experiment)
     engine = experiment.method.engine
     if engine == "simulation":
@@ -164,7 +165,7 @@ def run_rank(
         dist.destroy_process_group()
 
 
-def refuse(config: Config, nproc: int) -> None:
+def refuse(config: Config, nproc: int, observer: bool = False) -> None:
     """What cannot run, refused before any rank builds anything."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -177,6 +178,15 @@ def refuse(config: Config, nproc: int) -> None:
     refusal = placement_refusal(config, "distributed") if nproc > 1 else None
     if refusal is not None:
         raise ConfigError(refusal)
+    method = method_class(config.method.name)
+    if config.federation.lost_ranks == "continue" and (
+        method.engine != "simulation" or method.per_client_eval or observer
+    ):
+        raise ConfigError(
+            "federation.lost_ranks = 'continue' goes on without a lost rank's clients: it needs "
+            "server rounds whose model lives on the server (not gossip, the split, methods that "
+            "evaluate each client's own model) in deployment mode (not --observer)"
+        )
 
 
 def check_resume(out: Path, config: Config, nproc: int, observer: bool) -> None:
@@ -229,12 +239,19 @@ def describe(rank: int, process: BaseProcess, code: int) -> str:
     return f"rank {rank} (pid {process.pid}) {how}"
 
 
-def watch(processes: list[BaseProcess], grace: float = 10.0) -> None:
-    """Wait for all ranks; as soon as one fails, stop the others and raise naming it."""
+def watch(processes: list[BaseProcess], grace: float = 10.0, keep_going: bool = False) -> list[str]:
+    """Wait for all ranks; as soon as one fails, stop the others and raise naming it. With
+    ``keep_going`` (``federation.lost_ranks = "continue"``) a worker rank that fails is let go
+    (rank 0 goes on without it); returns what happened to each such rank."""
     try:
         while True:
             codes = [p.exitcode for p in processes]
             failed = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
+            if keep_going and codes[0] in (None, 0):
+                if all(c is not None for c in codes):
+                    return [describe(r, processes[r], c) for r, c in failed]
+                time.sleep(0.2)
+                continue
             if failed:
                 failed.sort(key=lambda entry: (entry[1] >= 0, entry[0]))  # signals first
                 raise LaunchError(
@@ -242,7 +259,7 @@ def watch(processes: list[BaseProcess], grace: float = 10.0) -> None:
                     + ". Stopped the other ranks; --resume continues from the last completed round."
                 )
             if all(c == 0 for c in codes):
-                return
+                return []
             time.sleep(0.2)
     finally:
         running = [p for p in processes if p.is_alive()]
@@ -287,7 +304,7 @@ def launch(
         world = int(os.environ["WORLD_SIZE"])
         if nproc is not None and nproc != world:
             raise ConfigError(f"--nproc {nproc}, but the launcher started WORLD_SIZE={world}")
-        refuse(load_config(config_file, overrides), world)
+        refuse(load_config(config_file, overrides), world, observer)
         run_rank(config_file, overrides, out, resume, console, show_progress, timeout, observer)
         return
     if nproc is None:
@@ -297,7 +314,7 @@ def launch(
         )
     config = load_config(config_file, overrides)
     fresh = experiments.validate(config).device.type != "cpu"
-    refuse(config, nproc)
+    refuse(config, nproc, observer)
     for note in layout_notes(config, nproc, observer):
         console.print(note, highlight=False)
     out = rundir.out_dir(out, config)
@@ -328,4 +345,6 @@ def launch(
         "ranks: " + ", ".join(f"{rank} pid {p.pid}" for rank, p in enumerate(processes)),
         highlight=False,
     )
-    watch(processes)
+    lost = watch(processes, keep_going=config.federation.lost_ranks == "continue")
+    for line in lost:
+        console.print(f"lost: {line}; the run went on without it", highlight=False)

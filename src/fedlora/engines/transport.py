@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,13 +88,22 @@ class Sends:
         for tensor in _framed(payload):
             self._pending.append((peer, dist.isend(tensor, peer), tensor))
 
-    def wait(self) -> None:
+    def wait(self, reach: Callable[[int, Callable[[], object]], object] | None = None) -> None:
+        """Until every send is done; a failed one raises, or goes to ``reach`` (a peer's
+        exchange, as ``RankParty.reach`` runs it: it may let a lost peer go)."""
         for peer, work, _ in self._pending:
-            try:
-                work.wait()
-            except RuntimeError as error:
-                raise _failed(peer, error) from None
+            if reach is None:
+                _wait(peer, work)
+            else:
+                reach(peer, partial(_wait, peer, work))
         self._pending.clear()
+
+
+def _wait(peer: int, work: dist.Work) -> None:
+    try:
+        work.wait()
+    except RuntimeError as error:
+        raise _failed(peer, error) from None
 
 
 def _framed(payload: bytes) -> list[torch.Tensor]:

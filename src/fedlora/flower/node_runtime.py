@@ -25,10 +25,8 @@ keys stay in the runtime's memory between the round's messages, never on the wir
 so a cold ClientApp declines both its training and its protocol steps (the client is absent
 from the round, with that reason).
 
-A fault drill: with ``FEDLORA_DRILL_EXIT=STEP@ROUND`` in its environment, the runtime kills
-itself (SIGKILL) right after it answers STEP of round ROUND (``train``, or a step of secure
-aggregation's protocol: ``advertise_keys``, ``share_keys``, ``masked_input``, ``unmasking``), so
-that a deployment can watch the round recover from a client lost at exactly that point.
+A fault drill (``fedlora.drill``, ``FEDLORA_DRILL_EXIT=STEP@ROUND``) makes the runtime kill
+itself right after it answers that step of that round.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ import hmac
 import json
 import os
 import secrets
-import signal
 import socket
 import stat
 import sys
@@ -49,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.compat import mismatch, stamp
+from fedlora.drill import ANSWERING, Drills
 from fedlora.flower import node_state
 from fedlora.flower.protocol import join_frames, split_frames
 
@@ -59,7 +57,6 @@ if TYPE_CHECKING:
 SOCKET, SECRET = "runtime.sock", "runtime.secret"
 DEFAULT_LIMIT = 4 * 2**30  # bytes in one frame: a download or reply of a 1B-parameter model
 THREADS = 1  # as a distributed rank (the reference runs with one thread too)
-DRILL = "FEDLORA_DRILL_EXIT"  # a fault drill: STEP@ROUND (see the module's docstring)
 
 
 class FrameError(ValueError):
@@ -186,42 +183,13 @@ def header_of(frame: bytes) -> dict:
 
 
 # -- the runtime --------------------------------------------------------------------------------
-def drill_steps() -> list[str]:
-    from fedlora.privacy.secagg import STEPS
-
-    return ["train", *(answer for _, _, answer in STEPS)]
-
-
-def drill_from_env() -> tuple[str, int] | None:
-    """The fault drill ``FEDLORA_DRILL_EXIT`` asks for, as (step, round), or None;
-    ``ConfigError`` naming what is allowed if it is malformed."""
-    from fedlora.config import ConfigError
-
-    text = os.environ.get(DRILL, "")
-    if not text:
-        return None
-    step, _, number = text.partition("@")
-    if step not in drill_steps() or not number.isdigit() or int(number) < 1:
-        raise ConfigError(
-            f"{DRILL}={text!r}: expected STEP@ROUND, STEP one of {', '.join(drill_steps())} and "
-            "ROUND a round number from 1"
-        )
-    return step, int(number)
-
-
-def step_of(request: dict) -> tuple[str, int] | None:
-    """The drill's name for what ``request`` asked, and its round number (from 1)."""
-    from fedlora.privacy.secagg import STEPS
-
-    answers = {kind: answer for _, kind, answer in STEPS}
-    round_index = request.get("round")
+def step_of(request: dict) -> str | None:
+    """The drill's name for what ``request`` asked (``fedlora.drill``)."""
     if request.get("op") == "train":
-        step = "train"
-    elif request.get("op") == "mask" and request.get("kind") in answers:
-        step = answers[request["kind"]]
-    else:
-        return None
-    return (step, round_index + 1) if isinstance(round_index, int) else None
+        return "train"
+    if request.get("op") == "mask":
+        return ANSWERING.get(str(request.get("kind")))
+    return None
 
 
 class NodeRuntime:
@@ -230,7 +198,7 @@ class NodeRuntime:
     def __init__(self, root: Path, limit: int = DEFAULT_LIMIT) -> None:
         self.root = root
         self.limit = limit
-        self.drill = drill_from_env()
+        self.drills = Drills()
         self.runtimes: dict[str, ClientRuntime] = {}  # by the digest of the config's text
         self.masking: dict[str, MaskingClients] = {}  # secure aggregation's, by run directory
         self.secret = ""
@@ -280,10 +248,9 @@ class NodeRuntime:
             report, reply = {"error": f"{type(error).__name__}: {error}"}, b""
         with contextlib.suppress(OSError):
             send_frames(connection, json.dumps(report).encode(), reply)
-        if self.drill is not None and step_of(request) == self.drill:
-            step, number = self.drill
-            log(f"fault drill {DRILL}: the runtime kills itself after {step}@{number}")
-            os.kill(os.getpid(), signal.SIGKILL)
+        step, round_index = step_of(request), request.get("round")
+        if step is not None and isinstance(round_index, int):
+            self.drills.after(step, round_index)
 
     def work(self, request: dict, text: str, payload: bytes, offset: bytes) -> tuple[dict, bytes]:
         operation, directory = request.get("op"), request.get("directory")
