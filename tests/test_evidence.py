@@ -161,6 +161,22 @@ def write_study(path: Path, body: str) -> Path:
     return path
 
 
+def two_arm_study(tmp_path: Path, name: str, seeds: int, label: str, claims: str):
+    """A study of FedIT and an FFA-LoRA arm named ``label`` over seeds 0..``seeds``-1 with
+    ``claims`` (TOML), and its two arms."""
+    from benchmarks.study import load_study
+
+    study_file = write_study(
+        tmp_path / f"{name}.toml",
+        f'name = "{name}"\nseeds = {list(range(seeds))}\nmetrics = ["accuracy"]\n'
+        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
+        f'[[arms]]\nlabel = "{label}"\nconfig = "CONFIG"\nset = ["method.name=ffa"]\n{claims}',
+    )
+    study = load_study(study_file, root=tmp_path / "runs")
+    fedit, other = study.arms
+    return study, fedit, other
+
+
 def grid_study(tmp_path: Path, grid: str):
     """A one-arm, one-seed study of FedIT with ``grid`` (a TOML inline table), and its arm."""
     from benchmarks.study import load_study
@@ -217,18 +233,16 @@ def test_a_grid_still_at_its_edge_after_two_steps_says_so(tmp_path: Path) -> Non
 
 
 def test_an_arm_stuck_at_the_majority_class_did_not_train(tmp_path: Path) -> None:
-    from benchmarks.study import claims_table, load_study, results_table
+    from benchmarks.study import claims_table, results_table
 
-    study_file = write_study(
-        tmp_path / "stuck.toml",
-        'name = "stuck"\nseeds = [0, 1, 2]\nmetrics = ["accuracy"]\n'
-        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
-        '[[arms]]\nlabel = "Stuck"\nconfig = "CONFIG"\nset = ["method.name=ffa"]\n'
+    study, fedit, stuck = two_arm_study(
+        tmp_path,
+        "stuck",
+        3,
+        "Stuck",
         '[[claims]]\nclaim = "Stuck is within 1 point of FedIT"\narm = "Stuck"\n'
         'reference = "FedIT"\nkind = "within"\nmargin = 0.01\n',
     )
-    study = load_study(study_file, root=tmp_path / "runs")
-    fedit, stuck = study.arms
     for seed in (0, 1, 2):
         rising = [0.30, 0.60, 0.75, 0.80, 0.81, 0.80, 0.81]
         write_run(study.run_dir(fedit, seed), [v + 0.01 * seed for v in rising], seed=seed)
@@ -244,19 +258,17 @@ def test_an_arm_stuck_at_the_majority_class_did_not_train(tmp_path: Path) -> Non
 
 
 def test_a_claim_on_shared_seeds_is_paired_and_says_so(tmp_path: Path) -> None:
-    from benchmarks.study import claims_table, load_study
+    from benchmarks.study import claims_table
 
-    study_file = write_study(
-        tmp_path / "paired.toml",
-        'name = "paired"\nseeds = [0, 1, 2, 3, 4]\nmetrics = ["accuracy"]\n'
-        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
-        '[[arms]]\nlabel = "FFA"\nconfig = "CONFIG"\nset = ["method.name=ffa"]\n'
+    study, fedit, ffa = two_arm_study(
+        tmp_path,
+        "paired",
+        5,
+        "FFA",
         '[[claims]]\nclaim = "FFA beats FedIT"\narm = "FFA"\nreference = "FedIT"\n'
         '[[claims]]\nclaim = "FFA beats FedIT, unpaired"\narm = "FFA"\nreference = "FedIT"\n'
         "paired = false\n",
     )
-    study = load_study(study_file, root=tmp_path / "runs")
-    fedit, ffa = study.arms
     finals = {"FedIT": {}, "FFA": {}}
     for seed in range(5):
         # A seed effect both arms share (+0.02 a seed), and FFA ahead by ARM - REFERENCE.
@@ -302,19 +314,17 @@ def test_runs_saved_before_a_setting_existed_still_pair_and_group(tmp_path: Path
     """A run saved by an older fedlora lacks the settings added since (their defaults keep its
     behaviour): it still pairs by seed with a newer run of the same layout, and ``fedlora
     report`` draws it in the same arm as a newer run of the same config."""
-    from benchmarks.study import claims_table, load_study
+    from benchmarks.study import claims_table
     from fedlora.config import load_config
     from fedlora.report import arms_of, read_run
 
-    study_file = write_study(
-        tmp_path / "versions.toml",
-        'name = "versions"\nseeds = [0, 1, 2]\nmetrics = ["accuracy"]\n'
-        '[[arms]]\nlabel = "FedIT"\nconfig = "CONFIG"\n'
-        '[[arms]]\nlabel = "FFA"\nconfig = "CONFIG"\nset = ["method.name=ffa"]\n'
+    study, fedit, ffa = two_arm_study(
+        tmp_path,
+        "versions",
+        3,
+        "FFA",
         '[[claims]]\nclaim = "FFA beats FedIT"\narm = "FFA"\nreference = "FedIT"\n',
     )
-    study = load_study(study_file, root=tmp_path / "runs")
-    fedit, ffa = study.arms
     for seed in range(3):
         for arm, name, final in ((fedit, "fedit", REFERENCE[seed]), (ffa, "ffa", ARM[seed])):
             out = study.run_dir(arm, seed)

@@ -33,6 +33,12 @@ from fedlora.flower.loopback import federation
 from fedlora.flower.protocol import STATUS_FILE
 from tests.conftest import TINY, read_metrics, run_cli, timeless_metrics, trained
 from tests.flower_nodes import make_node_key, make_tls
+from tests.seeded_kills import (
+    KILLED,
+    SEEDED_LIKE_KILLED,
+    assert_like_the_seeded_drops,
+    settings,
+)
 from tests.test_methods_server import framed
 
 TWO_CLIENTS = ["--set", "partition.num_clients=2"]
@@ -133,7 +139,7 @@ def test_secure_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation
     in-process secure run bit for bit."""
     tls = make_tls(tmp_path / "tls")
     keys = {name: make_node_key(tmp_path / "keys", name) for name in ("node0", "node1", "intruder")}
-    secure = [part for value in SECURE for part in ("--set", value)]
+    secure = settings(SECURE)
     app, run = make_app("fedit.toml", tmp_path, *secure)
     with federation(tmp_path / "flower", tls=tls, auth=True, poll=POLL) as fed:
         for name in ("node0", "node1"):
@@ -173,69 +179,27 @@ def test_secure_fedit_over_tls_on_authenticated_supernodes_equals_the_simulation
     assert protocol_up < steps["up"] < protocol_up + 4096 * steps["messages"]
 
 
-# Kills: 4 clients on 3 nodes (node 0 hosts clients 0 and 3), threshold 2, one round, no seeded
-# drops. Node 1's runtime kills itself right after client 1 answers ShareKeys; node 2's right
-# after client 2 sends its masked input. The reference is the in-process secure run of the same
-# seed whose seeded draws (seed 44 at these rates) drop client 1 after ShareKeys and make client
-# 2 vanish after its masked input, and nobody else.
-KILLED = [
-    "partition.num_clients=4",
-    "privacy.secure_aggregation=true",
-    "privacy.threshold=2",
-    "experiment.seed=44",
-    "experiment.rounds=1",
-]
-SEEDED_LIKE_KILLED = ["federation.dropout=0.3", "federation.dropout_after_masking=0.3"]
-
-
 def test_secure_aggregation_recovers_clients_killed_after_share_keys_and_after_masked_input(
     tmp_path: Path,
 ) -> None:
     """Two clients really die mid-protocol (their node's runtime, which holds their keys and
-    reply, is SIGKILLed by ``FEDLORA_DRILL_EXIT``): client 1 after ShareKeys (its pairwise masks
-    are rebuilt from the survivors' shares), client 2 after its masked input (its input stays
-    in the sum; its self-mask is rebuilt). The two survivors meet the threshold, so the round
-    aggregates clients 0, 2 and 3, and the adapter and evaluation equal, bit for bit, the
-    in-process run in which the seeded draws drop the same clients at the same steps. The
-    ledgers differ by one message only: the masked-input request to client 1, which had
-    trained (a seeded dropout has no reply, so the server asks it for no input)."""
-    sets = [part for value in KILLED for part in ("--set", value)]
-    app, run = make_app("fedit.toml", tmp_path, *sets)
+    reply, is SIGKILLed by ``FEDLORA_DRILL_EXIT``) on 3 nodes (node 0 hosts clients 0 and 3):
+    client 1 after ShareKeys (its pairwise masks are rebuilt from the survivors' shares), client
+    2 after its masked input (its input stays in the sum; its self-mask is rebuilt). The two
+    survivors meet the threshold, and the run equals the seeded one as
+    ``tests.seeded_kills`` says."""
+    app, run = make_app("fedit.toml", tmp_path, *settings(KILLED))
     with federation(tmp_path / "flower", poll=POLL) as fed:
         fed.node(0, 3)
         fed.node(1, 3, drill="share_keys@1")
         fed.node(2, 3, drill="masked_input@1")
         result = flower_run(app, fed.env)
-        killed = {n: "the runtime kills itself after" in fed.log(f"node{n}") for n in (0, 1, 2)}
+        killed = {n: "killing this process after" in fed.log(f"node{n}") for n in (0, 1, 2)}
     assert_completed(result, run, 1)
     assert killed == {0: False, 1: True, 2: True}, killed
-    seeded_sets = [part for value in SEEDED_LIKE_KILLED for part in ("--set", value)]
-    ref = reference("fedit.toml", tmp_path / "ref", *sets, *seeded_sets)
-    seeded = read_metrics(ref)[1]
-    assert seeded["absent"] == {"1": "dropout"} and seeded["left_after_masking"] == [2]
-    record = read_metrics(run)[1]
-    assert record["aggregated"] == seeded["aggregated"] == [0, 2, 3]
-    assert record["left_after_masking"] == [2] and "skipped" not in record
-    assert list(record["absent"]) == ["1"]
-    assert "MaskedInputCollection" in record["absent"]["1"], record["absent"]
-    assert "warm fedlora runtime" in record["absent"]["1"], record["absent"]
-
-    # The same model: its evaluation at rounds 0 and 1, and the adapter. (The round's training
-    # loss and step counts differ: the killed client 1 trained, the seeded one did not.)
-    evaluated = ("accuracy", "macro_f1", "test_loss")
-    for ours, theirs in zip(read_metrics(run), read_metrics(ref), strict=True):
-        assert [ours[k] for k in evaluated] == [theirs[k] for k in evaluated]
-    ours = load_file(run / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(ref / "adapter" / "adapter_model.safetensors")
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
-    extra = {"round": 0, "sender": "server", "receiver": "client1", "kind": "secagg.shares"}
-    asked = [r for r in rows if all(r.get(k) == v for k, v in extra.items())]
-    assert len(asked) == 1, rows
-    rows.remove(asked[0])
-    assert rows == [json.loads(line) for line in (ref / "ledger.jsonl").read_text().splitlines()]
-    assert record["bytes_up"] == seeded["bytes_up"]
-    assert record["bytes_down"] == seeded["bytes_down"] + asked[0]["bytes"]
+    ref = reference("fedit.toml", tmp_path / "ref", *settings(KILLED + SEEDED_LIKE_KILLED))
+    why = assert_like_the_seeded_drops(run, ref)
+    assert "MaskedInputCollection" in why and "warm fedlora runtime" in why, why
 
 
 def test_flower_node_refuses_a_malformed_fault_drill(monkeypatch: pytest.MonkeyPatch) -> None:

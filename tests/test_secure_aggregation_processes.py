@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from fedlora.checkpoint import load_checkpoint
 from tests.conftest import ADAPTIVE_CENTRAL, read_metrics
 from tests.frames import received
+from tests.seeded_kills import (
+    KILLED,
+    SEEDED_LIKE_KILLED,
+    assert_like_the_seeded_drops,
+    settings,
+)
 from tests.test_distributed import assert_same_run, finish, kill_mid_run, launch, reference
 
 # Seed 1 with these rates gives, over the three rounds (a pure function of the seed): round 1,
@@ -51,10 +54,6 @@ PROTOCOL_KEYS = {
     "seed_shares",
     "key_shares",
 }
-
-
-def settings(values: list[str]) -> list[str]:
-    return [part for value in values for part in ("--set", value)]
 
 
 def test_secure_aggregation_on_three_processes_equals_the_in_process_secure_run(
@@ -120,57 +119,24 @@ def test_a_rank_killed_under_secure_aggregation_stops_the_run_and_resume_equals_
     assert_same_run(expected, out)
 
 
-# Kills (as tests/test_flower.py's on 3 SuperNodes): 4 clients on ranks 1-3 (rank 1 hosts clients
-# 0 and 3), threshold 2, one round, no seeded drops, and the run goes on without a lost rank.
-# Rank 2 kills itself right after client 1 answers ShareKeys, rank 3 right after client 2 sends
-# its masked input. The reference is the in-process secure run of the same seed whose seeded
-# draws (seed 44 at these rates) drop client 1 after ShareKeys and make client 2 vanish after
-# its masked input, and nobody else.
-KILLED = [
-    "partition.num_clients=4",
-    "privacy.secure_aggregation=true",
-    "privacy.threshold=2",
-    "experiment.seed=44",
-    "experiment.rounds=1",
-]
-SEEDED_LIKE_KILLED = ["federation.dropout=0.3", "federation.dropout_after_masking=0.3"]
-
-
 def test_ranks_killed_after_share_keys_and_after_masked_input_are_recovered(
     tmp_path: Path,
 ) -> None:
     """With ``federation.lost_ranks = "continue"`` rank 0 goes on without a worker whose
-    connection fails: the protocol drops its clients at that step and recovers them. The round
-    aggregates clients 0, 2 and 3 (client 2's input is in the sum; its self-mask is rebuilt),
-    and the adapter and the evaluations equal, bit for bit, the in-process run with the same
-    drops seeded. The ledgers differ by one message: the masked-input request to client 1,
-    which had trained (a seeded dropout has no reply, so it is never asked)."""
+    connection fails: the protocol drops its clients at that step and recovers them. 4 clients
+    on ranks 1-3 (rank 1 hosts clients 0 and 3): rank 2 kills itself right after client 1
+    answers ShareKeys, rank 3 right after client 2 sends its masked input; the run equals the
+    seeded one as ``tests.seeded_kills`` says."""
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     drills = {"FEDLORA_DRILL_EXIT": "share_keys@1@rank2,masked_input@1@rank3"}
     run = launch(
-        "fedit.toml", out, log, "--nproc", "4", *settings(KILLED),
-        *settings(["federation.lost_ranks=continue"]), env=drills,
+        "fedit.toml", out, log, "--nproc", "4",
+        *settings([*KILLED, "federation.lost_ranks=continue"]), env=drills,
     )  # fmt: skip
     output = finish(run, log)
     assert "lost: rank 2" in output and "lost: rank 3" in output, output
     assert output.count("was killed by SIGKILL") == 2, output
     ref = reference("fedit.toml", tmp_path / "ref", *settings(KILLED + SEEDED_LIKE_KILLED))
-    seeded = read_metrics(ref)[1]
-    assert seeded["absent"] == {"1": "dropout"} and seeded["left_after_masking"] == [2]
-    record = read_metrics(out)[1]
-    assert record["aggregated"] == [0, 2, 3] and record["left_after_masking"] == [2]
-    assert "skipped" not in record and list(record["absent"]) == ["1"]
-    assert "MaskedInputCollection: rank 2 was lost" in record["absent"]["1"], record["absent"]
-    evaluated = ("accuracy", "macro_f1", "test_loss")
-    for ours, theirs in zip(read_metrics(out), read_metrics(ref), strict=True):
-        assert [ours[k] for k in evaluated] == [theirs[k] for k in evaluated]
-    ours = load_file(out / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(ref / "adapter" / "adapter_model.safetensors")
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    rows = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
-    extra = {"round": 0, "sender": "server", "receiver": "client1", "kind": "secagg.shares"}
-    asked = [r for r in rows if all(r.get(k) == v for k, v in extra.items())]
-    assert len(asked) == 1, rows
-    rows.remove(asked[0])
-    assert rows == [json.loads(line) for line in (ref / "ledger.jsonl").read_text().splitlines()]
+    why = assert_like_the_seeded_drops(out, ref)
+    assert why.startswith("secure aggregation, MaskedInputCollection: rank 2 was lost"), why
     assert "Lost during the run" in (out / "summary.md").read_text()
