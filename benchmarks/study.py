@@ -756,7 +756,7 @@ def grid_table(study: Study) -> str:
         chosen = best_point(study, arm, extension.grid)
         listed = set(arm.points())
         for point, score in grid_scores(study, arm, extension.grid):
-            shown = "running" if score is None else f"{score:.4f}"
+            shown = "not finished" if score is None else f"{score:.4f}"
             marks = ["**chosen**"] if point == chosen else []
             marks += [] if point in listed else ["added past an edge"]
             lines.append(f"| {arm.label} | {', '.join(point)} | {shown} | {'; '.join(marks)} |")
