@@ -344,3 +344,36 @@ def test_runs_saved_before_a_setting_existed_still_pair_and_group(tmp_path: Path
     for run in old:  # the same config as a newer FFA-LoRA run: one arm
         run.config["method"]["name"] = "fedit"
     assert len(arms_of([*old, *new])) == 1
+
+
+# -- the verdict table at the top of docs/results.md -------------------------------------------
+
+
+def test_the_verdict_table_finds_every_claim_it_names(tmp_path: Path) -> None:
+    """Every row's claims exist in their study files (a renamed claim is a KeyError), and with
+    no runs every cell says why it has no verdict."""
+    from benchmarks.verdicts import ROWS, table
+
+    lines = table(tmp_path).splitlines()[2:]
+    assert len(lines) == len(ROWS)
+    for row, line in zip(ROWS, lines, strict=True):
+        assert line.startswith(f"| {row.claim} |")
+        assert line.count("fewer than two seeds on a side") == (2 if row.language_model else 1)
+
+
+def test_the_verdict_table_says_where_encoder_and_language_model_disagree() -> None:
+    from benchmarks.verdicts import agreement
+    from fedlora.convergence import Effect, Verdict
+
+    def judged(outcome: str, effect: float, se: float) -> Verdict:
+        return Verdict(outcome, Effect(effect, se, 4, 5, True), "")  # type: ignore[arg-type]
+
+    above, below = judged("reproduced", 0.03, 0.005), judged("not reproduced", -0.03, 0.005)
+    assert agreement(above, judged("reproduced", 0.01, 0.002)) == "agree"
+    assert agreement(above, below) == "**disagree**"
+    assert agreement(above, None) == "-"
+    # Both undecided (not plateaued) but each clearly off zero, in opposite directions.
+    assert agreement(judged("inconclusive", 0.03, 0.005), judged("inconclusive", -0.03, 0.005)) == (
+        "**disagree** (opposite effects)"
+    )
+    assert agreement(above, judged("inconclusive", -0.01, 0.02)) == "not yet decided on both"

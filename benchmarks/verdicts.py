@@ -1,0 +1,180 @@
+"""The verdict table at the top of docs/results.md (issue 34): each seed paper's claim once,
+with two columns of evidence, the encoder's (MiniLM-L6 on BBC News) and the language model's
+(SmolLM2-135M-Instruct on the multiple-choice task), each with its effect and spread as the
+claim's own study judges it (``benchmarks/study.py``'s rules: paired by seed where the arms
+share seeds and layout, the 95% t interval against the claim's margin, inconclusive where an arm
+has not plateaued, void where one did not train).
+
+The last column says where the two columns disagree: both decided and different, or both
+effects beyond their intervals in opposite directions. A claim without a language-model study
+says so; one whose runs are not finished yet shows what they give so far (the seed count is in
+the cell).
+
+    python -m benchmarks.verdicts            # prints the table
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.study import RUNS, Claim, claim_rows, load_study
+from fedlora.convergence import Verdict
+
+STUDIES = Path(__file__).resolve().parent / "studies"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Where one column's evidence comes from: a study and one of its claims, by its text."""
+
+    study: str
+    claim: str
+
+
+@dataclass(frozen=True)
+class Row:
+    claim: str
+    encoder: Evidence
+    language_model: Evidence | None
+
+
+def evidence(study: str, claim: str) -> Evidence:
+    return Evidence(study, claim)
+
+
+ROWS = (
+    Row(
+        "Dec-LoRA within 1 point of centralized LoRA (ring, K = 1, IID)",
+        evidence("converged_declora", "Dec-LoRA ring K=1 (IID) within 1 point of centralized"),
+        None,
+    ),
+    Row(
+        "Dec-LoRA within 1 point of centralized LoRA (ring, K = 5, IID)",
+        evidence("converged_declora", "Dec-LoRA ring K=5 (IID) within 1 point of centralized"),
+        None,
+    ),
+    Row(
+        "Dec-LoRA within 1 point of centralized LoRA (Erdős–Rényi, K = 1, IID)",
+        evidence("converged_declora", "Dec-LoRA ER K=1 (IID) within 1 point of centralized"),
+        None,
+    ),
+    Row(
+        "Dec-LoRA within 1 point of centralized LoRA (ring, K = 1, Dirichlet 0.5)",
+        evidence(
+            "converged_declora", "Dec-LoRA ring K=1 under Dir(0.5) within 1 point of centralized"
+        ),
+        None,
+    ),
+    *(
+        Row(
+            f"FSLoRA beats {baseline} at heterogeneous ranks",
+            evidence("converged_heterogeneous_ranks_long", claim),
+            evidence("llm_heterogeneous_ranks", claim),
+        )
+        for baseline, claim in (
+            ("HetLoRA", "FSLoRA beats HetLoRA (paper: +3.7 to +4.4 points over the baselines)"),
+            ("FlexLoRA", "FSLoRA beats FlexLoRA"),
+            ("FLoRA", "FSLoRA beats FLoRA"),
+        )
+    ),
+    *(
+        Row(
+            f"{label} beats {baseline}",
+            evidence("converged_full_weights", f"{method} beats {baseline}"),
+            evidence("llm_full_weights", f"{method} beats {baseline}"),
+        )
+        for label, method in (("DWA", "DWA"), ("FedFTG", "FedFTG (GaLore)"))
+        for baseline in ("FedIT", "FFA-LoRA", "FlexLoRA")
+    ),
+    Row(
+        "FFA-LoRA at least FedIT without DP (less than 1 point below)",
+        evidence("converged_dp", "FFA-LoRA at least FedIT without DP (within 1 point below)"),
+        evidence("llm_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
+    ),
+    Row(
+        "FFA-LoRA at least FedIT under DP-SGD, ε = 6 (less than 1 point below)",
+        evidence(
+            "converged_dp", "FFA-LoRA at least FedIT under DP-SGD eps 6 (within 1 point below)"
+        ),
+        None,
+    ),
+    Row(
+        "Kill-and-Revive (1/8) at parity with all modules active (within 1 point)",
+        evidence(
+            "converged_dlora",
+            "Kill-and-Revive 1/8 at parity (within 1 point) with all modules active",
+        ),
+        None,
+    ),
+)
+
+DECIDED = ("reproduced", "not reproduced")
+
+
+def judge(source: Evidence, root: Path) -> tuple[Claim, Verdict]:
+    """The claim's verdict as its study gives it now."""
+    study = load_study(STUDIES / f"{source.study}.toml", root=root)
+    for claim, judged in claim_rows(study):
+        if claim.claim == source.claim:
+            return claim, judged
+    raise KeyError(f"study {source.study} has no claim {source.claim!r}")
+
+
+def cell(judged: Verdict) -> str:
+    effect = judged.effect
+    if effect is None:
+        return f"**{judged.verdict}**: {judged.why}"
+    low, high = effect.effect - effect.half_width, effect.effect + effect.half_width
+    text = (
+        f"**{judged.verdict}**: {100 * effect.effect:+.1f} ± {100 * effect.se:.1f} points "
+        f"[{100 * low:+.1f}, {100 * high:+.1f}], {effect.statistics}"
+    )
+    if judged.verdict in ("inconclusive", "void") and not judged.why.startswith("95%"):
+        text += f"; {judged.why}"
+    return text
+
+
+def agreement(encoder: Verdict, language_model: Verdict | None) -> str:
+    if language_model is None:
+        return "-"
+    if encoder.verdict in DECIDED and language_model.verdict in DECIDED:
+        return "agree" if encoder.verdict == language_model.verdict else "**disagree**"
+    clear = [
+        judged.effect
+        for judged in (encoder, language_model)
+        if judged.effect is not None and abs(judged.effect.effect) > judged.effect.half_width
+    ]
+    if len(clear) == 2 and (clear[0].effect > 0) != (clear[1].effect > 0):
+        return "**disagree** (opposite effects)"
+    return "not yet decided on both"
+
+
+def table(root: Path = RUNS) -> str:
+    lines = [
+        "| claim | encoder (MiniLM-L6, BBC News) | language model (SmolLM2-135M, multiple choice) "
+        "| the two |",
+        "|---|---|---|---|",
+    ]
+    for row in ROWS:
+        claim, encoder = judge(row.encoder, root)
+        encoder_cell = f"{cell(encoder)} (`{row.encoder.study}`; {claim.metric})"
+        language_model, lm_cell = None, "not studied on the language model"
+        if row.language_model is not None:
+            language_model = judge(row.language_model, root)[1]
+            lm_cell = f"{cell(language_model)} (`{row.language_model.study}`)"
+        lines.append(
+            f"| {row.claim} | {encoder_cell} | {lm_cell} | {agreement(encoder, language_model)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=RUNS, help="the studies' run root")
+    print(table(parser.parse_args().runs))
+
+
+if __name__ == "__main__":
+    main()
