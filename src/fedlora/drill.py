@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from fedlora.config import ConfigError
 
 VARIABLE = "FEDLORA_DRILL_EXIT"
-STEPS = ("train", "advertise_keys", "share_keys", "masked_input", "unmasking")
 # the server's message of each protocol step, as the hosts receive it (fedlora.privacy.secagg)
 ANSWERING = {"begin": "advertise_keys", "roster": "share_keys", "shares": "masked_input",
              "survivors": "unmasking"}  # fmt: skip
+STEPS = ("train", *ANSWERING.values())  # in the order a round takes them
 
 
 @dataclass(frozen=True)

@@ -365,10 +365,9 @@ class RankHosts(RankPlacement):
     def answer(self, client: int, round_index: int) -> tuple[bytes, dict]:
         owner = self.party.placement.owner(client)
         got = self.party.reach(owner, lambda: (recv_bytes(owner), recv_json(owner)))
-        return got if got is not None else (b"", {"outcome": None, "reason": self._lost(owner)})
-
-    def _lost(self, peer: int) -> str:
-        return self.party.lost[peer]
+        if got is None:  # the owner's process was lost: no reply, and why
+            return b"", {"outcome": None, "reason": self.party.lost[owner]}
+        return got
 
     def close_round(self, sampled: list[int], round_index: int) -> None:
         self.sends.wait(self.party.reach)
@@ -406,7 +405,7 @@ class RankHosts(RankPlacement):
             peer = owner(client)
             got = party.reach(peer, lambda peer=peer: (recv_bytes(peer), recv_json(peer)))
             if got is None:  # its rank is lost: the client drops at this step
-                answers[client] = b"", {"failed": self._lost(peer)}
+                answers[client] = b"", {"failed": self.party.lost[peer]}
                 continue
             try:
                 answers[client] = got[0], host_report(got[1])

@@ -411,15 +411,15 @@ class ServerRound:
         why; under secure aggregation, the summed clients that vanished before the unmasking
         (``left_after_masking``, recovered from the others' shares)."""
         skipped = aggregated is None
-        if not self.absent and not skipped:
-            return {"left_after_masking": self.gone} if self.gone else {}
         rejected = [
             {"sender": r.sender, "reason": r.rejected}
             for r in self.channel.ledger.rejections(round_index)
         ]
-        absent = {str(c): why for c, why in sorted(self.absent.items())}  # JSON keys
-        included = sorted(replies) if aggregated is None else aggregated
-        record: dict = {"aggregated": included, "absent": absent}
+        record: dict = {}
+        if self.absent or skipped:
+            included = sorted(replies) if aggregated is None else aggregated
+            absent = {str(c): why for c, why in sorted(self.absent.items())}  # JSON keys
+            record = {"aggregated": included, "absent": absent}
         if rejected:
             record["rejected"] = rejected
         if self.gone:
