@@ -90,13 +90,14 @@ ROWS = (
     ),
     Row(
         "FFA-LoRA at least FedIT without DP (less than 1 point below)",
-        evidence("converged_dp", "FFA-LoRA at least FedIT without DP (within 1 point below)"),
+        evidence("converged_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
         evidence("llm_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
     ),
     Row(
         "FFA-LoRA at least FedIT under DP-SGD, ε = 6 (less than 1 point below)",
         evidence(
-            "converged_dp", "FFA-LoRA at least FedIT under DP-SGD eps 6 (within 1 point below)"
+            "private_ffa_vs_fedit",
+            "FFA-LoRA at least FedIT under DP-SGD eps 6 (within 1 point below)",
         ),
         None,
     ),
