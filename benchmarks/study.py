@@ -375,13 +375,15 @@ def grid_tasks(study: Study) -> list[Task]:
     ]
 
 
+def waiting_arms(study: Study) -> list[str]:
+    """The arms whose grid is not complete: their final runs cannot be listed yet."""
+    return [arm.label for arm in study.arms if choose(study, arm) is None]
+
+
 def final_tasks(study: Study) -> list[Task]:
     """Every (seed, arm) at the arm's chosen point; seeds outermost, so the first seed of every
     arm finishes first. An arm whose grid is not complete is left for a later call."""
     chosen = {arm.label: choose(study, arm) for arm in study.arms}
-    for label, point in chosen.items():
-        if point is None:
-            print(f"{study.name}/{label}: grid not complete; its final runs wait", flush=True)
     return [
         Task(arm.config, (*arm.overrides, *point), seed, study.run_dir(arm, seed, point))
         for seed in study.seeds
@@ -398,6 +400,9 @@ def run_studies(studies: list[Study], jobs: int) -> None:
         if all((task.out / "summary.md").is_file() for task in tasks):
             break
         run_tasks(tasks, jobs)
+    for study in studies:
+        for label in waiting_arms(study):
+            print(f"{study.name}/{label}: grid not complete; its final runs wait", flush=True)
     run_tasks([task for study in studies for task in final_tasks(study)], jobs)
 
 

@@ -10,7 +10,7 @@ effects beyond their intervals in opposite directions. A claim without a languag
 says so; one whose runs are not finished yet shows what they give so far (the seed count is in
 the cell).
 
-    python -m benchmarks.verdicts            # prints the table
+    python -m benchmarks.verdicts            # prints the table, then the studies' runs left
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.study import RUNS, Claim, claim_rows, load_study
+from benchmarks.study import (
+    RUNS,
+    Claim,
+    Study,
+    claim_rows,
+    final_tasks,
+    grid_tasks,
+    load_study,
+    waiting_arms,
+)
 from fedlora.convergence import Verdict
 
 STUDIES = Path(__file__).resolve().parent / "studies"
@@ -114,10 +123,13 @@ ROWS = (
 DECIDED = ("reproduced", "not reproduced")
 
 
+def study(name: str, root: Path) -> Study:
+    return load_study(STUDIES / f"{name}.toml", root=root)
+
+
 def judge(source: Evidence, root: Path) -> tuple[Claim, Verdict]:
     """The claim's verdict as its study gives it now."""
-    study = load_study(STUDIES / f"{source.study}.toml", root=root)
-    for claim, judged in claim_rows(study):
+    for claim, judged in claim_rows(study(source.study, root)):
         if claim.claim == source.claim:
             return claim, judged
     raise KeyError(f"study {source.study} has no claim {source.claim!r}")
@@ -171,10 +183,33 @@ def table(root: Path = RUNS) -> str:
     return "\n".join(lines)
 
 
+def progress(root: Path = RUNS) -> str:
+    """How far each study behind the table is: its runs left, as ``benchmarks/study.py`` lists
+    them, and the arms whose seed runs cannot be listed until their grid is complete."""
+    lines = [
+        "| study | grid runs left | seed runs left | arms waiting on their grid |",
+        "|---|---|---|---|",
+    ]
+    names = dict.fromkeys(
+        source.study
+        for row in ROWS
+        for source in (row.encoder, row.language_model)
+        if source is not None
+    )
+    for name in names:
+        loaded = study(name, root)
+        grid = sum(not (t.out / "summary.md").is_file() for t in grid_tasks(loaded))
+        seeds = sum(not (t.out / "summary.md").is_file() for t in final_tasks(loaded))
+        waiting = ", ".join(waiting_arms(loaded)) or "-"
+        lines.append(f"| `{name}` | {grid} | {seeds} | {waiting} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=RUNS, help="the studies' run root")
-    print(table(parser.parse_args().runs))
+    root = parser.parse_args().runs
+    print(table(root), progress(root), sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -352,13 +352,18 @@ def test_runs_saved_before_a_setting_existed_still_pair_and_group(tmp_path: Path
 def test_the_verdict_table_finds_every_claim_it_names(tmp_path: Path) -> None:
     """Every row's claims exist in their study files (a renamed claim is a KeyError), and with
     no runs every cell says why it has no verdict."""
-    from benchmarks.verdicts import ROWS, table
+    from benchmarks.verdicts import ROWS, progress, study, table
 
     lines = table(tmp_path).splitlines()[2:]
     assert len(lines) == len(ROWS)
     for row, line in zip(ROWS, lines, strict=True):
         assert line.startswith(f"| {row.claim} |")
         assert line.count("fewer than two seeds on a side") == (2 if row.language_model else 1)
+    # With no runs, every study behind the table waits on each of its grid arms.
+    for line in progress(tmp_path).splitlines()[2:]:
+        name = line.split("`")[1]
+        grid_arms = [arm.label for arm in study(name, tmp_path).arms if arm.grid]
+        assert line.endswith(f"| {', '.join(grid_arms) or '-'} |"), line
 
 
 def test_the_verdict_table_says_where_encoder_and_language_model_disagree() -> None:
