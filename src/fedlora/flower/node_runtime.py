@@ -225,8 +225,12 @@ class NodeRuntime:
         return listener
 
     def serve(self, listener: socket.socket) -> None:
+        """Answer ClientApps, one at a time, until the listener is closed."""
         while True:
-            connection, _ = listener.accept()
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener was closed: the runtime is stopping
+                return
             with connection:
                 self.answer(connection)
 
