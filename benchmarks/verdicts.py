@@ -70,11 +70,20 @@ ROWS = (
         None,
     ),
     Row(
-        "Dec-LoRA within 1 point of centralized LoRA (ring, K = 1, Dirichlet 0.5)",
-        evidence(
-            "converged_declora", "Dec-LoRA ring K=1 under Dir(0.5) within 1 point of centralized"
-        ),
+        "Dec-LoRA within 1 point of centralized LoRA (Erdős–Rényi, K = 5, IID)",
+        evidence("converged_declora", "Dec-LoRA ER K=5 (IID) within 1 point of centralized"),
         None,
+    ),
+    *(
+        Row(
+            f"Dec-LoRA within 1 point of centralized LoRA (ring, K = {k}, Dirichlet 0.5)",
+            evidence(
+                "converged_declora",
+                f"Dec-LoRA ring K={k} under Dir(0.5) within 1 point of centralized",
+            ),
+            None,
+        )
+        for k in (1, 5)
     ),
     *(
         Row(
