@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from benchmarks.study import (
@@ -49,35 +50,31 @@ class Row:
     language_model: Evidence | None
 
 
-def evidence(study: str, claim: str) -> Evidence:
-    return Evidence(study, claim)
-
-
 ROWS = (
     Row(
         "Dec-LoRA within 1 point of centralized LoRA (ring, K = 1, IID)",
-        evidence("converged_declora", "Dec-LoRA ring K=1 (IID) within 1 point of centralized"),
+        Evidence("converged_declora", "Dec-LoRA ring K=1 (IID) within 1 point of centralized"),
         None,
     ),
     Row(
         "Dec-LoRA within 1 point of centralized LoRA (ring, K = 5, IID)",
-        evidence("converged_declora", "Dec-LoRA ring K=5 (IID) within 1 point of centralized"),
+        Evidence("converged_declora", "Dec-LoRA ring K=5 (IID) within 1 point of centralized"),
         None,
     ),
     Row(
         "Dec-LoRA within 1 point of centralized LoRA (Erdős–Rényi, K = 1, IID)",
-        evidence("converged_declora", "Dec-LoRA ER K=1 (IID) within 1 point of centralized"),
+        Evidence("converged_declora", "Dec-LoRA ER K=1 (IID) within 1 point of centralized"),
         None,
     ),
     Row(
         "Dec-LoRA within 1 point of centralized LoRA (Erdős–Rényi, K = 5, IID)",
-        evidence("converged_declora", "Dec-LoRA ER K=5 (IID) within 1 point of centralized"),
+        Evidence("converged_declora", "Dec-LoRA ER K=5 (IID) within 1 point of centralized"),
         None,
     ),
     *(
         Row(
             f"Dec-LoRA within 1 point of centralized LoRA (ring, K = {k}, Dirichlet 0.5)",
-            evidence(
+            Evidence(
                 "converged_declora",
                 f"Dec-LoRA ring K={k} under Dir(0.5) within 1 point of centralized",
             ),
@@ -88,8 +85,8 @@ ROWS = (
     *(
         Row(
             f"FSLoRA beats {baseline} at heterogeneous ranks",
-            evidence("converged_heterogeneous_ranks_long", claim),
-            evidence("llm_heterogeneous_ranks", claim),
+            Evidence("converged_heterogeneous_ranks_long", claim),
+            Evidence("llm_heterogeneous_ranks", claim),
         )
         for baseline, claim in (
             ("HetLoRA", "FSLoRA beats HetLoRA (paper: +3.7 to +4.4 points over the baselines)"),
@@ -100,20 +97,20 @@ ROWS = (
     *(
         Row(
             f"{label} beats {baseline}",
-            evidence("converged_full_weights", f"{method} beats {baseline}"),
-            evidence("llm_full_weights", f"{method} beats {baseline}"),
+            Evidence("converged_full_weights", f"{method} beats {baseline}"),
+            Evidence("llm_full_weights", f"{method} beats {baseline}"),
         )
         for label, method in (("DWA", "DWA"), ("FedFTG", "FedFTG (GaLore)"))
         for baseline in ("FedIT", "FFA-LoRA", "FlexLoRA")
     ),
     Row(
         "FFA-LoRA at least FedIT without DP (less than 1 point below)",
-        evidence("converged_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
-        evidence("llm_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
+        Evidence("converged_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
+        Evidence("llm_full_weights", "FFA-LoRA at least FedIT (within 1 point below)"),
     ),
     Row(
         "FFA-LoRA at least FedIT under DP-SGD, ε = 6 (less than 1 point below)",
-        evidence(
+        Evidence(
             "private_ffa_vs_fedit",
             "FFA-LoRA at least FedIT under DP-SGD eps 6 (within 1 point below)",
         ),
@@ -121,7 +118,7 @@ ROWS = (
     ),
     Row(
         "Kill-and-Revive (1/8) at parity with all modules active (within 1 point)",
-        evidence(
+        Evidence(
             "converged_dlora",
             "Kill-and-Revive 1/8 at parity (within 1 point) with all modules active",
         ),
@@ -136,9 +133,15 @@ def study(name: str, root: Path) -> Study:
     return load_study(STUDIES / f"{name}.toml", root=root)
 
 
+@cache
+def study_claims(name: str, root: Path) -> list[tuple[Claim, Verdict]]:
+    """Every claim of a study judged once, however many rows draw on it."""
+    return claim_rows(study(name, root))
+
+
 def judge(source: Evidence, root: Path) -> tuple[Claim, Verdict]:
     """The claim's verdict as its study gives it now."""
-    for claim, judged in claim_rows(study(source.study, root)):
+    for claim, judged in study_claims(source.study, root):
         if claim.claim == source.claim:
             return claim, judged
     raise KeyError(f"study {source.study} has no claim {source.claim!r}")
