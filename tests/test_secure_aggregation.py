@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,11 @@ from scipy import stats
 
 from fedlora.channel import Channel, MessageError, Schema
 from fedlora.config import config_from_dict, load_config
+from fedlora.engines.client import ClientRuntime
 from fedlora.engines.loop import RunLoop
+from fedlora.engines.masking import Answers, Carrier, LocalCarrier
 from fedlora.engines.placements import local_loop
+from fedlora.engines.server_round import LocalHosts, ServerRound
 from fedlora.experiment import build
 from fedlora.methods import build_method, registry
 from fedlora.methods.base import MethodContext
@@ -388,6 +392,67 @@ def test_a_fedit_run_with_secure_aggregation_matches_the_plain_run(tmp_path: Pat
     masked = [r for r in ledger if r.kind == "secagg.masked_input"]
     elements = sum(v.numel() for v in secure.exp.method.global_state().values())
     assert all(r.bytes > 4 * elements for r in masked) and len(masked) == 2 + 4 + 3
+
+
+@dataclass
+class TruncatingCarrier:
+    """Carries the masking messages like ``inner``, but ``client``'s answer to the server's
+    message of ``kind`` arrives a byte short: a broken peer, as another process could send."""
+
+    inner: Carrier
+    client: int
+    kind: str
+
+    def step(self, kind: str, payloads: dict[int, bytes], round_index: int) -> Answers:
+        answers = self.inner.step(kind, payloads, round_index)
+        if kind == self.kind:
+            answer, report = answers[self.client]
+            answers[self.client] = answer[:-1], report
+        return answers
+
+    def end(self, round_index: int) -> None:
+        self.inner.end(round_index)
+
+
+class OneAnswerShort(LocalHosts):
+    """The clients in this process, their masking answers carried by ``TruncatingCarrier``."""
+
+    def __init__(self, runtime: ClientRuntime, client: int, kind: str) -> None:
+        super().__init__(runtime)
+        self.broken = client, kind
+        self.round: ServerRound | None = None
+
+    def masking(self) -> Carrier:
+        assert self.round is not None and self.round.held_here is not None
+        return TruncatingCarrier(LocalCarrier(self.round.held_here), *self.broken)
+
+
+def test_a_refused_unmasking_answer_is_in_the_round_record_and_the_sum(tmp_path: Path) -> None:
+    """Client 2's answer to the survivors message (its unmasking shares) is refused. Its masked
+    input is already in the sum and its self-mask is rebuilt from the others' shares, so the
+    round aggregates all four clients: the record lists the refused message and client 2 as
+    left after masking, no client absent, and the global model is the plain run's within the
+    fixed-point error."""
+    overrides = ["experiment.rounds=1", "privacy.secure_aggregation=true"]
+    experiment = build(load_config(TINY / "fedit.toml", overrides))
+    runtime = ClientRuntime(experiment)
+    hosts = OneAnswerShort(runtime, 2, "survivors")
+    hosts.round = ServerRound(experiment, runtime, hosts)
+    (tmp_path / "secure").mkdir()
+    secure = RunLoop(hosts.round, tmp_path / "secure", Console(quiet=True))
+    plain = engine_for(["experiment.rounds=1"], tmp_path / "plain")
+    with Progress(disable=True) as progress:
+        record = secure.run_round(0, progress)
+        plain.run_round(0, progress)
+    (rejected,) = record["rejected"]
+    assert rejected["sender"] == "client2"
+    assert record["left_after_masking"] == [2]
+    assert "absent" not in record and "skipped" not in record
+    (refused,) = secure.round.channel.ledger.rejections(0)
+    assert (refused.sender, refused.kind) == ("client2", "secagg.unmasking")
+    a, b = plain.exp.method.global_state(), experiment.method.global_state()
+    bound = fixed_point.quantization_error(16, 4) + 1e-7  # + float32 rounding
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= bound
 
 
 @pytest.mark.parametrize("config", ["fedit.toml", "ffa.toml"])
